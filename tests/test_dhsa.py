@@ -1,0 +1,214 @@
+"""DHSA attention on random inputs: exactness at full budget, causality, the per-query budget, chunking edge
+cases, decode (Algorithm 2) and argument checking."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from utils.attention import Selection, dense_attention, full_selection, sparse_attention
+from utils.boundaries import as_boundary_list, fixed_size_ends
+from utils.dhsa import chunk_vectors, decode_boundaries, dhsa_attention, dhsa_select
+
+SHAPES = [  # B, Hq, Hkv, L, D
+    (1, 4, 4, 97, 16),    # MHA, L not a multiple of the query chunk
+    (2, 4, 2, 130, 8),    # GQA 2:1, batch
+    (1, 6, 2, 64, 32),    # GQA 3:1, L == one chunk
+]
+
+
+def rand_qkv(B, Hq, Hkv, L, D, seed=0, Lq=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq or L, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    return q, k, v
+
+
+def keys_read(q, k, **kwargs):
+    """Attention weights [B, Hq, Lq, Lk] of dhsa_attention, read out through one-hot values."""
+    B, Hkv, Lk, _ = k.shape
+    eye = torch.eye(Lk, dtype=q.dtype).expand(B, Hkv, Lk, Lk).contiguous()
+    return dhsa_attention(q, k, eye, **kwargs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("query_chunk", [1, 16, 256])
+def test_full_budget_equals_dense(shape, query_chunk):
+    q, k, v = rand_qkv(*shape)
+    L = shape[3]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(shape[1] // shape[2], 1), v.repeat_interleave(shape[1] // shape[2], 1), is_causal=True)
+    out = dhsa_attention(q, k, v, budget=L, query_chunk=query_chunk)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    out = dhsa_attention(q, k, v, density=1.0, query_chunk=query_chunk, boundaries=[1, 2, 3, L // 2, L])
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("budget", [1, 5, 24, 50])
+def test_budget_and_causality(shape, budget):
+    q, k, _ = rand_qkv(*shape, seed=budget)
+    L = shape[3]
+    for boundaries in (None, [1, 2, 3, 10, 11, 40, L - 1, L]):
+        w = keys_read(q, k, budget=budget, query_chunk=16, boundaries=boundaries)
+        read = w > 0
+        assert torch.triu(read, diagonal=1).sum() == 0, "a query read a future key"
+        assert read.sum(-1).max() <= budget, "a query read more keys than its budget"
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))  # every query reads something
+
+
+def test_query_reads_exactly_its_budget_when_enough_keys_are_visible():
+    q, k, _ = rand_qkv(1, 2, 1, 200, 16, seed=3)
+    w = keys_read(q, k, budget=32, query_chunk=1, sink_tokens=0, local_tokens=0)
+    counts = (w > 0).sum(-1)[0, 0]
+    positions = torch.arange(200)
+    torch.testing.assert_close(counts, torch.clamp(positions + 1, max=32))
+
+
+def test_selection_follows_chunk_scores():
+    """With no always-kept keys, a tile keeps the chunks whose keys align with its queries."""
+    L, D = 64, 8
+    q = torch.zeros(1, 1, L, D)
+    k = torch.zeros(1, 1, L, D)
+    q[..., 0] = 1.0
+    k[0, 0, 20:28, 0] = 5.0  # chunk [20, 28) is the only one aligned with the queries
+    sel = dhsa_select(q, k, budget=8, boundaries=[torch.tensor([20, 28, 64])], query_chunk=64,
+                      sink_tokens=0, local_tokens=0)
+    assert sel.key_index[0, 0, 0].tolist() == list(range(20, 28))
+
+
+def test_length_normalisation_is_eq4():
+    k = torch.randn(2, 10, 4)
+    ends = torch.tensor([1, 4, 10])
+    got = chunk_vectors(k, ends, robust=True)
+    want = torch.stack([k[:, 0:1].sum(1), k[:, 1:4].sum(1) / math.sqrt(3), k[:, 4:10].sum(1) / math.sqrt(6)], 1)
+    torch.testing.assert_close(got, want)
+    mean = chunk_vectors(k, ends, robust=False)
+    torch.testing.assert_close(mean[:, 2], k[:, 4:10].mean(1))
+
+
+def test_prefix_sums_over_several_slices(monkeypatch):
+    import utils.dhsa as dhsa
+    monkeypatch.setattr(dhsa, "_PREFIX_SLICE", 7)
+    k = torch.randn(3, 50, 4)
+    ends = torch.tensor([1, 7, 8, 14, 15, 49, 50])
+    starts = torch.cat([torch.tensor([0]), ends[:-1]])
+    want = torch.stack([k[:, s:e].sum(1) / math.sqrt(e - s) for s, e in zip(starts.tolist(), ends.tolist())], 1)
+    torch.testing.assert_close(chunk_vectors(k, ends), want, atol=1e-5, rtol=1e-5)
+
+
+def test_variable_chunks_and_tile_groups(monkeypatch):
+    """Length-1 chunks, chunks longer than a tile, tiles processed in several groups: same result."""
+    import utils.dhsa as dhsa
+    q, k, v = rand_qkv(1, 4, 2, 150, 16, seed=7)
+    bounds = [1, 2, 3, 4, 60, 61, 149, 150]
+    whole = dhsa_attention(q, k, v, budget=20, query_chunk=8, boundaries=bounds)
+    monkeypatch.setattr(dhsa, "_SCORE_ELEMENTS", 300)  # forces one tile per group
+    torch.testing.assert_close(dhsa_attention(q, k, v, budget=20, query_chunk=8, boundaries=bounds), whole)
+
+
+def test_share_heads_gives_one_selection_for_all_heads():
+    q, k, _ = rand_qkv(1, 4, 2, 80, 16, seed=2)
+    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)], query_chunk=16, share_heads=True)
+    assert torch.equal(sel.key_index[:, 0], sel.key_index[:, 1])
+    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)], query_chunk=16, sink_tokens=0,
+                      local_tokens=0)
+    assert not torch.equal(sel.key_index[:, 0], sel.key_index[:, 1])
+
+
+def test_decode_boundaries_follow_algorithm_2():
+    prompt = torch.tensor([3, 7, 10])
+    assert decode_boundaries(prompt, 10, 11).tolist() == [3, 7, 10, 11]           # first generated token
+    assert decode_boundaries(prompt, 10, 14).tolist() == [3, 7, 10, 13, 14]       # 3 generated so far
+    assert decode_boundaries(prompt, 10, 12).tolist() == [3, 7, 10, 11, 12]
+
+
+def test_decode_step_equals_prefill_row_at_full_budget():
+    q, k, v = rand_qkv(1, 4, 2, 90, 16, seed=5)
+    full = dhsa_attention(q, k, v, budget=90, query_chunk=16)
+    step = dhsa_attention(q[:, :, -1:], k, v, budget=90, query_chunk=16,
+                          boundaries=decode_boundaries(fixed_size_ends(80, 16), 80, 90))
+    torch.testing.assert_close(step, full[:, :, -1:], atol=2e-6, rtol=1e-5)
+
+
+def test_decode_step_reads_at_most_budget():
+    q, k, _ = rand_qkv(1, 4, 2, 300, 16, seed=6, Lq=1)
+    w = keys_read(q, k, budget=17, boundaries=decode_boundaries(fixed_size_ends(290, 16), 290, 300))
+    assert ((w > 0).sum(-1) <= 17).all() and ((w > 0).sum(-1) == 17).all()
+
+
+def test_selection_mask_matches_executor():
+    q, k, _ = rand_qkv(2, 4, 2, 70, 16, seed=8)
+    sel = dhsa_select(q, k, budget=12, boundaries=as_boundary_list([5, 9, 30, 70], 2, 70), query_chunk=16)
+    mask = sel.mask(70, 70)  # [B, Hkv, Lq, Lk]
+    eye = torch.eye(70).expand(2, 2, 70, 70).contiguous()
+    read = sparse_attention(q, k, eye, sel) > 0  # [B, Hq, Lq, Lk]
+    assert torch.equal(read, mask.repeat_interleave(2, dim=1))
+
+
+def test_executor_with_per_query_head_selection_and_rule():
+    """Per-query-head lists plus a per-query window rule equal dense attention with the same mask."""
+    q, k, v = rand_qkv(1, 4, 2, 40, 8, seed=9)
+    sel = full_selection(1, 4, 40, 40, 8)
+    sel.keep = lambda qp, kp: qp - kp < 5
+    pos = torch.arange(40)
+    window = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < 5)
+    ref = dense_attention(q, k, v, attention_mask=window[None, None])
+    torch.testing.assert_close(sparse_attention(q, k, v, sel), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_softcap_matches_manual_math():
+    q, k, v = rand_qkv(1, 2, 2, 30, 8, seed=10)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * 8 ** -0.5 / 5.0) * 5.0
+    scores = scores.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(dhsa_attention(q, k, v, budget=30, softcap=5.0, query_chunk=8), ref,
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_bf16_close_to_fp32():
+    q, k, v = rand_qkv(1, 4, 2, 128, 16, seed=11)
+    ref = dhsa_attention(q, k, v, budget=32, query_chunk=32)
+    out = dhsa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), budget=32, query_chunk=32)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(budget=0), "budget"),
+    (dict(), "budget"), (dict(budget=4, boundaries=[5, 3, 40]), "increasing"),
+    (dict(budget=4, boundaries=[10, 50]), "increasing"), (dict(budget=4, query_chunk=0), "query_chunk"),
+    (dict(budget=4, no_such_option=1), "no_such_option"),
+])
+def test_bad_arguments(kwargs, message):
+    q, k, v = rand_qkv(1, 2, 2, 40, 8)
+    with pytest.raises((ValueError, TypeError), match=message):
+        dhsa_attention(q, k, v, **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = rand_qkv(1, 3, 2, 40, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        dhsa_attention(q, k, v, budget=4)
+    with pytest.raises(ValueError, match="expected"):
+        dhsa_attention(q[0], k, v, budget=4)
+    with pytest.raises(ValueError, match="selection"):
+        sparse_attention(q[:, :2], k, v, Selection(torch.zeros(1, 2, 1, 3, dtype=torch.long), 4))
+
+
+def test_no_length_squared_memory():
+    """64K tokens at budget 256: an L x L fp32 score matrix would need 16 GiB; the run must stay under 1.5 GiB."""
+    code = (
+        "import resource, torch\n"
+        "from utils.dhsa import dhsa_attention\n"
+        "q = torch.randn(1, 1, 65536, 16); k = torch.randn(1, 1, 65536, 16); v = torch.randn(1, 1, 65536, 16)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "dhsa_attention(q, k, v, budget=256)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_mib = int(result.stdout.strip().splitlines()[-1])
+    assert grown_mib < 1536, f"peak memory grew by {grown_mib} MiB"

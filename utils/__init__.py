@@ -1,0 +1,1 @@
+"""DHSA engine: attention kernels, methods, model loading and patching."""

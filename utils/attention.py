@@ -1,0 +1,226 @@
+"""Attention kernels shared by every method: exact dense attention, and sparse attention over a `Selection`.
+
+A sparse method only decides *which keys each query may read*; this module runs the attention on those keys.
+The decision is a `Selection`: the queries are cut into tiles of `query_chunk` consecutive queries, and every
+tile lists the keys it may read (shared by the tile's queries, so K/V are gathered once per tile, as in the
+paper's SDPA kernel, App. D). On top of that list each query also obeys causality and, optionally, a per-query
+rule (a sliding window, a dilation pattern, ...). So each query reads at most `key_index.shape[-1]` keys.
+
+Shapes: q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] with Hq a multiple of Hkv (grouped-query attention, GQA).
+Queries sit at absolute positions `q_offset + arange(Lq)` (q_offset = Lk - Lq when a KV cache holds the past).
+K and V are never repeated per query head: heads of a GQA group are stacked along the query axis instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# A per-query rule: keep(q_pos, k_pos) -> bool, broadcasting q_pos [..., T, 1] against k_pos [..., 1, K].
+KeepRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
+_GROUP_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Selection:
+    """The keys each query may read.
+
+    key_index: [B, Hs, n_tiles, K] int64. Row t lists, ascending, the keys that query tile t (queries
+        t*T .. t*T+T-1) may read; -1 marks an unused slot. Hs is Hkv (the heads of a GQA group share one list)
+        or Hq (one list per query head).
+    query_chunk: T, the number of queries per tile (1 for per-query selections).
+    q_offset: absolute position of query 0.
+    keep: optional extra per-query rule keep(q_pos, k_pos) -> bool, applied on top of causality. q_pos and
+        k_pos are absolute positions; k_pos has the shape of the gathered keys [B, Hs, g, 1, K] so a rule may
+        depend on the head; q_pos is [g, T, 1].
+    """
+
+    key_index: torch.Tensor
+    query_chunk: int
+    q_offset: int = 0
+    keep: KeepRule | None = None
+
+    @property
+    def max_keys(self) -> int:
+        return self.key_index.shape[-1]
+
+    def mask(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """Dense boolean mask [B, Hs, Lq, Lk] of the (query, key) pairs read. For tests and plots (small L only)."""
+        B, Hs, n_tiles, K = self.key_index.shape
+        T = self.query_chunk
+        if n_tiles != math.ceil(num_queries / T):
+            raise ValueError(f"selection has {n_tiles} tiles, {num_queries} queries need {math.ceil(num_queries / T)}")
+        idx = self.key_index
+        tile_mask = torch.zeros(B, Hs, n_tiles, num_keys + 1, dtype=torch.bool, device=idx.device)
+        tile_mask.scatter_(-1, torch.where(idx < 0, num_keys, idx), True)
+        tile_mask = tile_mask[..., :num_keys]
+        mask = tile_mask.repeat_interleave(T, dim=2)[:, :, :num_queries]  # [B, Hs, Lq, Lk]
+        q_pos = self.q_offset + torch.arange(num_queries, device=idx.device)
+        k_pos = torch.arange(num_keys, device=idx.device)
+        mask &= (k_pos[None, :] <= q_pos[:, None])
+        if self.keep is not None:
+            rule = self.keep(q_pos.view(1, num_queries, 1), k_pos.expand(B, Hs, 1, 1, num_keys))
+            mask &= rule.reshape(rule.shape[:-3] + (num_queries, num_keys)) if rule.dim() == 5 else rule
+        return mask
+
+
+def _split_heads(q: torch.Tensor, k: torch.Tensor, heads: int) -> tuple[int, int]:
+    """Return (Hs, queries stacked per selection head) and check the GQA layout."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if heads not in (Hq, Hkv):
+        raise ValueError(f"selection has {heads} heads; expected {Hkv} (per KV head) or {Hq} (per query head)")
+    return heads, Hq // heads
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """Masked attention on gathered tiles. q: [N, M, D], k, v: [N, K, D], mask: [N, M, K] (True = read)."""
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:  # logit soft-capping (Gemma-2) is not supported by SDPA: do the math, softmax in fp32
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    # A query with no readable key (possible only for hand-made selections) gets 0, like FlashAttention.
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of each query on its selected keys only, exact within that set.
+
+    q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; returns [B, Hq, Lq, Dv] in q's dtype. Causality is always enforced
+    (key position <= query position). Memory: the tiles are processed in groups so that the temporaries stay
+    O(T * K) per tile, never O(Lq * Lk).
+    """
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    idx = selection.key_index
+    Hs, G = _split_heads(q, k, idx.shape[1])
+    T, K = selection.query_chunk, idx.shape[-1]
+    n_tiles = math.ceil(Lq / T)
+    if idx.shape[0] != B or idx.shape[2] != n_tiles:
+        raise ValueError(f"selection {tuple(idx.shape)} does not fit q {tuple(q.shape)} with query_chunk={T}")
+    scale = D ** -0.5 if scale is None else scale
+    Hkv = k.shape[1]
+
+    # Queries as [B, Hs, n_tiles, G*T, D]: the G query heads that share a key list are stacked per tile.
+    pad = n_tiles * T - Lq
+    qt = F.pad(q, (0, 0, 0, pad)) if pad else q
+    qt = qt.view(B, Hs, G, n_tiles, T, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hs, n_tiles, G * T, D)
+
+    # Row r of a tile is query (r % T) of the tile; its absolute position, for the causal mask:
+    row_pos = torch.arange(T, device=q.device).repeat(G)  # [G*T]
+    # Flat views of K/V so that one index gathers rows of the right (batch, kv head) without repeating K/V.
+    Dv = v.shape[-1]
+    k_flat, v_flat = k.reshape(B * Hkv * Lk, D), v.reshape(B * Hkv * Lk, Dv)
+    kv_head = torch.arange(Hs, device=q.device) // (Hs // Hkv)  # selection head -> kv head
+    base = (torch.arange(B, device=q.device)[:, None] * Hkv + kv_head[None, :]) * Lk  # [B, Hs]
+
+    out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
+    per_tile = B * Hs * K * (G * T + D + Dv)
+    group = max(1, min(n_tiles, _GROUP_ELEMENTS // max(1, per_tile)))
+    for t0 in range(0, n_tiles, group):
+        t1 = min(n_tiles, t0 + group)
+        g = t1 - t0
+        tile_idx = idx[:, :, t0:t1]  # [B, Hs, g, K]
+        valid = tile_idx >= 0
+        flat = base[:, :, None, None] + tile_idx.clamp(min=0)
+        kk = k_flat[flat]  # [B, Hs, g, K, D]
+        vv = v_flat[flat]
+        q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
+        k_pos = tile_idx[:, :, :, None, :]  # [B, Hs, g, 1, K]
+        mask = valid[:, :, :, None, :] & (k_pos <= q_pos[None, None, :, :, None])
+        if selection.keep is not None:
+            rule_q = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T
+                                           + torch.arange(T, device=q.device)[None, :])  # [g, T]
+            rule = selection.keep(rule_q[:, :, None], k_pos)  # [B, Hs, g, T, K] (broadcast)
+            rule = rule.expand(B, Hs, g, T, K).repeat(1, 1, 1, G, 1)
+            mask = mask & rule
+        o = _attend(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
+                    mask.reshape(-1, G * T, K), scale, softcap)
+        out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
+
+    out = out.view(B, Hs, n_tiles, G, T, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_tiles * T, Dv)
+    return out[:, :, :Lq]
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    query_chunk: int = 1024,
+) -> torch.Tensor:
+    """Exact causal attention. q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
+
+    Queries sit at positions Lk - Lq .. Lk - 1 (bottom-right aligned, as with a KV cache). `attention_mask`
+    (bool [B or 1, 1, Lq, Lk], True = read) replaces the causal rule when given (e.g. transformers' padding or
+    sliding-window mask); `window` keeps only keys with q_pos - k_pos < window. With soft-capping the math runs
+    in query tiles of `query_chunk` to bound memory.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    _split_heads(q, k, Hkv)
+    scale = D ** -0.5 if scale is None else scale
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask >= 0  # additive float mask: 0 = read, -inf/min = skip
+    if softcap is None and attention_mask is None and window is None:
+        if Lq == Lk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+        if Lq == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
+    outs = []
+    G = Hq // Hkv
+    for s in range(0, Lq, query_chunk):
+        e = min(Lq, s + query_chunk)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, s:e, :]
+        else:
+            q_pos = torch.arange(Lk - Lq + s, Lk - Lq + e, device=q.device)[:, None]
+            k_pos = torch.arange(Lk, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask = mask & (q_pos - k_pos < window)
+            mask = mask[None, None]
+        # GQA without repeating K/V: [B, Hkv, G*(e-s), D] queries against [B, Hkv, Lk, D] keys.
+        qs = q[:, :, s:e].reshape(B, Hkv, G * (e - s), D)
+        m = mask.expand(mask.shape[0], 1, e - s, Lk).repeat(1, 1, G, 1) if mask.shape[1] == 1 else mask
+        m = m.expand(B, Hkv, G * (e - s), Lk)
+        o = _attend(qs.reshape(B * Hkv, G * (e - s), D), k.reshape(B * Hkv, Lk, D),
+                    v.reshape(B * Hkv, Lk, v.shape[-1]), m.reshape(B * Hkv, G * (e - s), Lk), scale, softcap)
+        outs.append(o.view(B, Hq, e - s, v.shape[-1]))
+    return torch.cat(outs, dim=2)
+
+
+def full_selection(batch: int, heads: int, num_queries: int, num_keys: int, query_chunk: int,
+                   device=None) -> Selection:
+    """A selection that lists every causally visible key for each tile (equals dense attention)."""
+    n_tiles = math.ceil(num_queries / query_chunk)
+    q_offset = num_keys - num_queries
+    ends = q_offset + torch.clamp(torch.arange(1, n_tiles + 1, device=device) * query_chunk, max=num_queries)
+    idx = torch.arange(num_keys, device=device).expand(n_tiles, num_keys)
+    idx = torch.where(idx < ends[:, None], idx, -1)
+    return Selection(idx.expand(batch, heads, n_tiles, num_keys).clone(), query_chunk, q_offset)
+
+
+__all__ = ["Selection", "KeepRule", "sparse_attention", "dense_attention", "full_selection"]

@@ -1,0 +1,131 @@
+"""Every option of the sparse attention methods, in one dataclass with the paper's defaults.
+
+Command-line flags map onto the fields one to one (`--query-chunk 256` sets `query_chunk`), through
+`add_config_args` and `config_from_args`, so every runner exposes the same options under the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SparseAttentionConfig:
+    """Options shared by all attention methods (dense, dhsa and the baselines).
+
+    Budget: each query reads at most N_b keys. Give N_b directly (`budget`) or as a token density N_b / L
+    (`density`, the paper's knob: 6.25%, 12.5%, 25%). `min_budget` is a floor (the paper keeps 512 keys at 1K).
+    """
+
+    method: str = "dhsa"
+    density: float | None = 0.125          # N_b / L (Table 2 uses 12.5%)
+    budget: int | None = None              # N_b in keys; overrides density
+    min_budget: int = 0                    # floor on N_b
+    query_chunk: int = 256                 # queries that share one key selection (App. D, "query chunk")
+
+    # DHSA (§3, App. B.5, D)
+    chunk_size: int = 16                   # mean key-chunk length: N_c = ceil(L / chunk_size) (authors: L/128*8)
+    max_chunks: int | None = None          # N_c directly; overrides chunk_size
+    boundary_source: str = "auto"          # "auto": learned predictor if weights exist, else "fixed"
+    predictor_path: str | None = None      # boundary-predictor weights (default: shipped weights for the model)
+    nms_window: int = 8                    # NMS window of the boundary predictor (App. B.5; 64 for long spans)
+    min_confidence: float = 0.05           # predictor scores below this are never boundaries
+    newline_boundaries: bool = False       # also cut after newline tokens (App. B.5)
+    robust_chunk_repr: bool = True         # sqrt(len)/len * sum (eq. 4); False: plain mean (ablation)
+    sink_tokens: int = 128                 # first keys always kept (authors' code: 128)
+    local_tokens: int = 128                # most recent keys before a query chunk's end always kept (authors: 128)
+    share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
+    share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
+
+    # layers
+    dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
+
+    # baselines (Appendix D, "Baselines")
+    block_size: int = 128                  # block_sparse block length
+    sink_fraction: float = 0.2             # streaming*: share of the budget given to initial tokens
+    last_q: int = 64                       # vertical_slash: queries that estimate the pattern
+    page_size: int = 16                    # quest: keys per page
+
+    def __post_init__(self) -> None:
+        if self.density is not None and not (0.0 < self.density <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {self.density}; e.g. --density 0.0625")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be a positive number of keys, got {self.budget}")
+        if self.density is None and self.budget is None and self.method != "dense":
+            raise ValueError("give a budget (--budget N_b) or a density (--density N_b/L)")
+        for name in ("query_chunk", "chunk_size", "block_size", "page_size", "last_q"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {self.max_chunks}")
+        if self.min_budget < 0 or self.sink_tokens < 0 or self.local_tokens < 0:
+            raise ValueError("min_budget, sink_tokens and local_tokens must be >= 0")
+        if not 0.0 <= self.sink_fraction <= 1.0:
+            raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
+        if self.boundary_source not in ("auto", "fixed", "predictor"):
+            raise ValueError(f"boundary_source must be auto, fixed or predictor, got {self.boundary_source!r}")
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+
+    def resolve_budget(self, num_keys: int) -> int:
+        """N_b for a sequence of `num_keys` keys: budget, else ceil(density * L), floored by min_budget."""
+        if self.budget is not None:
+            n = self.budget
+        elif self.density is not None:
+            n = math.ceil(self.density * num_keys - 1e-9)
+        else:
+            n = num_keys
+        return max(1, min(num_keys, max(n, self.min_budget)))
+
+    def num_chunks(self, num_keys: int) -> int:
+        """N_c, the most key chunks a sequence of `num_keys` keys is cut into."""
+        if self.max_chunks is not None:
+            return max(1, min(self.max_chunks, num_keys))
+        return max(1, math.ceil(num_keys / self.chunk_size))
+
+    def replace(self, **changes) -> "SparseAttentionConfig":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(config_field_names())}")
+        return dataclasses.replace(self, **changes)
+
+
+def config_field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(SparseAttentionConfig)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per config field (`query_chunk` -> `--query-chunk`), defaults from the dataclass."""
+    group = parser.add_argument_group("sparse attention (utils/config.py)")
+    defaults = SparseAttentionConfig()
+    for f in dataclasses.fields(SparseAttentionConfig):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        if f.type in ("bool",) or isinstance(default, bool):
+            group.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction)
+        elif f.name == "dense_layers":
+            group.add_argument(_flag(f.name), type=int, nargs="*", default=list(default))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+            if kind is None:  # "int | None" and friends
+                kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+            group.add_argument(_flag(f.name), type=kind, default=default)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionConfig:
+    """Build the config from parsed flags; `overrides` win (e.g. method=... per sweep entry)."""
+    values = {name: getattr(args, name) for name in config_field_names() if hasattr(args, name)}
+    values.update(overrides)
+    if "dense_layers" in values and values["dense_layers"] is not None:
+        values["dense_layers"] = tuple(values["dense_layers"])
+    return SparseAttentionConfig(**values)
+
+
+__all__ = ["SparseAttentionConfig", "add_config_args", "config_from_args", "config_field_names", "field"]

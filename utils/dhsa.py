@@ -1,0 +1,198 @@
+"""DHSA: Dynamic Hierarchical Sparse Attention (paper §3, Algorithms 1 and 2, App. D SDPA path).
+
+What it keeps. Keys are cut into variable-length chunks at `boundaries`. Each chunk gets one vector, the
+length-normalised sum sqrt(len)/len * sum(k) (eq. 4), so that long and short chunks compete fairly. Queries
+are cut into tiles of `query_chunk` consecutive tokens; a tile's vector is the same normalised sum of its
+queries. The chunk similarity S_c = Q_c K_c^T is upsampled to tokens (every key inherits its chunk's score)
+and each query tile keeps its top-N_b keys among those it may see causally. Always kept, as in the authors'
+code: the first `sink_tokens` keys (attention sinks) and the `local_tokens` keys just before the tile's end;
+together they take at most half of N_b so the chunk scores always choose the rest. Attention then runs only
+on the kept keys, with an exact causal mask, so no query reads more than N_b keys.
+
+Heads. With grouped-query attention the query heads of a group share one selection per KV head: their
+queries are averaged into the tile vector, so K/V rows are gathered once per group (no repeat of K/V).
+Different KV heads select differently. `share_heads=True` averages all heads into one selection, as the
+authors' code does.
+
+Decode (Algorithm 2). The prompt keeps its chunks; the tokens generated so far form one extra chunk and
+the current token its own; the current token's query scores these chunks and keeps its top-N_b keys.
+
+Memory. Chunk sums are prefix sums taken in slices (fp32); token scores exist for a group of query tiles at a
+time; the selection is [B, H, L/T, N_b] indices. Nothing of size L x L is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import Selection, sparse_attention
+from .boundaries import FixedSizeBoundaries, as_boundary_list
+from .config import SparseAttentionConfig
+
+_PREFIX_SLICE = 8192        # keys per slice of the fp32 prefix sum
+_SCORE_ELEMENTS = 1 << 24   # token scores held at once (per group of query tiles)
+
+
+def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> torch.Tensor:
+    """Chunk keys of one sequence. k: [H, L, D], ends: [Nc] chunk ends -> [H, Nc, D] fp32.
+
+    robust: sqrt(len)/len * sum (eq. 4); else the plain mean (ablation "w/o robust chunk repr.").
+    The sums come from fp32 prefix sums P (P[0] = 0, P[j] = k_0 + ... + k_{j-1}): sum of [s, e) = P[e] - P[s].
+    """
+    H, L, D = k.shape
+    positions = torch.cat([ends.new_zeros(1), ends])  # every prefix position that is needed: 0 and the ends
+    prefix = torch.zeros(H, positions.numel(), D, dtype=torch.float32, device=k.device)
+    carry = torch.zeros(H, 1, D, dtype=torch.float32, device=k.device)
+    for s in range(0, L, _PREFIX_SLICE):
+        e = min(L, s + _PREFIX_SLICE)
+        running = torch.cumsum(k[:, s:e], dim=1, dtype=torch.float32) + carry  # P[s+1 .. e]
+        lo, hi = torch.searchsorted(positions, torch.tensor([s + 1, e + 1], device=k.device)).tolist()
+        if hi > lo:
+            prefix[:, lo:hi] = running[:, positions[lo:hi] - 1 - s]
+        carry = running[:, -1:]
+    sums = prefix[:, 1:] - prefix[:, :-1]
+    lengths = (positions[1:] - positions[:-1]).to(torch.float32)
+    weight = lengths.rsqrt() if robust else lengths.reciprocal()
+    return sums * weight[None, :, None]
+
+
+def query_tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True) -> torch.Tensor:
+    """Query-tile vectors. q: [B, Hq, L, D] -> [B, Hkv, n_tiles, D] fp32 (mean over the GQA group and the tile,
+    times sqrt(tile length) if robust, as eq. 4)."""
+    B, Hq, L, D = q.shape
+    G, T = Hq // num_kv_heads, query_chunk
+    n_full, rest = divmod(L, T)
+    parts = []
+    if n_full:
+        full = q[:, :, : n_full * T].reshape(B, num_kv_heads, G, n_full, T, D)
+        parts.append(full.sum(dim=(2, 4), dtype=torch.float32) / (G * T) * (math.sqrt(T) if robust else 1.0))
+    if rest:
+        tail = q[:, :, n_full * T:].reshape(B, num_kv_heads, G, rest, D)
+        vec = tail.sum(dim=(2, 3), dtype=torch.float32) / (G * rest) * (math.sqrt(rest) if robust else 1.0)
+        parts.append(vec[:, :, None])
+    return torch.cat(parts, dim=2)
+
+
+def forced_key_counts(budget_per_tile: torch.Tensor, sink_tokens: int, local_tokens: int):
+    """Sink and local keys kept without scoring, per tile: at most half of the tile's budget together, except
+    that key 0 is always kept when sinks are on, so that every query of a tile reads at least one key."""
+    local = torch.clamp(budget_per_tile // 2, max=local_tokens)
+    sink = torch.clamp((budget_per_tile - local) // 2, max=sink_tokens)
+    if sink_tokens > 0:
+        sink = torch.maximum(sink, torch.clamp(budget_per_tile - local, max=1))
+    return sink, local
+
+
+def dhsa_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    budget: int,
+    boundaries: list[torch.Tensor],
+    query_chunk: int = 256,
+    robust: bool = True,
+    sink_tokens: int = 128,
+    local_tokens: int = 128,
+    share_heads: bool = False,
+) -> Selection:
+    """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
+
+    q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; boundaries: one
+    ascending chunk-end tensor per batch item (last end = Lk). Returns a Selection with key_index
+    [B, Hkv, n_tiles, min(budget, Lk)] (-1 = unused slot, where a tile sees fewer than N_b keys).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    T = query_chunk
+    n_tiles = math.ceil(Lq / T)
+    q_offset = Lk - Lq
+    K = min(budget, Lk)
+    device = q.device
+
+    q_vec = query_tile_vectors(q, Hkv, T, robust)  # [B, Hkv, n_tiles, D]
+    if share_heads:
+        q_vec = q_vec.mean(dim=1, keepdim=True)
+
+    # Per tile: keys visible to its last query (tile_end), its budget and its always-kept keys.
+    tile_end = q_offset + torch.clamp(torch.arange(1, n_tiles + 1, device=device) * T, max=Lq)  # [n_tiles]
+    tile_budget = torch.clamp(tile_end, max=budget)
+    sink, local = forced_key_counts(tile_budget, sink_tokens, local_tokens)
+    key_pos = torch.arange(Lk, device=device)
+
+    key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
+    heads = 1 if share_heads else Hkv
+    group = max(1, min(n_tiles, _SCORE_ELEMENTS // max(1, heads * Lk)))
+    for b in range(B):
+        ends = boundaries[b]
+        keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
+        chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
+        chunk_scores = torch.einsum("htd,hcd->htc", q_vec[b], chunk_k)  # S_c: [heads, n_tiles, Nc]
+        chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
+        for t0 in range(0, n_tiles, group):
+            t1 = min(n_tiles, t0 + group)
+            scores = chunk_scores[:, t0:t1][:, :, chunk_of_key]  # upsample to tokens: [heads, g, Lk]
+            end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
+            visible = key_pos[None, :] < end
+            forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
+            scores = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
+            top, idx = torch.topk(scores, K, dim=-1, sorted=False)
+            idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
+            idx = torch.sort(idx, dim=-1).values
+            key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
+    return Selection(key_index, T, q_offset)
+
+
+def decode_boundaries(prompt_ends: torch.Tensor, prompt_len: int, num_keys: int) -> torch.Tensor:
+    """Algorithm 2: the prompt's chunks, then [prompt_len, L'-1) (generated so far) and [L'-1, L')."""
+    kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]
+    tail = [num_keys] if num_keys - 1 == 0 or (kept.numel() and kept[-1].item() == num_keys - 1) \
+        else [num_keys - 1, num_keys]
+    return torch.cat([kept, torch.tensor(tail, dtype=torch.long, device=prompt_ends.device)])
+
+
+def dhsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    budget: int | None = None,
+    density: float | None = None,
+    boundaries=None,
+    query_chunk: int = 256,
+    scale: float | None = None,
+    softcap: float | None = None,
+    **options,
+) -> torch.Tensor:
+    """DHSA attention for one layer. q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
+
+    Causal, queries at positions Lk - Lq .. Lk - 1. The budget is `budget` keys (N_b) or `density` * Lk.
+    boundaries: chunk end indices, 1-D (shared by the batch), [B, Nc], or a list of 1-D; None uses uniform
+    chunks of `chunk_size` (16) keys until learned boundaries are given. Other `options` are fields of
+    SparseAttentionConfig (min_budget, chunk_size, max_chunks, robust_chunk_repr, sink_tokens, local_tokens,
+    share_heads).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[2] > k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)} (same B and D, Lq <= Lk)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if budget is None and density is None:
+        raise ValueError("dhsa_attention needs budget= (keys per query) or density= (budget / length)")
+    cfg = SparseAttentionConfig(method="dhsa", budget=budget, density=density, query_chunk=query_chunk, **options)
+    Lk = k.shape[2]
+    if boundaries is None:
+        ends = FixedSizeBoundaries(cfg.chunk_size if cfg.max_chunks is None else None)(k, cfg.num_chunks(Lk))
+    else:
+        ends = as_boundary_list(boundaries, k.shape[0], Lk, device=k.device)
+    selection = dhsa_select(q, k, budget=cfg.resolve_budget(Lk), boundaries=ends, query_chunk=cfg.query_chunk,
+                            robust=cfg.robust_chunk_repr, sink_tokens=cfg.sink_tokens,
+                            local_tokens=cfg.local_tokens, share_heads=cfg.share_heads)
+    return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
+
+
+__all__ = ["dhsa_attention", "dhsa_select", "chunk_vectors", "query_tile_vectors", "decode_boundaries",
+           "forced_key_counts"]

@@ -1,0 +1,164 @@
+"""Drop-in patching: every registry method becomes a transformers attention implementation.
+
+Importing this module registers each sparse method name (e.g. "dhsa", "streaming") with transformers'
+`AttentionInterface`, together with the SDPA mask builder, so that
+
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="dhsa")   # paper defaults, or
+    patch_model(model, method="dhsa", density=0.0625, query_chunk=256)              # configured
+
+switch every supported model family (Llama, Qwen2, Gemma-2, Gemma-3, ...) without touching its code.
+Layers with a sliding window (Gemma-2/3 local layers) keep their exact windowed attention; layers listed in
+`dense_layers` stay dense; the sparse method runs on the other (global) layers, in prefill and decode.
+Sparse methods run one unpadded sequence at a time (the paper loops over a batch per example).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import dense_attention
+from .boundaries import make_boundary_source
+from .config import SparseAttentionConfig, config_field_names
+from .registry import LayerContext, get_method, method_names, run_method
+
+_SHARED_BY_CONFIG: dict[int, dict] = {}  # per-model shared state for models set up only via attn_implementation=
+
+
+def _default_context(module) -> tuple[SparseAttentionConfig, LayerContext]:
+    """Config and context for a model loaded with attn_implementation="<method>" and never patched."""
+    config = SparseAttentionConfig(method=module.config._attn_implementation)
+    shared = _SHARED_BY_CONFIG.setdefault(id(module.config), {})
+    if "boundary_source" not in shared:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shared["boundary_source"] = make_boundary_source(config, _model_name(module.config))
+    return config, LayerContext(getattr(module, "layer_idx", 0), {}, shared, shared["boundary_source"])
+
+
+def _is_sliding(module, sliding_window) -> bool:
+    return sliding_window is not None or getattr(module, "sliding_window", None) is not None
+
+
+def _filled_keys(mask: torch.Tensor | None, num_keys: int) -> int:
+    """How many leading keys the last query reads. A pre-allocated (static) cache leaves unfilled slots at
+    the end, which are dropped; any other hole in the mask is padding, which sparse methods do not support."""
+    if mask is None:
+        return num_keys
+    last_row = mask[..., -1, :].reshape(-1, mask.shape[-1])
+    last_row = last_row if last_row.dtype == torch.bool else last_row == 0
+    filled = int(last_row[0].sum())
+    if not (last_row == (torch.arange(mask.shape[-1], device=mask.device) < filled)).all():
+        raise ValueError("sparse attention runs one unpadded sequence at a time: use batch size 1 "
+                         "(or equal-length sequences without padding)")
+    return filled
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, softcap=None, **kwargs):
+    """transformers attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
+    config = getattr(module, "sparse_config", None)
+    context = getattr(module, "sparse_context", None)
+    if config is None or context is None:
+        config, context = _default_context(module)
+        module.sparse_config, module.sparse_context = config, context
+    method = get_method(config.method)
+    if method.select is None or _is_sliding(module, sliding_window) or context.layer_idx in config.dense_layers:
+        out = dense_attention(query, key, value, scale=scaling, softcap=softcap, attention_mask=attention_mask)
+    else:
+        filled = _filled_keys(attention_mask, key.shape[2])
+        key, value = key[:, :, :filled], value[:, :, :filled]
+        out = run_method(method, query, key, value, config, context, scale=scaling, softcap=softcap)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_all() -> None:
+    for name in method_names():
+        if name != "dense":
+            AttentionInterface.register(name, sparse_attention_forward)
+            AttentionMaskInterface.register(name, sdpa_mask)
+
+
+_register_all()
+
+
+def _model_name(config) -> str | None:
+    path = getattr(config, "_name_or_path", "") or ""
+    return os.path.basename(os.path.normpath(path)) or None
+
+
+def attention_layers(model) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder (those that carry a `layer_idx`), in layer order."""
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def sparse_layer_indices(model, config: SparseAttentionConfig) -> list[int]:
+    """Indices of the layers where the sparse method runs (global layers not kept dense)."""
+    return [m.layer_idx for m in attention_layers(model)
+            if not _is_sliding(m, None) and m.layer_idx not in config.dense_layers]
+
+
+def patch_model(model, method: str = "dhsa", density: float | None = None, budget: int | None = None, *,
+                config: SparseAttentionConfig | None = None, tokenizer=None, **options):
+    """Switch the attention of every layer of `model` to `method` (a registry name); returns the model.
+
+    density / budget set N_b; `options` are any other SparseAttentionConfig fields (query_chunk, max_chunks,
+    dense_layers, share_boundaries, ...); or pass a ready `config`. method="dense" restores the model's own
+    attention implementation. Calling again re-configures. `tokenizer` is only needed for newline boundaries.
+    """
+    if config is None:
+        unknown = set(options) - set(config_field_names())
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; known: {', '.join(config_field_names())}")
+        values = dict(options, method=method)
+        if density is not None:
+            values["density"] = density
+        if budget is not None:
+            values["budget"] = budget
+        config = SparseAttentionConfig(**values)
+    chosen = get_method(config.method)
+    layers = attention_layers(model)
+    if not layers:
+        raise ValueError(f"found no attention layers with a layer_idx in {type(model).__name__}")
+
+    if not hasattr(model, "_dense_attn_implementation"):
+        model._dense_attn_implementation = model.config._attn_implementation
+    if chosen.select is None:
+        model.set_attn_implementation(model._dense_attn_implementation)
+        for layer in layers:
+            for attr in ("sparse_config", "sparse_context"):
+                if hasattr(layer, attr):
+                    delattr(layer, attr)
+        return model
+
+    model.set_attn_implementation(config.method)
+    shared: dict = {}
+    if config.method.startswith("dhsa"):
+        shared["boundary_source"] = make_boundary_source(config, getattr(model, "name_or_alias", None)
+                                                         or _model_name(model.config), tokenizer)
+    if chosen.setup is not None:
+        chosen.setup(model, config, shared)
+    for layer in layers:
+        layer.sparse_config = config
+        layer.sparse_context = LayerContext(layer.layer_idx, {}, shared, shared.get("boundary_source"))
+    if config.newline_boundaries:
+        _remember_input_ids(model, shared)
+    return model
+
+
+def _remember_input_ids(model, shared: dict) -> None:
+    """Keep the prompt's token ids where boundary sources can read them (for newline boundaries)."""
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > 1:
+            shared["input_ids"] = ids
+    if not getattr(model, "_dhsa_input_ids_hook", None):
+        model._dhsa_input_ids_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+__all__ = ["patch_model", "sparse_attention_forward", "attention_layers", "sparse_layer_indices"]
