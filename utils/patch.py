@@ -88,7 +88,7 @@ _register_all()
 
 def _model_name(config) -> str | None:
     path = getattr(config, "_name_or_path", "") or ""
-    return os.path.basename(os.path.normpath(path)) or None
+    return os.path.basename(os.path.normpath(path)) if path else None
 
 
 def attention_layers(model) -> list[torch.nn.Module]:
@@ -139,8 +139,7 @@ def patch_model(model, method: str = "dhsa", density: float | None = None, budge
     model.set_attn_implementation(config.method)
     shared: dict = {}
     if config.method.startswith("dhsa"):
-        shared["boundary_source"] = make_boundary_source(config, getattr(model, "name_or_alias", None)
-                                                         or _model_name(model.config), tokenizer)
+        shared["boundary_source"] = make_boundary_source(config, _model_name(model.config), tokenizer)
     if chosen.setup is not None:
         chosen.setup(model, config, shared)
     for layer in layers:

@@ -1,0 +1,160 @@
+"""Drop-in patching on tiny random models of every family: full budget equals the model's own attention,
+decode equals prefill, sliding-window layers keep their window, re-configuration and bad arguments."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from utils.models import TINY_FAMILIES, tiny_model
+from utils.patch import attention_layers, patch_model, sparse_layer_indices
+from utils.registry import get_method
+
+
+def reference_impl(family):
+    # Gemma-2 soft-caps attention logits, which torch SDPA cannot; its exact reference is "eager".
+    return "eager" if family == "gemma2" else "sdpa"
+
+
+def prompt(model, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=g)
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family_model(request):
+    model = tiny_model(request.param).eval()
+    model.set_attn_implementation(reference_impl(request.param))
+    return request.param, model
+
+
+@torch.no_grad()
+def test_full_budget_logits_equal_dense(family_model):
+    family, model = family_model
+    ids = prompt(model, 150)
+    ref = model(ids).logits
+    patch_model(model, "dhsa", budget=10_000, query_chunk=16, boundary_source="fixed")
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-4)
+    patch_model(model, "dhsa", density=0.1, query_chunk=16, boundary_source="fixed")
+    assert (model(ids).logits - ref).abs().max() > 1e-3, "a small budget should change the logits"
+    patch_model(model, "dense")
+    assert model.config._attn_implementation == reference_impl(family)
+    torch.testing.assert_close(model(ids).logits, ref, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_decode_logits_equal_prefill_logits_at_full_budget(family_model):
+    _, model = family_model
+    ids = prompt(model, 90, seed=1)
+    ref = model(ids).logits  # one dense prefill of the whole sequence
+    patch_model(model, "dhsa", budget=10_000, query_chunk=16, boundary_source="fixed")
+    cache = DynamicCache(config=model.config)
+    out = model(ids[:, :80], past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(out.logits, ref[:, :80], atol=1e-5, rtol=1e-4)
+    for t in range(80, 90):  # Algorithm 2, one token at a time
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(out.logits[:, -1], ref[:, t], atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkeypatch):
+    family, model = family_model
+    import utils.registry as registry
+
+    seen = []
+    original = registry.sparse_attention
+
+    def spy(q, k, v, selection, **kw):
+        seen.append((q.shape[2], k.shape[2], selection.max_keys))
+        return original(q, k, v, selection, **kw)
+
+    monkeypatch.setattr(registry, "sparse_attention", spy)
+    patch_model(model, "dhsa", budget=24, query_chunk=16, boundary_source="fixed")
+    ids = prompt(model, 120, seed=2)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 124)
+    sparse_layers = len(sparse_layer_indices(model, model.model.layers[0].self_attn.sparse_config))
+    prefill = [s for s in seen if s[0] > 1]
+    decode = [s for s in seen if s[0] == 1]
+    assert len(prefill) == sparse_layers and len(decode) == 3 * sparse_layers
+    assert all(max_keys <= 24 for _, _, max_keys in seen)
+
+
+@torch.no_grad()
+def test_sliding_window_layers_keep_their_window():
+    model = tiny_model("gemma3").eval()
+    ids = prompt(model, 100, seed=3)
+    ref = model(ids).logits
+    layers = attention_layers(model)
+    sliding = [m.layer_idx for m in layers if m.sliding_window is not None]
+    global_layers = [m.layer_idx for m in layers if m.sliding_window is None]
+    assert sliding and global_layers
+    # With every global layer kept dense, the patched model must equal the original exactly: the sliding
+    # layers were not touched by the sparse method.
+    patch_model(model, "dhsa", budget=8, dense_layers=global_layers, boundary_source="fixed")
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-4)
+    config = model.model.layers[0].self_attn.sparse_config
+    assert sparse_layer_indices(model, config) == []
+    patch_model(model, "dhsa", budget=8, boundary_source="fixed")
+    assert sparse_layer_indices(model, model.model.layers[0].self_attn.sparse_config) == global_layers
+
+
+@torch.no_grad()
+def test_share_boundaries_computes_once_per_forward():
+    model = tiny_model("llama", num_hidden_layers=3).eval()
+    calls = []
+
+    class CountingSource:
+        def __call__(self, keys, max_chunks, input_ids=None):
+            calls.append(keys.shape[2])
+            return [torch.arange(8, keys.shape[2], 8).tolist() + [keys.shape[2]]] * keys.shape[0]
+
+    ids = prompt(model, 64)
+    for share, expected in ((True, 1), (False, 3)):
+        patch_model(model, "dhsa", budget=16, query_chunk=16, share_boundaries=share)
+        for layer in attention_layers(model):
+            layer.sparse_context.boundary_source = CountingSource()
+        calls.clear()
+        model(ids)
+        model(ids)  # a second forward recomputes: boundaries never leak across prompts
+        assert len(calls) == 2 * expected
+
+
+@torch.no_grad()
+def test_attn_implementation_name_at_load_time(tmp_path):
+    model = tiny_model("qwen2").eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="dhsa").eval()
+    assert loaded.config._attn_implementation == "dhsa"
+    ids = prompt(loaded, 300)
+    dense = tiny_model("qwen2").eval()  # same seed, same weights
+    out, ref = loaded(ids).logits, dense(ids).logits
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() > 1e-4  # the default density (12.5%) is sparse at 300 tokens
+
+
+def test_patch_reconfigures_and_validates():
+    model = tiny_model("llama").eval()
+    patch_model(model, "dhsa", density=0.25, query_chunk=32)
+    cfg = model.model.layers[0].self_attn.sparse_config
+    assert (cfg.density, cfg.query_chunk) == (0.25, 32)
+    patch_model(model, "dhsa", budget=64, max_chunks=10)
+    cfg = model.model.layers[0].self_attn.sparse_config
+    assert (cfg.budget, cfg.max_chunks, cfg.query_chunk) == (64, 10, 256)
+    with pytest.raises(ValueError, match="unknown attention method"):
+        patch_model(model, "no-such-method")
+    with pytest.raises(ValueError, match="unknown option"):
+        patch_model(model, "dhsa", bogus=1)
+    with pytest.raises(ValueError, match="density"):
+        patch_model(model, "dhsa", density=1.5)
+    assert get_method("dhsa").select is not None
+
+
+@torch.no_grad()
+def test_padding_is_rejected_with_a_clear_error():
+    model = tiny_model("llama").eval()
+    patch_model(model, "dhsa", budget=16)
+    ids = prompt(model, 40)
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        model(ids, attention_mask=mask)
