@@ -80,17 +80,28 @@ def _split_heads(q: torch.Tensor, k: torch.Tensor, heads: int) -> tuple[int, int
     return heads, Hq // heads
 
 
-def _attend(q, k, v, mask, scale, softcap):
-    """Masked attention on gathered tiles. q: [N, M, D], k, v: [N, K, D], mask: [N, M, K] (True = read)."""
+def _attend(q, k, v, mask, scale, softcap, has_key=None):
+    """Masked attention. q: [N, M, D], k: [N, K, D], v: [N, K, Dv], mask: [N, M, K] bool (True = read).
+
+    has_key: [N, M] bool, whether a row reads any key (computed from the mask when not given). A row that
+    reads nothing (possible only for hand-made selections) gets 0, as in FlashAttention.
+    """
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        # 4-D inputs with an additive float mask reach the fused SDPA kernels on CPU and GPU; a 3-D or boolean
+        # mask falls back to the much slower unfused math path on the CPU.
+        zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+        bias = torch.where(mask, zero, minus_inf)
+        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=bias[:, None],
+                                             scale=scale)[:, 0]
     else:  # logit soft-capping (Gemma-2) is not supported by SDPA: do the math, softmax in fp32
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
         scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
-    # A query with no readable key (possible only for hand-made selections) gets 0, like FlashAttention.
-    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    has_key = mask.any(-1) if has_key is None else has_key
+    if not bool(has_key.all()):
+        out = torch.where(has_key[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def sparse_attention(
@@ -144,16 +155,21 @@ def sparse_attention(
         kk = k_flat[flat]  # [B, Hs, g, K, D]
         vv = v_flat[flat]
         q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
-        k_pos = tile_idx[:, :, :, None, :]  # [B, Hs, g, 1, K]
-        mask = valid[:, :, :, None, :] & (k_pos <= q_pos[None, None, :, :, None])
-        if selection.keep is not None:
+        # An unused slot gets a position after every query, so one comparison gives causality and validity.
+        k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
+        mask = k_pos <= q_pos[None, None, :, :, None]
+        has_key = None
+        if selection.keep is None:  # a row reads something iff the tile's smallest selected key is not after it
+            first_key = torch.where(valid, tile_idx, Lk).amin(-1)  # [B, Hs, g]
+            has_key = (first_key[..., None] <= q_pos[None, None]).reshape(-1, G * T)
+        else:
             rule_q = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T
                                            + torch.arange(T, device=q.device)[None, :])  # [g, T]
             rule = selection.keep(rule_q[:, :, None], k_pos)  # [B, Hs, g, T, K] (broadcast)
             rule = rule.expand(B, Hs, g, T, K).repeat(1, 1, 1, G, 1)
             mask = mask & rule
         o = _attend(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
-                    mask.reshape(-1, G * T, K), scale, softcap)
+                    mask.reshape(-1, G * T, K), scale, softcap, has_key)
         out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
 
     out = out.view(B, Hs, n_tiles, G, T, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_tiles * T, Dv)
