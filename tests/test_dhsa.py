@@ -212,3 +212,14 @@ def test_no_length_squared_memory():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grown_mib = int(result.stdout.strip().splitlines()[-1])
     assert grown_mib < 1536, f"peak memory grew by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("L, window, softcap", [(100, 16, None), (130, 40, 5.0), (30, 64, None)])
+def test_sliding_window_attention_is_exact(L, window, softcap):
+    from utils.attention import sliding_window_attention
+    q, k, v = rand_qkv(1, 4, 2, L, 8, seed=L)
+    ref = dense_attention(q, k, v, window=window, softcap=softcap)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window, softcap=softcap, query_chunk=32), ref,
+                               atol=2e-6, rtol=1e-5)
+    step = sliding_window_attention(q[:, :, -1:], k, v, window, softcap=softcap)  # decode
+    torch.testing.assert_close(step, ref[:, :, -1:], atol=2e-6, rtol=1e-5)

@@ -119,6 +119,11 @@ def sparse_attention(
     (key position <= query position). Memory: the tiles are processed in groups so that the temporaries stay
     O(T * K) per tile, never O(Lq * Lk).
     """
+    if q.is_cuda:  # Triton kernel that reads the selected keys in place (utils/kernels); None = not applicable
+        from .kernels import try_sparse_attention
+        out = try_sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
+        if out is not None:
+            return out
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     idx = selection.key_index
@@ -228,6 +233,37 @@ def dense_attention(
     return torch.cat(outs, dim=2)
 
 
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    query_chunk: int = 256,
+) -> torch.Tensor:
+    """Exact causal sliding-window attention (a query reads the keys with q_pos - k_pos < window), in
+    O(L * window) time and memory. q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
+
+    Gemma-2/3 local layers. Each query tile lists its window's keys; a per-query rule trims the window.
+    """
+    Lq, Lk = q.shape[2], k.shape[2]
+    if Lq == 1 or Lk <= window:  # decode, or a sequence inside one window: plain causal attention on a slice
+        start = max(0, Lk - window) if Lq == 1 else 0
+        return dense_attention(q, k[:, :, start:], v[:, :, start:], scale=scale, softcap=softcap)
+    T = min(query_chunk, Lq)
+    n_tiles = math.ceil(Lq / T)
+    q_offset = Lk - Lq
+    tile_start = q_offset + torch.arange(n_tiles, device=q.device) * T
+    first = tile_start - window + 1  # earliest key any query of the tile may read (may be negative)
+    idx = first[:, None] + torch.arange(T + window - 1, device=q.device)[None, :]
+    idx = torch.where((idx >= 0) & (idx < Lk), idx, -1)
+    selection = Selection(idx.expand(q.shape[0], k.shape[1], n_tiles, idx.shape[-1]), T, q_offset,
+                          keep=lambda q_pos, k_pos: q_pos - k_pos < window)
+    return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
+
+
 def full_selection(batch: int, heads: int, num_queries: int, num_keys: int, query_chunk: int,
                    device=None) -> Selection:
     """A selection that lists every causally visible key for each tile (equals dense attention)."""
@@ -239,4 +275,5 @@ def full_selection(batch: int, heads: int, num_queries: int, num_keys: int, quer
     return Selection(idx.expand(batch, heads, n_tiles, num_keys).clone(), query_chunk, q_offset)
 
 
-__all__ = ["Selection", "KeepRule", "sparse_attention", "dense_attention", "full_selection"]
+__all__ = ["Selection", "KeepRule", "sparse_attention", "dense_attention", "sliding_window_attention",
+           "full_selection"]

@@ -103,6 +103,12 @@ def dhsa_select(
     ascending chunk-end tensor per batch item (last end = Lk). Returns a Selection with key_index
     [B, Hkv, n_tiles, min(budget, Lk)] (-1 = unused slot, where a tile sees fewer than N_b keys).
     """
+    if q.is_cuda:  # fused GPU selection (utils/kernels/select.py), same kept set up to ties; None = not applicable
+        from .kernels import try_dhsa_select
+        fused = try_dhsa_select(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
+                                sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads)
+        if fused is not None:
+            return fused
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     T = query_chunk

@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import dense_attention
+from .attention import dense_attention, sliding_window_attention
 from .boundaries import make_boundary_source
 from .config import SparseAttentionConfig, config_field_names
 from .registry import LayerContext, get_method, method_names, run_method
@@ -44,34 +44,47 @@ def _is_sliding(module, sliding_window) -> bool:
     return sliding_window is not None or getattr(module, "sliding_window", None) is not None
 
 
-def _filled_keys(mask: torch.Tensor | None, num_keys: int) -> int:
-    """How many leading keys the last query reads. A pre-allocated (static) cache leaves unfilled slots at
-    the end, which are dropped; any other hole in the mask is padding, which sparse methods do not support."""
+def _filled_keys(mask: torch.Tensor | None, num_keys: int) -> int | None:
+    """How many leading keys the last query reads, or None if the mask has padding. A pre-allocated (static)
+    cache leaves unfilled slots at the end, which are dropped; any other hole in the mask is padding."""
     if mask is None:
         return num_keys
     last_row = mask[..., -1, :].reshape(-1, mask.shape[-1])
     last_row = last_row if last_row.dtype == torch.bool else last_row == 0
     filled = int(last_row[0].sum())
     if not (last_row == (torch.arange(mask.shape[-1], device=mask.device) < filled)).all():
-        raise ValueError("sparse attention runs one unpadded sequence at a time: use batch size 1 "
-                         "(or equal-length sequences without padding)")
+        return None
     return filled
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              sliding_window=None, softcap=None, **kwargs):
-    """transformers attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
+    """transformers attention function: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> ([B, L, Hq, D], None).
+
+    Global layers run the configured method; sliding-window layers run exact windowed attention; layers in
+    `dense_layers` run dense attention. Soft-capping (Gemma-2) is applied everywhere, as the model defines it.
+    """
     config = getattr(module, "sparse_config", None)
     context = getattr(module, "sparse_context", None)
     if config is None or context is None:
         config, context = _default_context(module)
         module.sparse_config, module.sparse_context = config, context
     method = get_method(config.method)
-    if method.select is None or _is_sliding(module, sliding_window) or context.layer_idx in config.dense_layers:
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    dense_layer = method.select is None or context.layer_idx in config.dense_layers
+    filled = _filled_keys(attention_mask, key.shape[2])
+    if filled is None:  # padded batch: exact masked attention where that is what the layer does, else an error
+        if window is None and not dense_layer:
+            raise ValueError("sparse attention runs one unpadded sequence at a time: use batch size 1 "
+                             "(or equal-length sequences without padding)")
         out = dense_attention(query, key, value, scale=scaling, softcap=softcap, attention_mask=attention_mask)
+        return out.transpose(1, 2).contiguous(), None
+    key, value = key[:, :, :filled], value[:, :, :filled]
+    if window is not None:
+        out = sliding_window_attention(query, key, value, window, scale=scaling, softcap=softcap)
+    elif dense_layer:
+        out = dense_attention(query, key, value, scale=scaling, softcap=softcap)
     else:
-        filled = _filled_keys(attention_mask, key.shape[2])
-        key, value = key[:, :, :filled], value[:, :, :filled]
         out = run_method(method, query, key, value, config, context, scale=scaling, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 

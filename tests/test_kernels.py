@@ -1,0 +1,322 @@
+"""GPU fast paths (utils/kernels): the Triton attention kernel equals the PyTorch executor on the same selection,
+the fused selection keeps the same keys as utils.dhsa.dhsa_select, the block-aligned path and FlexAttention agree.
+
+Where the checks run:
+  * on CUDA (test_cuda_*): bf16/fp16, head dims 64/128/256, several GQA ratios;
+  * on the CPU under Triton's interpreter (TRITON_INTERPRET=1), small shapes, in a subprocess started by
+    test_kernels_under_triton_interpreter (the interpreter must be switched on before Triton is imported);
+  * the dispatch (CPU tensors never reach the kernels; kernels.disabled()) everywhere.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import kernels
+from utils.attention import Selection, full_selection, sparse_attention
+from utils.boundaries import as_boundary_list, fixed_size_ends
+from utils.dhsa import dhsa_attention, dhsa_select
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+cuda_only = pytest.mark.skipif(not CUDA or INTERPRETER, reason="needs a CUDA GPU")
+
+if INTERPRETER:
+    from utils.kernels._interpreter import fix_interpreter
+    fix_interpreter()
+
+
+def rand(*shape, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+
+def rel(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def per_chunk_counts(key_index, ends):
+    """Kept keys per chunk: key_index [..., K] (-1 = unused), ends [Nc] -> [..., Nc]."""
+    chunk = torch.searchsorted(ends, key_index.clamp(min=0), right=True)
+    chunk = torch.where(key_index >= 0, chunk, ends.numel())
+    counts = torch.zeros(key_index.shape[:-1] + (ends.numel() + 1,), dtype=torch.long, device=key_index.device)
+    counts.scatter_add_(-1, chunk, torch.ones_like(chunk))
+    return counts[..., :-1]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, softcap=None, per_query_head=False,
+                                  tol=None, config=None):
+    """Kernel output (into a NaN-poisoned buffer) vs the PyTorch executor in fp32 on the same selection."""
+    from utils.kernels.sparse_prefill import sparse_prefill
+
+    q, k, v = (rand(B, h, L, D, device=device, dtype=dtype, seed=i) for i, h in enumerate((Hq, Hkv, Hkv)))
+    ends = as_boundary_list(fixed_size_ends(L, 7), B, L, device=device)
+    with kernels.disabled():
+        sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends, query_chunk=T, sink_tokens=4,
+                          local_tokens=8)
+        if per_query_head:  # one list per query head (e.g. baselines that select per head)
+            sel = Selection(sel.key_index.repeat_interleave(Hq // Hkv, 1), T, sel.q_offset)
+        ref = sparse_attention(q.float(), k.float(), v.float(), sel, softcap=softcap)
+    out = torch.full_like(q, float("nan"))
+    sparse_prefill(q, k, v, sel.key_index, kernels.selection_counts(sel.key_index), query_chunk=T,
+                   q_offset=sel.q_offset, softcap=softcap, out=out, config=config)
+    assert torch.isfinite(out).all(), "kernel left outputs unwritten"
+    err = rel(out, ref)
+    assert err < (tol or (1e-5 if dtype == torch.float32 else 1e-2)), err
+
+
+def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local, share_heads=False):
+    from utils.kernels.select import dhsa_select_fused
+
+    q, k = rand(B, Hq, L, 16, device=device, seed=1), rand(B, Hkv, L, 16, device=device, seed=2)
+    ends = as_boundary_list(bounds or fixed_size_ends(L, 7, device=device), B, L, device=device)
+    opts = dict(budget=budget, boundaries=ends, query_chunk=T, sink_tokens=sink, local_tokens=local,
+                share_heads=share_heads)
+    with kernels.disabled():
+        ref = dhsa_select(q, k, **opts)
+    got = dhsa_select_fused(q, k, **opts)
+    assert got.key_index.shape == ref.key_index.shape
+    assert torch.equal(got.counts.long(), (ref.key_index >= 0).sum(-1))
+    idx = got.key_index
+    assert ((idx[..., 1:] > idx[..., :-1]) | (idx[..., 1:] < 0)).all(), "lists must be ascending, -1 last"
+    # Same keys up to which keys of the one partly kept chunk are taken: same count in every chunk.
+    for b in range(B):
+        assert torch.equal(per_chunk_counts(idx[b], ends[b]), per_chunk_counts(ref.key_index[b], ends[b]))
+
+
+def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
+    """Block-aligned DHSA by plain PyTorch: snapped chunks, scores upsampled to blocks, forced blocks, top-K."""
+    from utils.dhsa import chunk_vectors, forced_key_counts, query_tile_vectors
+    from utils.kernels.select import snap_to_blocks
+
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    nb, K = math.ceil(L / bs), max(1, min(budget // bs, math.ceil(L / bs)))
+    out = []
+    for b in range(B):
+        bends = snap_to_blocks(ends[b], L, bs)
+        s_c = torch.einsum("htd,hcd->htc", query_tile_vectors(q[b:b + 1], Hkv, bs)[0],
+                           chunk_vectors(k[b], torch.clamp(bends * bs, max=L)))
+        blk = torch.arange(nb)
+        scores = s_c[:, :, torch.searchsorted(bends, blk, right=True)]  # [H, n_tiles, nb]
+        end = torch.arange(1, nb + 1)  # visible blocks per query block
+        tb = torch.clamp(end, max=K)
+        sink, local = forced_key_counts(tb, sink_blocks, local_blocks)
+        visible = blk[None] < end[:, None]
+        forced = visible & ((blk[None] < sink[:, None]) | (blk[None] >= (end - local)[:, None]))
+        scores = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
+        top, idx = torch.topk(scores, K, dim=-1)
+        out.append(torch.where(top == float("-inf"), -1, idx))
+    return torch.stack(out)
+
+
+def check_block_path(device, dtype, B, Hq, Hkv, L, D, bs, budget):
+    from utils.kernels.select import block_selection_to_tokens, dhsa_block_select
+
+    q, k, v = (rand(B, h, L, D, device=device, dtype=dtype, seed=i + 5) for i, h in enumerate((Hq, Hkv, Hkv)))
+    ends = as_boundary_list(fixed_size_ends(L, 11, device=device), B, L, device=device)
+    sel = dhsa_block_select(q, k, budget=budget, boundaries=ends, block_size=bs, sink_tokens=bs, local_tokens=bs)
+    ref_blocks = block_reference(q.float().cpu(), k.float().cpu(), [e.cpu() for e in ends], budget, bs, 1, 1)
+    got = torch.where(torch.arange(sel.key_index.shape[-1], device=device) < sel.counts[..., None], sel.key_index, -1)
+    assert torch.equal(got.cpu().sort(-1).values, ref_blocks.sort(-1).values)
+    with kernels.disabled():
+        ref = sparse_attention(q.float(), k.float(), v.float(), block_selection_to_tokens(sel, L))
+    out = sparse_attention(q, k, v, sel) if device == "cuda" else _block_kernel(q, k, v, sel)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, ref) < tol
+    return q, k, v, sel, ref
+
+
+def _block_kernel(q, k, v, sel):
+    from utils.kernels.sparse_prefill import sparse_prefill
+    return sparse_prefill(q, k, v, sel.key_index, sel.counts, query_chunk=sel.query_chunk, q_offset=sel.q_offset,
+                          block_size=sel.block_size, config=dict(rows=16, block_n=16))
+
+
+def check_block_sparse_baseline(device, dtype, L):
+    from utils.baselines.block_sparse import block_sparse_select
+    from utils.kernels.select import blocks_from_token_selection
+
+    q, k, v = rand(1, 4, L, 16, device=device, dtype=dtype), rand(1, 2, L, 16, device=device, dtype=dtype, seed=1), \
+        rand(1, 2, L, 16, device=device, dtype=dtype, seed=2)
+    sel = block_sparse_select(q, k, budget=64, block_size=16)
+    bsel = blocks_from_token_selection(sel, 16, L)
+    assert bsel is not None and bsel.block_size == 16
+    with kernels.disabled():
+        ref = sparse_attention(q.float(), k.float(), v.float(), sel)
+    out = sparse_attention(q, k, v, bsel) if device == "cuda" else _block_kernel(q, k, v, bsel)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    scattered = Selection(sel.key_index.flip(-1), sel.query_chunk, sel.q_offset)  # not whole aligned runs
+    assert blocks_from_token_selection(scattered, 16, L) is None
+
+
+# ---------------------------------------------------------------------------------------------- everywhere
+
+def test_cpu_tensors_never_reach_the_kernels(monkeypatch):
+    """On the CPU the dispatch is skipped: results equal the reference with kernels on or off."""
+    q, k, v = rand(1, 4, 70, 16), rand(1, 2, 70, 16, seed=1), rand(1, 2, 70, 16, seed=2)
+    monkeypatch.setattr(kernels, "try_sparse_attention", lambda *a, **kw: pytest.fail("kernel called on CPU"))
+    monkeypatch.setattr(kernels, "try_dhsa_select", lambda *a, **kw: pytest.fail("fused selection called on CPU"))
+    out = dhsa_attention(q, k, v, budget=20, query_chunk=16)
+    with kernels.disabled():
+        assert not kernels.enabled()
+        torch.testing.assert_close(dhsa_attention(q, k, v, budget=20, query_chunk=16), out)
+    assert kernels.enabled() == (os.environ.get("DHSA_KERNELS", "1") != "0")
+
+
+def test_selection_counts_is_one_past_the_last_used_slot():
+    idx = torch.tensor([[[[0, 3, 5, -1, -1], [1, -1, 4, -1, -1], [-1, -1, -1, -1, -1]]]])
+    assert kernels.selection_counts(idx).tolist() == [[[3, 3, 0]]]
+
+
+@needs_triton
+def test_kernels_under_triton_interpreter():
+    """Runs the test_interp_* checks below on the CPU through Triton's interpreter, in a fresh process."""
+    if INTERPRETER:
+        pytest.skip("already inside the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:warnings",
+                             str(Path(__file__)), "-k", "test_interp_"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+# ---------------------------------------------------------------------------------------------- interpreter
+
+@interpreter_only
+@pytest.mark.parametrize("B, Hq, Hkv, L, D, T, budget, dtype, softcap, per_head", [
+    (1, 4, 2, 100, 16, 16, 24, torch.float32, None, False),    # GQA 2:1, L not a multiple of the tile
+    (2, 6, 2, 77, 32, 32, 30, torch.float16, None, False),     # GQA 3:1 (group padded to 4), batch, fp16
+    (1, 4, 4, 130, 64, 64, 40, torch.float32, 5.0, False),     # MHA, soft-capping
+    (1, 4, 2, 90, 16, 16, 20, torch.float32, None, True),      # one list per query head
+])
+def test_interp_kernel_matches_executor(B, Hq, Hkv, L, D, T, budget, dtype, softcap, per_head):
+    check_kernel_matches_executor("cpu", dtype, B, Hq, Hkv, L, D, T, budget, softcap=softcap,
+                                  per_query_head=per_head, config=dict(rows=16, block_n=16))
+
+
+@interpreter_only
+def test_interp_kernel_at_full_budget_equals_dense():
+    from utils.kernels.sparse_prefill import sparse_prefill
+    q, k, v = rand(1, 4, 50, 16), rand(1, 2, 50, 16, seed=1), rand(1, 2, 50, 16, seed=2)
+    sel = full_selection(1, 2, 50, 50, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=True)
+    out = sparse_prefill(q, k, v, sel.key_index, None, query_chunk=16, config=dict(rows=16, block_n=16))
+    assert rel(out, ref) < 1e-5
+
+
+@interpreter_only
+@pytest.mark.parametrize("B, Hq, Hkv, L, T, budget, bounds, sink, local, share", [
+    (1, 4, 2, 200, 16, 40, None, 8, 8, False),
+    (2, 4, 2, 150, 32, 30, [1, 2, 3, 10, 11, 40, 90, 149, 150], 4, 4, False),  # length-1 and long chunks
+    (1, 2, 1, 300, 8, 64, None, 0, 0, False),                                 # no forced keys
+    (1, 4, 2, 120, 16, 50, None, 16, 16, True),                               # one selection for all heads
+    (1, 2, 2, 64, 16, 100, None, 8, 8, False),                                # budget above the length
+])
+def test_interp_fused_selection_keeps_the_same_keys(B, Hq, Hkv, L, T, budget, bounds, sink, local, share):
+    check_fused_selection("cpu", B, Hq, Hkv, L, T, budget, bounds, sink, local, share)
+
+
+@interpreter_only
+def test_interp_block_path_and_flex():
+    from utils.kernels.flex import flex_block_attention
+    q, k, v, sel, ref = check_block_path("cpu", torch.float32, 1, 4, 2, 200, 16, 16, 64)
+    assert rel(flex_block_attention(q, k, v, sel), ref) < 1e-5
+
+
+@interpreter_only
+@pytest.mark.parametrize("Lq", [1, 20])
+def test_interp_queries_after_a_prefix(Lq):
+    """Decode (Algorithm 2 boundaries) and a chunk of queries after cached keys: q_offset > 0."""
+    from utils.dhsa import decode_boundaries
+    from utils.kernels.select import dhsa_select_fused
+    from utils.kernels.sparse_prefill import sparse_prefill
+    q, k, v = rand(1, 4, Lq, 16), rand(1, 2, 120, 16, seed=1), rand(1, 2, 120, 16, seed=2)
+    ends = [decode_boundaries(fixed_size_ends(110, 8), 110, 120)] if Lq == 1 else [fixed_size_ends(120, 8)]
+    opts = dict(budget=30, boundaries=ends, query_chunk=16, sink_tokens=4, local_tokens=4)
+    ref, got = dhsa_select(q, k, **opts), dhsa_select_fused(q, k, **opts)
+    assert torch.equal(per_chunk_counts(got.key_index[0], ends[0]), per_chunk_counts(ref.key_index[0], ends[0]))
+    out = sparse_prefill(q, k, v, got.key_index, got.counts, query_chunk=16, q_offset=got.q_offset, sorted_keys=True,
+                         config=dict(rows=16, block_n=16))
+    assert rel(out, sparse_attention(q, k, v, got)) < 1e-5
+
+
+@interpreter_only
+def test_interp_sorted_lists_skip_the_mask_safely():
+    """KernelSelections are ascending: the kernel runs the blocks below each tile unmasked. Same output."""
+    from utils.kernels.select import dhsa_block_select, dhsa_select_fused
+    from utils.kernels.sparse_prefill import sparse_prefill
+    q, k, v = rand(1, 4, 300, 16), rand(1, 2, 300, 16, seed=1), rand(1, 2, 300, 16, seed=2)
+    ends = [fixed_size_ends(300, 7)]
+    sel = dhsa_select_fused(q, k, budget=64, boundaries=ends, query_chunk=32, sink_tokens=8, local_tokens=8)
+    blocks = dhsa_block_select(q, k, budget=64, boundaries=ends, block_size=16, sink_tokens=16, local_tokens=16)
+    for s, bs in ((sel, None), (blocks, 16)):
+        outs = [sparse_prefill(q, k, v, s.key_index, s.counts, query_chunk=s.query_chunk, block_size=bs,
+                               sorted_keys=flag, config=dict(rows=16, block_n=16)) for flag in (False, True)]
+        assert rel(outs[1], outs[0]) < 1e-6
+
+
+@interpreter_only
+@pytest.mark.parametrize("L", [200, 256])
+def test_interp_block_sparse_baseline_through_block_kernel(L):
+    check_block_sparse_baseline("cpu", torch.float32, L)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Hq, Hkv, L, D, T, budget", [
+    (1, 32, 8, 1000, 128, 256, 200),   # Llama-3.1-8B heads, L not a multiple of the tile
+    (2, 8, 2, 777, 64, 128, 150),      # GQA 4:1, batch
+    (1, 8, 4, 513, 256, 64, 96),       # Gemma-2 head dim
+    (1, 12, 4, 300, 64, 256, 64),      # GQA 3:1
+    (1, 4, 4, 400, 128, 100, 80),      # MHA, tile not a power of two
+])
+def test_cuda_kernel_matches_executor(dtype, B, Hq, Hkv, L, D, T, budget):
+    check_kernel_matches_executor("cuda", dtype, B, Hq, Hkv, L, D, T, budget)
+
+
+@cuda_only
+def test_cuda_kernel_softcap_and_per_head_lists():
+    check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 4, 600, 256, 128, 100, softcap=50.0)
+    check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 2, 600, 128, 128, 100, per_query_head=True)
+
+
+@cuda_only
+def test_cuda_dispatch_equals_reference_path():
+    """dhsa_attention on CUDA (fused selection + kernel) vs the same call with the kernels switched off."""
+    q, k, v = (rand(1, h, 2000, 128, device="cuda", dtype=torch.bfloat16, seed=i) for i, h in enumerate((32, 8, 8)))
+    out = dhsa_attention(q, k, v, density=0.125)
+    with kernels.disabled():
+        ref = dhsa_attention(q.float(), k.float(), v.float(), density=0.125)
+    assert rel(out, ref) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("L", [1000, 4096])
+def test_cuda_fused_selection_keeps_the_same_keys(L):
+    check_fused_selection("cuda", 1, 32, 8, L, 256, L // 16, None, 128, 128)
+    check_fused_selection("cuda", 2, 8, 2, L, 128, L // 8, [3, 50, 51, 700, L - 1, L], 64, 64)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_block_path_baseline_and_flex(dtype):
+    from utils.kernels.flex import flex_block_attention
+    q, k, v, sel, ref = check_block_path("cuda", dtype, 1, 32, 8, 2048, 128, 128, 512)
+    assert rel(flex_block_attention(q, k, v, sel), ref) < 1e-2
+    check_block_sparse_baseline("cuda", dtype, 1000)

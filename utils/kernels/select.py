@@ -1,0 +1,318 @@
+"""DHSA key selection on the GPU: chunk scores by one matrix product, the top-N_b keys per query tile by one Triton
+program per (tile, head) instead of a top-k over L upsampled token scores.
+
+Why it is the same selection. After upsampling, every key of a chunk carries its chunk's score, so the token
+top-N_b of Algorithm 1 keeps whole chunks in descending score order until the budget is filled, and part of the
+next chunk (which of its keys is a tie-break). Keys outside the tile's causal range are never candidates, and
+the always-kept sink/local keys (utils.dhsa.forced_key_counts) are taken first; the candidates left in a chunk
+then form one interval, [max(chunk start, sink), min(chunk end, tile end - local)). So per tile:
+
+    R = tile budget - sink - local
+    tau = the largest score with sum(candidate lengths of chunks scoring >= tau) >= R   (bisection on the bits)
+    keep all candidates of chunks scoring > tau; chunks scoring == tau share the rest in position order
+    write, ascending: sink keys, the kept interval of each chunk in chunk order, local keys; -1 after.
+
+Equal to `utils.dhsa.dhsa_select` up to tie-breaking inside the one partly kept chunk (tests/test_kernels.py).
+The same program serves the block-aligned variant (App. D 2)): blocks of 128 keys play the part of keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention import Selection
+from ..dhsa import chunk_vectors, query_tile_vectors
+from .types import KernelSelection
+
+MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
+
+
+@triton.jit
+def _dhsa_pick_kernel(
+    Scores, Ends, KeyIdx, Counts,
+    stride_sh, stride_st, stride_ih, stride_it, stride_ch,
+    num_chunks, Lq, q_offset, budget, sink_tokens, local_tokens, num_slots,
+    T: tl.constexpr, NC_P2: tl.constexpr, FILL: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    end = q_offset + tl.minimum((tile + 1) * T, Lq)  # keys visible to the tile's last query
+    # forced_key_counts (utils/dhsa.py), per tile
+    tile_budget = tl.minimum(end, budget)
+    local = tl.minimum(tile_budget // 2, local_tokens)
+    sink = tl.minimum((tile_budget - local) // 2, sink_tokens)
+    if sink_tokens > 0:
+        sink = tl.maximum(sink, tl.minimum(tile_budget - local, 1))
+    free_hi = end - local
+    wanted = tile_budget - sink - local
+
+    c = tl.arange(0, NC_P2)
+    in_range = c < num_chunks
+    c_end = tl.load(Ends + c, mask=in_range, other=0).to(tl.int32)
+    c_start = tl.load(Ends + c - 1, mask=in_range & (c > 0), other=0).to(tl.int32)
+    lo = tl.maximum(c_start, sink)
+    length = tl.where(in_range, tl.maximum(tl.minimum(c_end, free_hi) - lo, 0), 0)
+    score = tl.load(Scores + head * stride_sh + tile * stride_st + c, mask=in_range, other=0.0)
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # integer order == float order
+
+    # Largest tau with (candidate keys of chunks whose key >= tau) >= wanted, by bisection over int32.
+    lo_t = tl.full([], -2147483648, tl.int64)
+    hi_t = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo_t + (hi_t - lo_t + 1) // 2
+        enough = tl.sum(tl.where(key.to(tl.int64) >= mid, length, 0)) >= wanted
+        lo_t = tl.where(enough, mid, lo_t)
+        hi_t = tl.where(enough, hi_t, mid - 1)
+    key64 = key.to(tl.int64)
+    full = key64 > lo_t
+    rest = wanted - tl.sum(tl.where(full, length, 0))
+    tied = tl.where(key64 == lo_t, length, 0)
+    take = tl.minimum(tl.maximum(rest - (tl.cumsum(tied, 0) - tied), 0), tied)
+    keep = tl.where(full, length, take)
+    keep = tl.where(wanted > 0, keep, 0)
+    offset = sink + tl.cumsum(keep, 0) - keep
+    used = tl.sum(keep)
+    count = sink + used + local
+
+    out = KeyIdx + head * stride_ih + tile * stride_it
+    fill = tl.arange(0, FILL)
+    for s0 in range(0, sink, FILL):
+        slot = s0 + fill
+        tl.store(out + slot, slot.to(tl.int64), mask=slot < sink)
+    longest = tl.max(keep)
+    for i in range(0, longest):
+        tl.store(out + offset + i, (lo + i).to(tl.int64), mask=i < keep)
+    for l0 in range(0, local, FILL):
+        pos = l0 + fill
+        tl.store(out + sink + used + pos, (free_hi + pos).to(tl.int64), mask=pos < local)
+    for e0 in range(count, num_slots, FILL):
+        unused = e0 + fill
+        tl.store(out + unused, tl.full([FILL], -1, tl.int64), mask=unused < num_slots)
+    tl.store(Counts + head * stride_ch + tile, count)
+
+
+def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_offset: int, budget: int,
+              query_chunk: int, sink_tokens: int, local_tokens: int, num_slots: int):
+    """Top-`budget` keys per query tile from chunk scores, for one sequence.
+
+    scores: [H, n_tiles, Nc] fp32 (S_c); ends: [Nc] ascending chunk ends (last = number of keys).
+    Returns key_index [H, n_tiles, num_slots] int64 (ascending, -1 after the kept keys) and counts [H, n_tiles]
+    int32. Units are tokens, or blocks when the caller passes block scores and block ends.
+    """
+    H, n_tiles, Nc = scores.shape
+    if Nc > MAX_CHUNKS:
+        raise ValueError(f"{Nc} chunks exceed the fused selection's limit of {MAX_CHUNKS}")
+    scores = scores.float().contiguous()
+    ends = ends.contiguous()
+    key_index = torch.empty(H, n_tiles, num_slots, dtype=torch.long, device=scores.device)
+    counts = torch.empty(H, n_tiles, dtype=torch.int32, device=scores.device)
+    nc_p2 = max(16, triton.next_power_of_2(Nc))
+    warps = 4 if nc_p2 <= 2048 else 8 if nc_p2 <= 8192 else 16
+    _dhsa_pick_kernel[(n_tiles, H)](
+        scores, ends, key_index, counts,
+        scores.stride(0), scores.stride(1), key_index.stride(0), key_index.stride(1), counts.stride(0),
+        Nc, num_queries, q_offset, budget, sink_tokens, local_tokens, num_slots,
+        T=query_chunk, NC_P2=nc_p2, FILL=128, num_warps=warps,
+    )
+    return key_index, counts
+
+
+@triton.jit
+def _chunk_sum_kernel(K, Ends, Out, stride_kh, stride_kl, stride_oh, stride_oc,
+                      ROBUST: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Chunk vector of eq. 4 for one (chunk, head): sum of its keys in fp32 times 1/sqrt(len) (or 1/len)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(Ends + c - 1, mask=c > 0, other=0).to(tl.int32)
+    end = tl.load(Ends + c).to(tl.int32)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        x = tl.load(K + h * stride_kh + rows[:, None] * stride_kl + dims[None, :], mask=(rows < end)[:, None],
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    n = (end - start).to(tl.float32)
+    weight = 1.0 / tl.sqrt(n) if ROBUST else 1.0 / n
+    tl.store(Out + h * stride_oh + c * stride_oc + dims, acc * weight)
+
+
+@triton.jit
+def _tile_sum_kernel(Q, Out, stride_qh, stride_ql, stride_oh, stride_ot, Lq, G, T,
+                     ROBUST: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Query-tile vector for one (tile, KV head): mean over the tile's queries and the GQA group, times
+    sqrt(tile length) if robust (as utils.dhsa.query_tile_vectors)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = t * T
+    q1 = tl.minimum(q0 + T, Lq)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for g in range(0, G):
+        for r0 in range(q0, q1, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            x = tl.load(Q + (h * G + g) * stride_qh + rows[:, None] * stride_ql + dims[None, :],
+                        mask=(rows < q1)[:, None], other=0.0)
+            acc += tl.sum(x.to(tl.float32), 0)
+    n = (q1 - q0).to(tl.float32)
+    vec = acc / (G * n)
+    if ROBUST:
+        vec = vec * tl.sqrt(n)
+    tl.store(Out + h * stride_oh + t * stride_ot + dims, vec)
+
+
+def chunk_vectors_gpu(keys: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> torch.Tensor:
+    """utils.dhsa.chunk_vectors by direct sums: keys [H, L, D], ends [Nc] -> [H, Nc, D] fp32."""
+    H, L, D = keys.shape
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    out = torch.empty(H, ends.numel(), D, dtype=torch.float32, device=keys.device)
+    _chunk_sum_kernel[(ends.numel(), H)](keys, ends.contiguous(), out, keys.stride(0), keys.stride(1), out.stride(0),
+                                        out.stride(1), ROBUST=robust, HEAD_DIM=D, ROWS=16)
+    return out
+
+
+def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True) -> torch.Tensor:
+    """utils.dhsa.query_tile_vectors for one sequence: q [Hq, L, D] -> [Hkv, n_tiles, D] fp32."""
+    Hq, L, D = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n_tiles = math.ceil(L / query_chunk)
+    out = torch.empty(num_kv_heads, n_tiles, D, dtype=torch.float32, device=q.device)
+    _tile_sum_kernel[(n_tiles, num_kv_heads)](q, out, q.stride(0), q.stride(1), out.stride(0), out.stride(1), L,
+                                              Hq // num_kv_heads, query_chunk, ROBUST=robust, HEAD_DIM=D, ROWS=32)
+    return out
+
+
+def _chunk_scores(q_vec_b: torch.Tensor, keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
+    """S_c = Q_c K_c^T for one sequence. q_vec_b [heads, n_tiles, D], keys [heads, L, D] -> [heads, n_tiles, Nc]."""
+    if keys.shape[-1] in (16, 32, 64, 128, 256):
+        chunk_k = chunk_vectors_gpu(keys, ends, robust)
+    else:
+        chunk_k = chunk_vectors(keys, ends, robust)
+    return torch.bmm(q_vec_b, chunk_k.transpose(1, 2))
+
+
+def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool) -> torch.Tensor:
+    """[B, Hq, L, D] -> [B, Hkv, n_tiles, D] fp32."""
+    if q.shape[-1] in (16, 32, 64, 128, 256):
+        return torch.stack([tile_vectors_gpu(q[b], num_kv_heads, query_chunk, robust) for b in range(q.shape[0])])
+    return query_tile_vectors(q, num_kv_heads, query_chunk, robust)
+
+
+def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
+                      query_chunk: int = 256, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
+                      share_heads: bool = False) -> KernelSelection:
+    """Same contract and result as utils.dhsa.dhsa_select (up to ties), on the GPU. q: [B, Hq, Lq, D],
+    k: [B, Hkv, Lk, D]; returns key_index [B, Hkv, n_tiles, min(budget, Lk)] plus counts."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    T = query_chunk
+    n_tiles = math.ceil(Lq / T)
+    K = min(budget, Lk)
+    q_vec = _tile_vectors(q, Hkv, T, robust)
+    if share_heads:
+        q_vec = q_vec.mean(dim=1, keepdim=True)
+    heads = 1 if share_heads else Hkv
+    key_index = torch.empty(B, heads, n_tiles, K, dtype=torch.long, device=q.device)
+    counts = torch.empty(B, heads, n_tiles, dtype=torch.int32, device=q.device)
+    for b in range(B):
+        keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
+        scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
+        key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
+                                            query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
+                                            num_slots=K)
+    if share_heads:
+        key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
+    return KernelSelection(key_index, T, Lk - Lq, counts=counts)
+
+
+def snap_to_blocks(ends: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
+    """Chunk ends moved to block boundaries (App. D 2)), in block units: [Nc'] ascending, last = ceil(L / block)."""
+    blocks = torch.div(ends + block_size // 2, block_size, rounding_mode="floor").clamp(min=1)
+    last = math.ceil(num_keys / block_size)
+    blocks = torch.unique_consecutive(torch.clamp(blocks, max=last))
+    if blocks[-1].item() != last:
+        blocks = torch.cat([blocks, blocks.new_tensor([last])])
+    return blocks
+
+
+def dhsa_block_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
+                      block_size: int = 128, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
+                      share_heads: bool = False) -> KernelSelection:
+    """Block-aligned DHSA (App. D 2)): chunk boundaries snapped to `block_size`, chunk scores upsampled to
+    blocks, top-K blocks per query block with K = max(1, N_b // block_size); the first and the diagonal blocks
+    are always kept (sink/local, rounded up to blocks). Query tiles are one block long.
+
+    Returns a KernelSelection in block mode: key_index [B, Hkv, n_qblocks, K] lists block numbers."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if (Lk - Lq) % block_size:
+        raise ValueError(f"block-aligned selection needs the query offset ({Lk - Lq}) to be a multiple of "
+                         f"the block size ({block_size})")
+    n_kblocks = math.ceil(Lk / block_size)
+    n_tiles = math.ceil(Lq / block_size)
+    K = max(1, min(budget // block_size, n_kblocks))
+    q_vec = _tile_vectors(q, Hkv, block_size, robust)
+    if share_heads:
+        q_vec = q_vec.mean(dim=1, keepdim=True)
+    heads = 1 if share_heads else Hkv
+    key_index = torch.empty(B, heads, n_tiles, K, dtype=torch.long, device=q.device)
+    counts = torch.empty(B, heads, n_tiles, dtype=torch.int32, device=q.device)
+    for b in range(B):
+        block_ends = snap_to_blocks(boundaries[b], Lk, block_size)
+        token_ends = torch.clamp(block_ends * block_size, max=Lk)
+        keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
+        scores = _chunk_scores(q_vec[b], keys, token_ends, robust)
+        key_index[b], counts[b] = pick_keys(
+            scores, block_ends, num_queries=n_tiles, q_offset=(Lk - Lq) // block_size, budget=K, query_chunk=1,
+            sink_tokens=math.ceil(sink_tokens / block_size), local_tokens=math.ceil(local_tokens / block_size),
+            num_slots=K)
+    if share_heads:
+        key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
+    return KernelSelection(key_index, block_size, Lk - Lq, counts=counts, block_size=block_size)
+
+
+def block_selection_to_tokens(selection: KernelSelection, num_keys: int) -> Selection:
+    """Token lists of a block-mode selection (for the reference executor and tests). Small L only."""
+    bs = selection.block_size
+    idx = selection.key_index
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    valid = (idx >= 0) & (slots < selection.counts[..., None])
+    tokens = (idx.clamp(min=0)[..., None] * bs + torch.arange(bs, device=idx.device)).flatten(-2)
+    tokens = torch.where(valid.repeat_interleave(bs, -1) & (tokens < num_keys), tokens, -1)
+    return Selection(tokens, selection.query_chunk, selection.q_offset)
+
+
+def blocks_from_token_selection(selection: Selection, block_size: int, num_keys: int) -> KernelSelection | None:
+    """The block-mode form of a token selection made of whole aligned blocks (e.g. the block_sparse baseline),
+    so that it runs through the block kernel; None if some listed run is not a whole aligned block."""
+    idx = selection.key_index
+    K = idx.shape[-1]
+    if selection.keep is not None or K % block_size or selection.query_chunk % block_size:
+        return None
+    runs = idx.view(*idx.shape[:-1], K // block_size, block_size)
+    first = runs[..., :1]
+    expected = first + torch.arange(block_size, device=idx.device)
+    # A -1 inside a run is fine only where the block kernel's causal mask drops that key anyway.
+    tile_last = selection.q_offset + (torch.arange(idx.shape[2], device=idx.device) + 1) * selection.query_chunk - 1
+    hidden = (runs < 0) & ((expected > tile_last[:, None, None]) | (expected >= num_keys))
+    whole = (first >= 0) & (first % block_size == 0) & ((runs == expected) | hidden).all(-1, keepdim=True)
+    unused = (runs < 0).all(-1, keepdim=True)
+    if not bool((whole | unused).all()):
+        return None
+    big = torch.iinfo(torch.long).max
+    blocks = torch.where(unused[..., 0], big, first[..., 0] // block_size).sort(dim=-1).values
+    blocks = torch.where(blocks == big, -1, blocks)  # ascending, unused slots last
+    counts = (blocks >= 0).sum(-1, dtype=torch.int32)
+    return KernelSelection(blocks.contiguous(), selection.query_chunk, selection.q_offset, counts=counts,
+                           block_size=block_size)
+
+
+__all__ = ["KernelSelection", "blocks_from_token_selection", "chunk_vectors_gpu", "tile_vectors_gpu", "pick_keys", "dhsa_select_fused", "dhsa_block_select", "snap_to_blocks",
+           "block_selection_to_tokens", "MAX_CHUNKS"]
