@@ -1,0 +1,360 @@
+"""Needle-in-a-Haystack test (paper §4, App. D) for dense attention, DHSA and the baselines.
+
+For every context length and needle depth, the needle sentence is hidden in Paul Graham's essays, the model
+answers "The best thing to do in San Francisco is:" by greedy decoding, and the answer is scored by ROUGE-1
+against the needle (0-100). Task details (haystack, prompt, scoring) live in data/haystack.py. A length is
+the whole prompt's length in tokens (the haystack is cut to fit; at the model's maximum, room is left for the
+answer); each record keeps the real `prompt_tokens` and the key budget N_b the method used.
+
+One JSONL record per (length, depth) goes to results_needle/<model>/<run>.jsonl as soon as it is done; a
+rerun skips the pairs already there. Several methods/densities can share one model load:
+
+    python run_needle_in_haystack.py --methods dense dhsa --density 0.0625 --lengths 1K 2K 4K --depths 0 50 100
+    python visualize_needle_in_haystack.py results_needle
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from data.haystack import (
+    PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
+)
+from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+
+DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
+
+
+# ---- flags ----------------------------------------------------------------------------------------------
+
+def parse_length(text: str) -> int:
+    """'4096', '4K' or '4k' -> 4096 tokens."""
+    text = text.strip()
+    try:
+        value = float(text[:-1]) * 1024 if text[-1:] in "kK" else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4K)") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a length must be a positive whole number of tokens, got {text!r}")
+    return int(value)
+
+
+def _split_commas(values):
+    """Allow `--lengths 1K 2K` and `--lengths 1K,2K`."""
+    return [part for value in values for part in str(value).split(",") if part]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (utils/models.py) or local path")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run several methods in one invocation (overrides --method); dense runs once")
+    parser.add_argument("--densities", nargs="+", type=float, default=None,
+                        help="run several densities (overrides --density)")
+    parser.add_argument("--lengths", nargs="+", default=None,
+                        help="prompt lengths in tokens (4096 or 4K); default: --min-length..--max-length")
+    parser.add_argument("--min-length", type=parse_length, default=1024)
+    parser.add_argument("--max-length", type=parse_length, default=None, help="default: the model's maximum")
+    parser.add_argument("--num-lengths", type=int, default=None,
+                        help="geometrically spaced lengths from min to max; default: doubling from min")
+    parser.add_argument("--depths", nargs="+", default=None, help="needle depths in percent (default 0 10 .. 100)")
+    parser.add_argument("--haystack-dir", default=None,
+                        help="folder of .txt essays (default: ../shared/data/PaulGrahamEssays)")
+    parser.add_argument("--output-dir", default="results_needle", help="results go to <dir>/<model>/<run>.jsonl")
+    parser.add_argument("--output", default=None, help="exact JSONL path (one method and density only)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answers are one sentence")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
+                        help="auto: the chat template when the tokenizer has one, else a completion prompt")
+    add_config_args(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.lengths = [parse_length(x) for x in _split_commas(args.lengths)] if args.lengths else None
+        args.depths = [float(x) for x in _split_commas(args.depths)] if args.depths else list(DEFAULT_DEPTHS)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        parser.error(str(err))
+    return args
+
+
+def run_configs(args) -> list[SparseAttentionConfig]:
+    """One config per requested run: methods x densities (dense once). Raises ValueError for bad input."""
+    from utils.registry import method_names
+
+    methods = args.methods or [args.method]
+    densities = args.densities or [args.density]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(method_names())}")
+    configs = []
+    for method in dict.fromkeys(methods):
+        if method == "dense":
+            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
+            continue
+        for density in dict.fromkeys(densities):
+            configs.append(config_from_args(args, method=method, density=density))
+    return configs
+
+
+def check_args(args) -> list[SparseAttentionConfig]:
+    """Everything about the flags that can be checked without the model; returns the run configs."""
+    configs = run_configs(args)
+    if args.output and len(configs) > 1:
+        raise ValueError("--output names one file; with several methods/densities use --output-dir")
+    bad = [d for d in args.depths if not 0 <= d <= 100]
+    if bad:
+        raise ValueError(f"depth {bad[0]:g} is outside 0..100 percent; e.g. --depths 0 50 100")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    return configs
+
+
+def plan_lengths(args, model_max: int) -> list[int]:
+    """The context lengths to test: --lengths, else geometric from --min-length to --max-length (model max)."""
+    if args.lengths:
+        lengths = sorted(set(args.lengths))
+    else:
+        low, high = args.min_length, args.max_length or model_max
+        if high < low:
+            raise ValueError(f"--max-length {high} is below --min-length {low}")
+        num = args.num_lengths if args.num_lengths is not None else int(math.floor(math.log2(high / low) + 1e-9)) + 1
+        if num < 1:
+            raise ValueError(f"--num-lengths must be >= 1, got {num}")
+        lengths = sorted({round(low * (high / low) ** (i / (num - 1))) if num > 1 else low for i in range(num)})
+    too_long = [n for n in lengths if n > model_max]
+    if too_long:
+        raise ValueError(f"length {too_long[-1]} exceeds the model's maximum context of {model_max} tokens; "
+                         f"use --max-length {model_max} or shorter --lengths")
+    return lengths
+
+
+# ---- results files --------------------------------------------------------------------------------------
+
+def run_name(config: SparseAttentionConfig) -> str:
+    """File stem of a run: dense, dhsa_0.0625, quest_budget2048, dhsa_0.0625_min512."""
+    if config.method == "dense":
+        return "dense"
+    if config.budget is not None:
+        name = f"{config.method}_budget{config.budget}"
+    else:
+        name = f"{config.method}_{config.density:g}"
+    return name + (f"_min{config.min_budget}" if config.min_budget else "")
+
+
+def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
+    if args.output:
+        return Path(args.output)
+    return Path(args.output_dir) / Path(model_name).name / f"{run_name(config)}.jsonl"
+
+
+def config_dict(config: SparseAttentionConfig) -> dict:
+    values = dataclasses.asdict(config)
+    values["dense_layers"] = list(values["dense_layers"])
+    return values
+
+
+def load_records(path: Path) -> list[dict]:
+    """Records of a results file; a line cut off by an interrupted run is ignored (it is redone)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def check_same_settings(path: Path, records: list[dict], settings: dict) -> None:
+    """Refuse to mix results made with other options into one file."""
+    for record in records:
+        changed = [key for key, value in settings.items() if record.get(key) != value]
+        if changed:
+            raise SystemExit(f"error: {path} holds results made with other {', '.join(changed)}; "
+                             "pass --output-dir/--output to write elsewhere, or delete the file to redo it")
+
+
+def append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ---- generation -----------------------------------------------------------------------------------------
+
+class StopAtNewline(StoppingCriteria):
+    """Stop once the answer has started and a line break follows (answers are one sentence)."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = ["\n" in self.tokenizer.decode(row[self.prompt_len:], skip_special_tokens=True).lstrip()
+                for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+@torch.inference_mode()
+def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy answer to a prompt, cut at the first line break."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([input_ids], device=device)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos or None, pad_token_id=pad)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                         stopping_criteria=StoppingCriteriaList([StopAtNewline(tokenizer, ids.shape[1])]))
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text.split("\n")[0].strip()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the test -------------------------------------------------------------------------------------------
+
+def run(model, tokenizer, args, model_name: str | None = None, model_max: int | None = None) -> list[dict]:
+    """Run the test for every requested method/density on a loaded model; returns one summary per run:
+    {"method", "density", "name", "path", "records"} (records of the requested lengths and depths only)."""
+    from utils.patch import patch_model
+
+    model_name = model_name or args.model
+    configs = check_args(args)
+    if model_max is None:
+        from utils.models import model_max_length
+
+        model_max = model_max_length(model)
+    lengths = plan_lengths(args, model_max)
+    style = resolve_prompt_style(tokenizer, args.prompt_style)
+    haystack = Haystack(read_essays(args.haystack_dir), tokenizer)
+    samples: dict[tuple[int, float], NeedleSample] = {}  # the same prompts for every method
+    device = next(model.parameters()).device
+
+    summaries = []
+    for config in configs:
+        patch_model(model, config=config, tokenizer=tokenizer)
+        path = output_path(args, model_name, config)
+        density = 1.0 if config.method == "dense" else config.density
+        settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
+                    "config": config_dict(config)}
+        records = load_records(path)
+        check_same_settings(path, records, settings)
+        done = {(r["length"], float(r["depth"])) for r in records}
+        pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
+        label = run_name(config)
+        if len(pending) < len(lengths) * len(args.depths):
+            print(f"{label}: resuming {path}, {len(lengths) * len(args.depths) - len(pending)} tests already done")
+        bar = tqdm(pending, desc=label, unit="test")
+        for length, depth in bar:
+            if (length, depth) not in samples:
+                # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
+                limit = min(length, model_max - args.max_new_tokens)
+                samples[length, depth] = make_sample(haystack, limit, depth, style)
+            sample = samples[length, depth]
+            _sync(device)
+            start = time.perf_counter()
+            answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            scores = score_answer(answer)
+            prompt_tokens = len(sample.input_ids)
+            record = {
+                "method": config.method, "density": density, "length": length, "depth": depth,
+                "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
+                "score_full_needle": round(scores["score_full_needle"], 2),
+                "exact_match": scores["exact_match"], "answer": answer,
+                "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
+                "needle_depth": round(sample.needle_depth, 2),
+                "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
+            }
+            append_record(path, record)
+            records.append(record)
+            bar.set_postfix(length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
+        wanted = {(n, d) for n in lengths for d in args.depths}
+        chosen = [r for r in records if (r["length"], float(r["depth"])) in wanted]
+        summaries.append({"method": config.method, "density": density, "name": label, "path": str(path),
+                          "records": chosen})
+    return summaries
+
+
+def score_table(records: list[dict]) -> str:
+    """Scores as text: one row per depth, one column per length, plus the average per length."""
+    import pandas as pd
+
+    frame = pd.DataFrame(records)
+    table = frame.pivot_table(index="depth", columns="length", values="score", aggfunc="mean")
+    table.loc["avg"] = table.mean()
+    table.index = [f"{d:g}%" if isinstance(d, float) else d for d in table.index]
+    table.index.name = "depth"
+    return table.round(1).to_string()
+
+
+def summary_line(summary: dict) -> str:
+    records = summary["records"]
+    average = sum(r["score"] for r in records) / len(records)
+    matches = sum(bool(r["exact_match"]) for r in records)
+    return (f"{summary['name']}: average score {average:.1f} over {len(records)} tests, "
+            f"{matches}/{len(records)} exact matches -> {summary['path']}")
+
+
+def print_report(summaries: list[dict]) -> None:
+    for summary in summaries:
+        if summary["records"]:
+            print(f"\n== {summary['name']} (ROUGE-1 x 100; rows: needle depth, columns: prompt length)")
+            print(score_table(summary["records"]))
+    print()
+    for summary in summaries:
+        if summary["records"]:
+            print(summary_line(summary))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:  # user errors first, before the model loads
+        check_args(args)
+        read_essays(args.haystack_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+    from utils.models import load_model, model_max_length
+
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+        model_max = model_max_length(model)
+        plan_lengths(args, model_max)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print_report(run(model, tokenizer, args, model_max=model_max))
+
+
+if __name__ == "__main__":
+    main()
