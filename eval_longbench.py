@@ -1,0 +1,449 @@
+"""Score LongBench predictions exactly as LongBench's own eval.py does, and tabulate them like Table 2.
+
+    python eval_longbench.py                          # every run under results_longbench/
+    python eval_longbench.py --runs results_longbench/gemma-3-270m/dhsa_0.125
+
+A run folder (written by run_longbench.py) holds `<dataset>.jsonl` (LongBench) and `<dataset>_e.jsonl`
+(LongBench-E) files of predictions. Each dataset gets LongBench's metric (below), the best score over the
+sample's reference answers, and the mean over samples x 100 rounded to 2 decimals; LongBench-E files are
+also split by input length (0-4k, 4-8k, 8k+ words). Writes `result.json` into each run folder and
+`results.md` / `results.csv` (and `results_e.*` for LongBench-E) into the output folder.
+
+The metrics reproduce THUDM/LongBench `metrics.py` (v1) with the libraries it uses: `rouge` (not
+`rouge-score`) for ROUGE-L, `jieba` for Chinese words, and `fuzzywuzzy`'s `fuzz.ratio` for code, which in
+LongBench's environment (no python-Levenshtein) is `difflib.SequenceMatcher`; quirks that change scores are
+kept on purpose and marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import re
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data.longbench import ALL_DATASETS, CHINESE_DATASETS, ENGLISH_DATASETS, GROUPS, LONGBENCH_E_DATASETS
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_EN_PUNCTUATION = set(string.punctuation)
+_ZH_PUNCTUATION = _EN_PUNCTUATION | set(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, drop ASCII punctuation, then the articles a/an/the, then
+    collapse whitespace (punctuation goes first, so "the-end" loses its hyphen and keeps "theend")."""
+    text = "".join(ch for ch in text.lower() if ch not in _EN_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalize_zh_answer(text: str) -> str:
+    """Lower case, drop ASCII and Chinese punctuation, drop all whitespace."""
+    return "".join("".join(ch for ch in text.lower() if ch not in _ZH_PUNCTUATION).split())
+
+
+def token_f1(prediction: list[str], reference: list[str]) -> float:
+    """F1 of the multiset overlap of two token lists (0 when nothing overlaps)."""
+    same = sum((Counter(prediction) & Counter(reference)).values())
+    if same == 0:
+        return 0
+    precision, recall = same / len(prediction), same / len(reference)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def qa_f1_score(prediction: str, reference: str, **_) -> float:
+    return token_f1(normalize_answer(prediction).split(), normalize_answer(reference).split())
+
+
+def _jieba_words(text: str) -> list[str]:
+    import jieba  # imported late: it builds its dictionary (about a second) on first use
+    return list(jieba.cut(text, cut_all=False))
+
+
+def qa_f1_zh_score(prediction: str, reference: str, **_) -> float:
+    """F1 over jieba words, each normalised, empty ones dropped."""
+    def words(text):
+        return [w for w in map(normalize_zh_answer, _jieba_words(text)) if w]
+    return token_f1(words(prediction), words(reference))
+
+
+_ROUGE = None
+
+
+def rouge_score(prediction: str, reference: str, **_) -> float:
+    """ROUGE-L F of the `rouge` package (sentences split at '.', union LCS). LongBench scores 0 whenever the
+    package raises (empty text, or recursion too deep on a very long sentence), for any of its metrics, so
+    all three are computed as there."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge import Rouge
+        _ROUGE = Rouge()
+    try:
+        return _ROUGE.get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except Exception:  # as LongBench: a bare except scores 0
+        return 0.0
+
+
+def rouge_zh_score(prediction: str, reference: str, **_) -> float:
+    return rouge_score(" ".join(_jieba_words(prediction)), " ".join(_jieba_words(reference)))
+
+
+def classification_score(prediction: str, reference: str, *, all_classes: list[str], **_) -> float:
+    """1 / (number of class names found in the prediction) if the right class is among them, else 0.
+
+    Class names that are substrings of the reference (but not the reference) are dropped first. LongBench
+    drops them while iterating over the same list, so the name right after a dropped one is never checked;
+    kept for identical scores. (LongBench's fallback to the most similar class is unreachable: its guard
+    compares a list with 0, which is always unequal.)
+    """
+    found = [name for name in all_classes if name in prediction]
+    i = 0
+    while i < len(found):
+        if found[i] in reference and found[i] != reference:
+            found.remove(found[i])  # the list shifts left while i still advances: the next name is skipped
+        i += 1
+    return 1.0 / len(found) if reference in found else 0.0
+
+
+def _share_equal(prediction: str, wanted: str) -> float:
+    """Share of the numbers in the prediction that equal `wanted` (0 when it has none)."""
+    numbers = re.findall(r"\d+", prediction)
+    return float(0.0 if not numbers else sum(n == str(wanted) for n in numbers) / len(numbers))
+
+
+def count_score(prediction: str, reference: str, **_) -> float:
+    return _share_equal(prediction, reference)
+
+
+def retrieval_score(prediction: str, reference: str, **_) -> float:
+    """Reference "Paragraph 12": the share of numbers in the prediction that are 12."""
+    return _share_equal(prediction, re.findall(r"Paragraph (\d+)", reference)[0])
+
+
+def retrieval_zh_score(prediction: str, reference: str, **_) -> float:
+    return _share_equal(prediction, re.findall(r"段落(\d+)", reference)[0])
+
+
+def fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy 0.18 `fuzz.ratio` without python-Levenshtein (LongBench's requirements): 100 for equal
+    strings, 0 if one is empty, else round(100 * difflib ratio)."""
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+
+
+def code_sim_score(prediction: str, reference: str, **_) -> float:
+    """Edit similarity of the first generated line that is code: lines with ` (markdown), # or // are
+    skipped as comments or fences."""
+    line = next((ln for ln in prediction.lstrip("\n").split("\n")
+                 if "`" not in ln and "#" not in ln and "//" not in ln), "")
+    return fuzz_ratio(line, reference) / 100
+
+
+DATASET_METRIC = {
+    "narrativeqa": qa_f1_score, "qasper": qa_f1_score, "multifieldqa_en": qa_f1_score,
+    "multifieldqa_zh": qa_f1_zh_score, "hotpotqa": qa_f1_score, "2wikimqa": qa_f1_score, "musique": qa_f1_score,
+    "dureader": rouge_zh_score, "gov_report": rouge_score, "qmsum": rouge_score, "multi_news": rouge_score,
+    "vcsum": rouge_zh_score, "trec": classification_score, "triviaqa": qa_f1_score, "samsum": rouge_score,
+    "lsht": classification_score, "passage_retrieval_en": retrieval_score, "passage_count": count_score,
+    "passage_retrieval_zh": retrieval_zh_score, "lcc": code_sim_score, "repobench-p": code_sim_score,
+}
+# Few-shot answers: only the first line counts (models tend to continue with the next example).
+FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}
+LENGTH_BUCKETS = ("0-4k", "4-8k", "8k+")
+
+
+def sample_score(dataset: str, prediction: str, answers: list[str], all_classes=None) -> float:
+    """One sample's score in [0, 1]: the best over its reference answers."""
+    if dataset not in DATASET_METRIC:
+        raise ValueError(f"no LongBench metric for {dataset!r}; known: {', '.join(DATASET_METRIC)}")
+    if dataset in FIRST_LINE_ONLY:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    metric = DATASET_METRIC[dataset]
+    score = 0.0
+    for answer in answers:
+        score = max(score, metric(prediction, answer, all_classes=all_classes))
+    return score
+
+
+def _scores(dataset: str, records: list[dict]) -> list[float]:
+    # LongBench's eval.py uses the all_classes of the file's last record for every record (it is the same
+    # for all records of a dataset).
+    all_classes = records[-1].get("all_classes") if records else None
+    return [sample_score(dataset, r["pred"], r["answers"], all_classes) for r in records]
+
+
+def dataset_score(dataset: str, records: list[dict]) -> float:
+    """LongBench score of one dataset: 100 x mean sample score, rounded to 2 decimals."""
+    if not records:
+        raise ValueError(f"no predictions for {dataset}")
+    total = 0.0
+    for score in _scores(dataset, records):  # summed in order, as LongBench does, for identical rounding
+        total += score
+    return round(100 * total / len(records), 2)
+
+
+def length_bucket(length: int) -> str:
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def dataset_score_by_length(dataset: str, records: list[dict]) -> dict[str, float | None]:
+    """LongBench-E: the score per input-length bucket (LongBench's `length` field, in words); None where a
+    bucket has no sample (LongBench writes NaN)."""
+    per_bucket: dict[str, list[float]] = {b: [] for b in LENGTH_BUCKETS}
+    for record, score in zip(records, _scores(dataset, records)):
+        per_bucket[length_bucket(record["length"])].append(score)
+    # numpy's round, as LongBench rounds a numpy float here (it can differ from Python's: 0.025 -> 0.02)
+    return {b: (float(round(100 * np.mean(s), 2)) if s else None) for b, s in per_bucket.items()}
+
+
+# ------------------------------------------------------------------------------------------ run folders
+
+def read_predictions(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not JSON ({err}); rerun run_longbench.py to repair it")
+            if "pred" not in record or "answers" not in record:
+                raise ValueError(f"{path}:{number} has no 'pred'/'answers'; is it a LongBench prediction file?")
+            records.append(record)
+    return records
+
+
+def prediction_files(run_dir: Path) -> dict[str, dict[str, Path]]:
+    """{"longbench": {dataset: path}, "longbench_e": {dataset: path}} for the jsonl files in a run folder."""
+    found: dict[str, dict[str, Path]] = {"longbench": {}, "longbench_e": {}}
+    for path in sorted(run_dir.glob("*.jsonl")):
+        name = path.stem
+        if name in ALL_DATASETS:
+            found["longbench"][name] = path
+        elif name.endswith("_e") and name[:-2] in ALL_DATASETS:
+            found["longbench_e"][name[:-2]] = path
+    return found
+
+
+def find_runs(results_dir: Path) -> list[Path]:
+    """Every folder under `results_dir` holding LongBench prediction files."""
+    runs = {p.parent for p in results_dir.rglob("*.jsonl")}
+    return sorted(r for r in runs if any(prediction_files(r).values()))
+
+
+def describe_run(run_dir: Path) -> dict:
+    """Model, method and density of a run, from its run_config.json (else from the folder names)."""
+    config_path = run_dir / "run_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        attention = config.get("attention", {})
+        method = attention.get("method", run_dir.name)
+        dense = method == "dense"
+        return {"model": config.get("model_name", run_dir.parent.name), "method": method,
+                "density": None if dense else attention.get("density"),
+                "budget": None if dense else attention.get("budget"), "run": str(run_dir)}
+    method, _, density = run_dir.name.rpartition("_")
+    try:
+        density = float(density)
+    except ValueError:
+        method, density = run_dir.name, None
+    return {"model": run_dir.parent.name, "method": method, "density": density, "budget": None,
+            "run": str(run_dir)}
+
+
+def score_run(run_dir: Path) -> dict:
+    """{"longbench": {dataset: (score, samples)}, "longbench_e": {dataset: ({bucket: score}, samples)}}."""
+    files = prediction_files(run_dir)
+    result = {"longbench": {}, "longbench_e": {}}
+    for dataset, path in files["longbench"].items():
+        records = read_predictions(path)
+        if records:
+            result["longbench"][dataset] = (dataset_score(dataset, records), len(records))
+    for dataset, path in files["longbench_e"].items():
+        records = read_predictions(path)
+        if records:
+            result["longbench_e"][dataset] = (dataset_score_by_length(dataset, records), len(records))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def summarize(scores: dict[str, float], datasets: list[str]) -> dict[str, float | None]:
+    """Group scores (mean of the group's datasets present) and the Average over all datasets present.
+
+    Average is the mean over datasets, as in the paper's Table 2 (each of its Avg values is the mean of its
+    16 dataset scores, not of the six group scores).
+    """
+    present = [d for d in datasets if d in scores]
+    row = {group: _mean([scores[d] for d in members if d in present]) for group, members in GROUPS.items()}
+    row["Average"] = _mean([scores[d] for d in present])
+    return row
+
+
+LANGUAGES = {"English": ENGLISH_DATASETS, "Chinese": CHINESE_DATASETS + ["lcc", "repobench-p"]}
+GROUP_COLUMNS = list(GROUPS) + ["Average"]
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _density_text(run: dict) -> str:
+    if run["method"] == "dense":
+        return "–"
+    if run.get("budget"):
+        return f"{run['budget']} keys"
+    return f"{run['density']:g}" if run.get("density") is not None else "–"
+
+
+def _coverage(scored: dict, datasets: list[str]) -> str:
+    parts = [f"{d}:{scored[d][1]}" for d in datasets if d in scored]
+    return f"{len(parts)}/{len(datasets)} ({', '.join(parts)})"
+
+
+def build_tables(runs: list[dict]) -> tuple[str, list[dict], str, list[dict]]:
+    """Markdown and CSV rows for LongBench and LongBench-E from scored runs (each run: describe_run + scores)."""
+    md = ["# LongBench results", "",
+          "Scores x100 as LongBench's eval.py computes them. A group is the mean of its datasets that have "
+          "predictions; Average is the mean over those datasets (as the paper's Table 2). `Datasets` says "
+          "which datasets (with their number of scored samples) each row covers.", ""]
+    rows: list[dict] = []
+    for language, datasets in LANGUAGES.items():
+        lines = []
+        for run in runs:
+            scored = run["scores"]["longbench"]
+            own = ENGLISH_DATASETS if language == "English" else CHINESE_DATASETS  # code alone is no Chinese row
+            if not any(d in scored for d in own):
+                continue
+            summary = summarize({d: s for d, (s, _) in scored.items()}, datasets)
+            lines.append([run["model"], run["method"], _density_text(run)] + [_fmt(summary[c]) for c in GROUP_COLUMNS]
+                         + [_coverage(scored, datasets)])
+            row = {"language": language, "model": run["model"], "method": run["method"],
+                   "density": run.get("density"), "budget": run.get("budget"), "run": run["run"]}
+            row.update(summary)
+            row["datasets"] = _coverage(scored, datasets)
+            row.update({d: scored[d][0] if d in scored else None for d in datasets})
+            row.update({f"n_{d}": scored[d][1] if d in scored else None for d in datasets})
+            rows.append(row)
+        if lines:
+            md += [f"## {language}", "", _md_table(["Model", "Method", "Density"] + GROUP_COLUMNS + ["Datasets"], lines), ""]
+    md_e = ["# LongBench-E results", "",
+            "Scores x100 per input-length bucket (LongBench's `length`, in words), as LongBench's eval.py --e. "
+            "Groups and Average as in results.md.", ""]
+    rows_e: list[dict] = []
+    lines_e = []
+    for run in runs:
+        scored = run["scores"]["longbench_e"]
+        if not scored:
+            continue
+        for bucket in LENGTH_BUCKETS:
+            per_dataset = {d: s[bucket] for d, (s, _) in scored.items() if s[bucket] is not None}
+            summary = summarize(per_dataset, LONGBENCH_E_DATASETS)
+            lines_e.append([run["model"], run["method"], _density_text(run), bucket]
+                           + [_fmt(summary[c]) for c in GROUP_COLUMNS] + [_coverage(scored, LONGBENCH_E_DATASETS)])
+            row = {"model": run["model"], "method": run["method"], "density": run.get("density"),
+                   "budget": run.get("budget"), "run": run["run"], "length": bucket}
+            row.update(summary)
+            row["datasets"] = _coverage(scored, LONGBENCH_E_DATASETS)
+            row.update({d: per_dataset.get(d) for d in LONGBENCH_E_DATASETS})
+            rows_e.append(row)
+    if lines_e:
+        md_e.append(_md_table(["Model", "Method", "Density", "Length"] + GROUP_COLUMNS + ["Datasets"], lines_e))
+    return "\n".join(md) + "\n", rows, "\n".join(md_e) + "\n", rows_e
+
+
+def _md_table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except None ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--results-dir", default="results_longbench", help="folder searched for run folders")
+    parser.add_argument("--runs", nargs="*", default=None, help="score only these run folders")
+    parser.add_argument("--output-dir", default=None, help="where results.md/.csv go (default: --results-dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results_dir = Path(args.results_dir)
+    if args.runs:
+        run_dirs = [Path(r) for r in args.runs]
+        missing = [str(r) for r in run_dirs if not r.is_dir()]
+        if missing:
+            sys.exit(f"error: no such run folder: {', '.join(missing)}")
+    else:
+        if not results_dir.is_dir():
+            sys.exit(f"error: {results_dir} does not exist; run run_longbench.py first or pass --results-dir")
+        run_dirs = find_runs(results_dir)
+    if not run_dirs:
+        sys.exit(f"error: no LongBench prediction files (<dataset>.jsonl) under {results_dir}; run run_longbench.py first")
+
+    runs = []
+    for run_dir in run_dirs:
+        try:
+            scores = score_run(run_dir)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        run = describe_run(run_dir)
+        run["scores"] = scores
+        runs.append(run)
+        result = {d: s for d, (s, _) in scores["longbench"].items()}
+        result.update({f"{d}_e": s for d, (s, _) in scores["longbench_e"].items()})
+        (run_dir / "result.json").write_text(json.dumps(result, indent=4, ensure_ascii=False) + "\n")
+        print(f"{run_dir}: " + ", ".join(f"{d} {s}" for d, s in result.items()))
+
+    output_dir = Path(args.output_dir) if args.output_dir else results_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    md, rows, md_e, rows_e = build_tables(runs)
+    if rows:
+        (output_dir / "results.md").write_text(md, encoding="utf-8")
+        write_csv(output_dir / "results.csv", rows)
+        print(f"wrote {output_dir / 'results.md'} and {output_dir / 'results.csv'}")
+    if rows_e:
+        (output_dir / "results_e.md").write_text(md_e, encoding="utf-8")
+        write_csv(output_dir / "results_e.csv", rows_e)
+        print(f"wrote {output_dir / 'results_e.md'} and {output_dir / 'results_e.csv'}")
+
+
+if __name__ == "__main__":
+    main()

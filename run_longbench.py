@@ -1,0 +1,272 @@
+"""Run LongBench with any attention method: one JSONL file of predictions per dataset, resumable.
+
+    python run_longbench.py                                            # gemma-3-270m, DHSA at 12.5%, offline data
+    python run_longbench.py --method dense --datasets multi_news --max-samples 2
+    python run_longbench.py --model meta-llama/Llama-3.1-8B-Instruct --max-length 49152 --method dhsa --density 0.0625
+    python run_longbench.py --longbench-e --hub                         # LongBench-E from the Hugging Face Hub
+
+Inputs are built as LongBench's pred.py builds them (data/longbench.py): LongBench's prompt and generation
+length per dataset, the middle of over-long prompts cut out, the chat template (when the tokenizer has one)
+except on the few-shot and code datasets. Generation is greedy, one sample at a time, up to the dataset's
+length or an end-of-sequence token (samsum also stops at a newline, as in LongBench).
+
+Predictions go to <output-dir>/<model>/<run>/<dataset>.jsonl (<dataset>_e.jsonl for LongBench-E), where
+<run> is `dense`, `<method>_<density>` or `<method>_b<budget>`; run_config.json beside them records the
+settings. Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it
+stopped. Score with eval_longbench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
+                            build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
+                            file_name, load_samples, uses_chat_template)
+from utils.config import add_config_args, config_from_args
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except None ones (their help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models.py) or path")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="LongBench datasets (default: every English one the data source has)")
+    parser.add_argument("--chinese", action="store_true", help="also run the five Chinese datasets")
+    parser.add_argument("--longbench-e", action="store_true", help="run the LongBench-E variants (<name>_e)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of LongBench's jsonl files (default: ../shared/data/LongBench next to the "
+                             "repository when it is there, else the Hugging Face Hub)")
+    parser.add_argument("--hub", action="store_true", help=f"load the data from the Hub ({HUB_REPO}) even if "
+                                                           "a local folder is there")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt tokens kept (the middle of longer prompts is cut out); default and upper "
+                             "limit: the model's maximum length minus the generation length and chat template "
+                             "(the paper uses 49152 = 48K for Llama-3.1-8B)")
+    parser.add_argument("--keep-head", type=int, default=None,
+                        help="tokens kept from the start of a cut prompt (default: half, as LongBench; the "
+                             "paper's App. D keeps the first 1K: --keep-head 1024)")
+    parser.add_argument("--chat-template", default=None, action=argparse.BooleanOptionalAction,
+                        help="wrap prompts in the tokenizer's chat template (default: if it has one)")
+    parser.add_argument("--max-samples", type=int, default=None, help="only the first N samples of each dataset")
+    parser.add_argument("--output-dir", default="results_longbench")
+    parser.add_argument("--run-name", default=None, help="run folder name (default: from method and density)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="4-bit NF4 weights (bitsandbytes, CUDA), as the paper runs Llama-3.1-8B")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if args.data_dir is None and not args.hub:
+        args.data_dir = default_data_dir()
+    return args
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+
+def pick_datasets(args: argparse.Namespace) -> list[str]:
+    """The datasets to run: the ones asked for, else every English (and with --chinese, Chinese) dataset
+    the data source has."""
+    if args.datasets:
+        for name in args.datasets:
+            check_dataset(name, args.longbench_e)
+        return list(dict.fromkeys(args.datasets))
+    if args.longbench_e and args.chinese:
+        raise ValueError("LongBench-E has no Chinese datasets; drop --chinese or --longbench-e")
+    if args.data_dir and not args.hub:
+        found = datasets_in_folder(args.data_dir, args.longbench_e, args.chinese)
+        if not found:
+            raise ValueError(f"no LongBench jsonl files in {args.data_dir}; give --data-dir a folder with them "
+                             f"(e.g. multi_news.jsonl) or use --hub")
+        return found
+    if args.longbench_e:
+        return list(LONGBENCH_E_DATASETS)
+    return ENGLISH_DATASETS + (CHINESE_DATASETS if args.chinese else [])
+
+
+def model_folder_name(model: str) -> str:
+    """`meta-llama/Llama-3.1-8B-Instruct` or a local path -> `Llama-3.1-8B-Instruct`."""
+    return Path(model.rstrip("/")).name
+
+
+def run_folder_name(config) -> str:
+    """`dense`, `dhsa_0.125` (density) or `dhsa_b2048` (budget in keys)."""
+    if config.method == "dense":
+        return "dense"
+    if config.budget is not None:
+        return f"{config.method}_b{config.budget}"
+    return f"{config.method}_{config.density:g}"
+
+
+def prepare_run_dir(run_dir: Path, settings: dict) -> None:
+    """Create the run folder and its run_config.json, or check that an existing one has the same settings."""
+    path = run_dir / "run_config.json"
+    settings = json.loads(json.dumps(settings))  # tuples become lists, as in the saved file
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{run_dir} holds predictions made with other settings ({', '.join(changed)}); "
+                             f"choose another --run-name or --output-dir")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Sample ids already in a prediction file. A last line cut off by a crash is removed from the file."""
+    if not path.is_file():
+        return set()
+    done, good_bytes = set(), 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            done.add(str(json.loads(line)["_id"]))
+        except (ValueError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a prediction; delete that line (or the file) and rerun")
+            with open(path, "r+b") as f:  # the interrupted last write: drop it and redo that sample
+                f.truncate(good_bytes)
+            break
+        good_bytes += len(line)
+    return done
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+def stop_token_ids(model, tokenizer, dataset: str) -> list[int]:
+    """End-of-sequence ids of the model and tokenizer; for samsum also the newline token, as LongBench stops
+    there (models otherwise go on writing the next "Dialogue:" example)."""
+    ids = []
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids += value if isinstance(value, (list, tuple)) else [value]
+    if dataset == "samsum":
+        ids.append(tokenizer.encode("\n", add_special_tokens=False)[-1])
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: list[int], min_new_tokens: int = 0) -> list[int]:
+    """Greedy generation for one prompt `[n]`; returns the new token ids."""
+    import torch
+    ids = torch.tensor([input_ids], device=model.device)
+    pad_id = model.generation_config.pad_token_id
+    pad_id = pad_id if isinstance(pad_id, int) else stop_ids[0]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, do_sample=False, num_beams=1, temperature=None,
+                             top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def prompt_cap(max_length: int | None, model_max: int, max_new_tokens: int, overhead: int) -> int:
+    """Prompt tokens kept: --max-length, at most what leaves room for the chat template and the answer."""
+    room = model_max - max_new_tokens - overhead
+    if room < 2:
+        raise ValueError(f"the model's maximum length {model_max} leaves no room for a prompt")
+    return room if max_length is None else min(max_length, room)
+
+
+def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
+                    chat_template: bool | None = None, keep_head: int | None = None) -> int:
+    """Write one prediction per sample not yet in `out_path`; returns how many were written.
+
+    Each line: {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens"
+    (before the cut), "input_tokens" (fed to the model), "truncated"}.
+    """
+    done = finished_ids(out_path)
+    todo = [s for s in samples if str(s["_id"]) not in done]
+    max_new = MAX_NEW_TOKENS[dataset]
+    stops = stop_token_ids(model, tokenizer, dataset)
+    min_new = 1 if dataset == "samsum" else 0  # LongBench: min_length=context_length+1 on samsum
+    written = 0
+    with open(out_path, "a", encoding="utf-8") as f:
+        for sample in tqdm(todo, desc=dataset, initial=len(samples) - len(todo), total=len(samples)):
+            built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template,
+                                keep_head=keep_head)
+            new_ids = generate(model, built["input_ids"], max_new, stops, min_new)
+            record = {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
+                      "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+                      "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
+                      "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
+                      "truncated": built["truncated"]}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            written += 1
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from utils.registry import method_names
+        if config.method not in method_names():
+            raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(method_names())}")
+        if args.max_samples is not None and args.max_samples < 1:
+            raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+        datasets = pick_datasets(args)
+        data_dir = None if args.hub else args.data_dir
+        samples = {d: load_samples(d, data_dir, args.longbench_e)[: args.max_samples] for d in datasets}
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+
+    import torch
+    from utils.models import load_model, model_max_length
+    from utils.patch import patch_model
+
+    torch.manual_seed(42)  # as LongBench's pred.py (decoding is greedy anyway)
+    dtype = None if args.dtype == "auto" else args.dtype
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=dtype, load_in_4bit=args.load_in_4bit)
+        patch_model(model, config=config, tokenizer=tokenizer)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        sys.exit(f"error: {err}")
+    model.eval()
+    model_max = model_max_length(model)
+
+    run_dir = Path(args.output_dir) / model_folder_name(args.model) / (args.run_name or run_folder_name(config))
+    settings = {"model": args.model, "model_name": model_folder_name(args.model), "model_max_length": model_max,
+                "max_length": args.max_length, "keep_head": args.keep_head, "chat_template": args.chat_template,
+                "dtype": args.dtype, "load_in_4bit": args.load_in_4bit, "attention": dataclasses.asdict(config),
+                "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
+    try:
+        prepare_run_dir(run_dir, settings)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+    for dataset in datasets:
+        try:
+            overhead = chat_overhead(tokenizer, uses_chat_template(dataset, args.chat_template, tokenizer))
+            cap = prompt_cap(args.max_length, model_max, MAX_NEW_TOKENS[dataset], overhead)
+            if args.keep_head is not None and not 0 <= args.keep_head < cap:
+                raise ValueError(f"--keep-head must be in [0, {cap}) for {dataset}, got {args.keep_head}")
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        if args.max_length is not None and cap < args.max_length:
+            print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
+                  f"{model_max} tokens; keeping {cap} prompt tokens")
+        out_path = run_dir / file_name(dataset, args.longbench_e)
+        written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
+                                  chat_template=args.chat_template, keep_head=args.keep_head)
+        print(f"{dataset}: {written} new predictions -> {out_path}")
+
+
+if __name__ == "__main__":
+    main()
