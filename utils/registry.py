@@ -102,7 +102,8 @@ def _dhsa(robust: bool, dynamic: bool):
             context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
         return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends,
                            query_chunk=config.query_chunk, robust=robust, sink_tokens=config.sink_tokens,
-                           local_tokens=config.local_tokens, share_heads=config.share_heads)
+                           local_tokens=config.local_tokens, share_heads=config.share_heads,
+                           query_pooling=config.query_pooling)
     return select
 
 
@@ -117,5 +118,7 @@ register(AttentionMethod("dhsa_no_robust_repr", "DHSA ablation: plain mean chunk
                          _dhsa(robust=False, dynamic=True)))
 register(AttentionMethod("dhsa_fixed_chunks", "DHSA ablation: uniform chunks instead of learned boundaries (Table 4)",
                          _dhsa(robust=True, dynamic=False)))
+
+from . import baselines  # noqa: E402,F401  (each baseline module registers its methods)
 
 __all__ = ["METHODS", "AttentionMethod", "LayerContext", "register", "method_names", "get_method", "run_method"]

@@ -1,0 +1,381 @@
+"""Attention recall of every sparse method against the true attention (paper Fig. 3a/3b, Fig. 12, App. C eq. 10).
+
+A real text (Paul Graham's essays) of each length runs once through the model; the post-RoPE queries and keys of
+the sparse (global) layers are captured. Then, for each method and each number of kept keys N (the budget N_b),
+the keys each of the last `--num-queries` queries would read are compared with its true attention p (softmax of
+the scaled scores, causal, as the layer computes it):
+  mass_recall   sum of p over the kept keys: the share of the attention mass the method keeps (Fig. 3a/3b);
+  topk_overlap  |kept ∩ TopK| / |TopK| with K = N: eq. 10 recall against the oracle important set (Fig. 12).
+Both are averaged over queries, heads and layers, with keys_read, the mean number of keys a query really reads
+(below N when a method leaves part of its budget unused, e.g. DHSA's local keys that lie after a query inside
+its query tile). `oracle_topk` keeps each query's true top-N keys, so its overlap is 1 and its mass recall
+bounds every method's. Quest is scored as if each query were a decode step.
+
+Queries are selected as the last chunk of a prefill (from a position aligned to the query tiles), so every
+method keeps exactly what it would keep in a full prefill. Scores and masks are built for those queries only:
+memory is O(num_queries x L) per layer, never O(L^2).
+
+Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N; a rerun skips what is
+there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
+
+    python run_attention_recall.py --model smollm2-135m --lengths 2K 4K
+    python run_attention_recall.py --model gemma-3-270m --lengths 8K --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from utils.config import add_config_args, config_from_args
+
+DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
+                   "vertical_slash", "quest", "streaming", "streaming_dilated", "streaming_strided"]
+DEFAULT_KEPT_KEYS = [64, 128, 256, 512, 1024, 2048]
+METRICS = ("mass_recall", "topk_overlap")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def true_attention(q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,
+                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and weights of causal attention. q: [B, Hq, n, D] at positions Lk - n .. Lk - 1, k: [B, Hkv, Lk, D]
+    -> (logits, probs), both [B, Hq, n, Lk] fp32; future keys have logit -inf and weight 0 (GQA without
+    repeating K). Rankings use the logits: weights may underflow to equal zeros, logits do not."""
+    from utils.baselines.oracle import query_key_scores
+
+    n, Lk, D = q.shape[2], k.shape[2], q.shape[3]
+    logits = query_key_scores(q, k) * (D ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    q_pos = Lk - n + torch.arange(n, device=q.device)
+    logits = logits.masked_fill(torch.arange(Lk, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+    return logits, torch.softmax(logits, dim=-1)
+
+
+def topk_thresholds(logits: torch.Tensor, kept_keys: list[int]) -> dict[int, torch.Tensor]:
+    """{K: the K-th largest logit of each query [B, Hq, n]} (-inf when a query sees fewer than K keys):
+    key j is among a query's top-K keys iff its logit is >= the threshold."""
+    top = torch.topk(logits, min(max(kept_keys), logits.shape[-1]), dim=-1).values
+    return {K: top[..., min(K, top.shape[-1]) - 1] for K in kept_keys}
+
+
+def read_keys(selection, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys that queries `rows` (indices into the selection's queries) read: keys [B, Hs, n, K] and a mask
+    `valid` of the same shape (listed for the query's tile, causal, and allowed by the per-query rule)."""
+    keys = selection.key_index[:, :, rows // selection.query_chunk]           # [B, Hs, n, K]
+    q_pos = selection.q_offset + rows
+    valid = (keys >= 0) & (keys <= q_pos[:, None])
+    if selection.keep is not None:  # each query as a tile of one: q_pos [n, 1, 1], k_pos [B, Hs, n, 1, K]
+        valid &= selection.keep(q_pos[:, None, None], keys[:, :, :, None, :]).squeeze(-2)
+    return keys, valid
+
+
+def recall_scores(logits, probs, keys, valid, threshold, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-query recall of the keys a method reads, for queries at positions Lk - n .. Lk - 1.
+
+    logits, probs: [B, Hq, n, Lk] (true_attention); keys, valid: [B, Hs, n, K] (read_keys; Hs = Hkv or Hq);
+    threshold: [B, Hq, n], the top_k-th largest logit (topk_thresholds). Returns tensors [B, Hq, n]:
+    mass_recall (attention weight on the read keys), topk_overlap (|read ∩ top-K| / |top-K|, the top-K of a
+    query that sees fewer than K keys being all of them) and keys_read.
+    """
+    B, Hq, n, Lk = probs.shape
+    Hs, K = keys.shape[1], keys.shape[-1]
+    G = Hq // Hs
+    index = keys.clamp(min=0)[:, :, None].expand(B, Hs, G, n, K)
+    valid = valid[:, :, None].expand(B, Hs, G, n, K)
+    mass = (probs.view(B, Hs, G, n, Lk).gather(-1, index) * valid).sum(-1)
+    in_top = logits.view(B, Hs, G, n, Lk).gather(-1, index) >= threshold.view(B, Hs, G, n)[..., None]
+    visible = Lk - n + torch.arange(1, n + 1, device=probs.device)
+    top_size = torch.clamp(visible, max=top_k)
+    overlap = (in_top & valid).sum(-1) / top_size
+    return {"mass_recall": mass.view(B, Hq, n), "topk_overlap": overlap.view(B, Hq, n),
+            "keys_read": valid.sum(-1).view(B, Hq, n).float()}
+
+
+def kept_mask(selection, num_queries: int, num_keys: int, num_heads: int) -> torch.Tensor:
+    """Boolean [B, Hq, Lq, Lk] of the (query, key) pairs a selection reads, per query head (small L: plots)."""
+    mask = selection.mask(num_queries, num_keys)
+    return mask.repeat_interleave(num_heads // mask.shape[1], dim=1) if mask.shape[1] != num_heads else mask
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def parse_length(text: str) -> int:
+    """'4096', '4K' or '4k' -> 4096 tokens."""
+    try:
+        value = float(text[:-1]) * 1024 if text[-1:] in "kK" else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4K)") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a length must be a positive whole number of tokens, got {text!r}")
+    return int(value)
+
+
+def essay_tokens(tokenizer, num_tokens: int, folder=None) -> torch.Tensor:
+    """The first `num_tokens` tokens of the essays (repeated if needed), with the tokenizer's special prefix."""
+    from data.haystack import read_essays
+
+    text = read_essays(folder)
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    if len(ids) < num_tokens:
+        body = tokenizer("\n\n" + text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = ids + body * math.ceil((num_tokens - len(ids)) / len(body))
+    return torch.tensor([ids[:num_tokens]])
+
+
+def capture_qk(model, input_ids: torch.Tensor, layers: list[int], first_query: int = 0) -> dict:
+    """One forward; {layer: (q [B, Hq, L - first_query, D], k [B, Hkv, L, D], options)} for `layers`
+    (options: scaling, softcap as the layer passes them to its attention function)."""
+    from boundary_predictor.capture import capture_attention
+
+    out = {}
+
+    def keep(layer, query, key, options):
+        out[layer] = (query[:, :, first_query:].detach().clone(), key.detach(), options)
+
+    with torch.no_grad(), capture_attention(model, layers, keep):
+        model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
+    missing = [i for i in layers if i not in out]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run through the attention interface; unsupported model?")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+def layer_recall(q, k, options, methods, kept_keys, num_queries, base_config, layer, shared, boundary_source,
+                 query_step: int = 256):
+    """Recall rows for one layer: [{"method", "kept_keys", "mass_recall", "topk_overlap", "keys_read"}].
+
+    q: [1, Hq, n, D] the last n queries (n >= num_queries, starting on a tile boundary); k: [1, Hkv, L, D].
+    shared: {method: that method's LayerContext.shared} across the layers of one forward.
+    The true attention is full causal attention (layers with a sliding window are scored against it too).
+    Scores are gathered for `query_step` queries at a time: memory O(num_queries x L + query_step x N).
+    """
+    from utils.registry import METHODS, LayerContext
+
+    n, L = q.shape[2], k.shape[2]
+    logits, probs = true_attention(q[:, :, n - num_queries:], k, options.get("scaling"), options.get("softcap"))
+    thresholds = topk_thresholds(logits, kept_keys)
+    rows = []
+    for N in kept_keys:
+        config = base_config.replace(budget=N, density=None, min_budget=0)
+        for name in methods:
+            context = LayerContext(layer, {}, shared.setdefault(name, {}), boundary_source)
+            selection = METHODS[name].select(q, k, config.replace(method=name), context)
+            totals = dict.fromkeys(("mass_recall", "topk_overlap", "keys_read"), 0.0)
+            for start in range(0, num_queries, query_step):
+                part = slice(start, min(num_queries, start + query_step))
+                keys, valid = read_keys(selection, torch.arange(n - num_queries + part.start,
+                                                                n - num_queries + part.stop, device=q.device))
+                scores = recall_scores(logits[:, :, part], probs[:, :, part], keys, valid,
+                                       thresholds[N][:, :, part], N)
+                for key in totals:
+                    totals[key] += scores[key].sum().item()
+            count = q.shape[0] * q.shape[1] * num_queries
+            rows.append({"method": name, "kept_keys": N, **{key: v / count for key, v in totals.items()}})
+    return rows
+
+
+def settings_key(args, config) -> str:
+    """Fingerprint of everything that changes the numbers; rows of other settings are not reused."""
+    text = json.dumps({"num_queries": args.num_queries, "config": {k: v for k, v in vars(config).items()
+                                                                   if k not in ("method", "budget", "density")},
+                       "dtype": args.dtype, "layers": args.layers}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interrupted run
+            continue
+    return rows
+
+
+def summarize(rows: list[dict], model_name: str):
+    """Mean over layers per (length, method, kept_keys) as a pandas DataFrame."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    table = (frame.groupby(["length", "method", "kept_keys"], sort=False)
+             .agg(mass_recall=("mass_recall", "mean"), topk_overlap=("topk_overlap", "mean"),
+                  keys_read=("keys_read", "mean"), layers=("layer", "nunique")).reset_index())
+    table.insert(0, "model", model_name)
+    return table
+
+
+def plot(table, path: Path, model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(table["length"].unique())
+    methods = list(dict.fromkeys(table["method"]))
+    fig, axes = plt.subplots(2, len(lengths), figsize=(4.2 * len(lengths), 7), squeeze=False, sharey="row")
+    colors = dict(zip(methods, plt.get_cmap("tab10").colors * 2))
+    for col, length in enumerate(lengths):
+        part = table[table["length"] == length]
+        for row, metric in enumerate(METRICS):
+            ax = axes[row][col]
+            for name in methods:
+                line = part[part["method"] == name].sort_values("kept_keys")
+                style = dict(color="black", linestyle="--") if name == "oracle_topk" else dict(color=colors[name])
+                ax.plot(line["kept_keys"], line[metric], marker="o", markersize=3,
+                        linewidth=2.2 if name == "dhsa" else 1.3, label=name, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("kept keys per query (N)")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"{model_name}, L = {length}")
+            if col == 0:
+                ax.set_ylabel({"mass_recall": "attention mass kept", "topk_overlap": "overlap with top-N keys"}[metric])
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def markdown_table(table, metric: str) -> str:
+    """methods x kept keys for one metric, one block per length."""
+    out = []
+    for length in sorted(table["length"].unique()):
+        part = table[table["length"] == length].pivot(index="method", columns="kept_keys", values=metric)
+        part = part.reindex(list(dict.fromkeys(table[table["length"] == length]["method"])))
+        out.append(f"{metric}, L = {length}\n\n| method | " + " | ".join(str(c) for c in part.columns) + " |")
+        out.append("|---|" + "---|" * len(part.columns))
+        for name, values in part.iterrows():
+            out.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model name (utils/models.py) or local path")
+    parser.add_argument("--lengths", nargs="+", type=parse_length, default=[2048, 4096],
+                        help="text lengths in tokens (4096 or 4K)")
+    parser.add_argument("--kept-keys", nargs="+", type=int, default=DEFAULT_KEPT_KEYS,
+                        help="numbers of kept keys per query (x axis); those >= a length are skipped there")
+    parser.add_argument("--num-queries", type=int, default=1024, help="last queries of each text that are scored")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/registry.py)")
+    parser.add_argument("--layers", nargs="+", default=["global"],
+                        help="'global' (the sparse layers), 'all', or layer indices")
+    parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
+    parser.add_argument("--output-dir", default="results_recall", help="results go to <dir>/<model>/")
+    parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_config_args(parser, skip=("method", "density", "budget", "min_budget"))
+    return parser
+
+
+def check_args(args, model_max: int | None = None) -> None:
+    """One-line ValueError for bad input; lengths are checked against the model once it is loaded."""
+    from utils.registry import METHODS, method_names
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(method_names())}")
+    dense = [m for m in args.methods if METHODS[m].select is None]
+    if dense:
+        raise ValueError(f"{dense[0]!r} keeps every key (recall 1); leave it out of --methods")
+    if args.num_queries < 1 or any(n < 1 for n in args.kept_keys):
+        raise ValueError("--num-queries and --kept-keys must be positive")
+    too_few = [n for n in args.lengths if n < args.num_queries]
+    if too_few:
+        raise ValueError(f"length {too_few[0]} has fewer tokens than --num-queries {args.num_queries}")
+    too_long = [n for n in args.lengths if model_max is not None and n > model_max]
+    if too_long:
+        raise ValueError(f"length {too_long[0]} is longer than the model allows ({model_max}); use shorter --lengths")
+
+
+def run(args) -> Path:
+    from tqdm import tqdm
+
+    from boundary_predictor.capture import resolve_layers
+    from utils.boundaries import make_boundary_source
+    from utils.models import load_model, model_max_length
+
+    check_args(args)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    check_args(args, model_max_length(model))
+    layers = resolve_layers(model, args.layers)
+    base = config_from_args(args, method="oracle_topk", budget=1, density=None)
+    model_name = Path(args.model).name
+    out_dir = Path(args.output_dir) / model_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / "recall.jsonl"
+    key = settings_key(args, base)
+    rows = [r for r in read_rows(jsonl) if r.get("settings") == key]
+    done = {(r["length"], r["layer"], r["method"], r["kept_keys"]) for r in rows}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no predictor weights: fixed chunks" is reported once below
+        source = make_boundary_source(base.replace(method="dhsa"), model_name, tokenizer)
+    print(f"{model_name}: layers {layers}, DHSA boundaries from {type(source).__name__}", file=sys.stderr)
+
+    align = math.lcm(base.query_chunk, base.block_size)
+    todo = [(L, layer) for L in args.lengths for layer in layers
+            if any((L, layer, m, n) not in done for m in args.methods for n in args.kept_keys if n < L)]
+    progress = tqdm(total=len(todo), desc="layers", unit="layer")
+    for L in args.lengths:
+        pending = [layer for (length, layer) in todo if length == L]
+        if not pending:
+            continue
+        kept_keys = [n for n in args.kept_keys if n < L]
+        first_query = (L - args.num_queries) // align * align  # the evaluated chunk starts on a tile boundary
+        progress.set_postfix(length=L, step="forward")
+        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir), pending, first_query)
+        # As in one patched forward, DHSA computes boundaries at its first layer and shares them with later
+        # layers; each method gets its own shared state since a model runs one method at a time.
+        shared = {name: {} for name in args.methods}
+        for layer in pending:
+            q, k, options = captured.pop(layer)
+            progress.set_postfix(length=L, layer=layer)
+            with torch.no_grad():
+                results = layer_recall(q.float(), k.float(), options, args.methods, kept_keys, args.num_queries,
+                                       base, layer, shared, source)
+            with jsonl.open("a") as f:
+                for r in results:
+                    f.write(json.dumps({"settings": key, "model": model_name, "length": L, "layer": layer, **r}) + "\n")
+            rows.extend({"length": L, "layer": layer, **r} for r in results)
+            progress.update(1)
+    progress.close()
+
+    wanted = [r for r in rows if r["length"] in args.lengths and r["method"] in args.methods
+              and r["kept_keys"] in args.kept_keys and r["layer"] in layers]
+    table = summarize(wanted, model_name)
+    table.to_csv(out_dir / "recall.csv", index=False, float_format="%.4f")
+    plot(table, out_dir / "recall.png", model_name)
+    print(markdown_table(table, "topk_overlap"))
+    print(markdown_table(table, "mass_recall"))
+    print(f"wrote {out_dir / 'recall.csv'} and {out_dir / 'recall.png'}", file=sys.stderr)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
