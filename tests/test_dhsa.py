@@ -223,3 +223,30 @@ def test_sliding_window_attention_is_exact(L, window, softcap):
                                atol=2e-6, rtol=1e-5)
     step = sliding_window_attention(q[:, :, -1:], k, v, window, softcap=softcap)  # decode
     torch.testing.assert_close(step, ref[:, :, -1:], atol=2e-6, rtol=1e-5)
+
+
+def test_max_pooled_chunk_scores_brute_force(monkeypatch):
+    import utils.dhsa as dhsa
+    from utils.dhsa import max_pooled_chunk_scores
+    q = torch.randn(4, 70, 8)              # Hq = 4, Lq = 70 (last tile partial)
+    chunk_k = torch.randn(2, 9, 8)         # Hkv = 2
+    group_q = q.view(2, 2, 70, 8).sum(1)   # queries of a GQA group are pooled first
+    want = torch.stack([(group_q[:, t:t + 16] @ chunk_k.transpose(1, 2)).amax(1) for t in range(0, 70, 16)], 1)
+    torch.testing.assert_close(max_pooled_chunk_scores(q, chunk_k, 16), want)
+    monkeypatch.setattr(dhsa, "_SCORE_ELEMENTS", 10)  # one tile per slice
+    torch.testing.assert_close(max_pooled_chunk_scores(q, chunk_k, 16), want)
+
+
+def test_max_pooling_keeps_what_one_query_needs():
+    """One query of a tile aligns with a distant chunk; mean pooling loses it, max pooling keeps it."""
+    L, D = 96, 8
+    q = torch.zeros(1, 1, L, D)
+    k = torch.zeros(1, 1, L, D)
+    q[..., 1] = 1.0                     # every query weakly likes direction 1 ...
+    k[0, 0, 64:80, 1] = 1.0             # ... which the recent chunk [64, 80) has
+    q[0, 0, 95, 0] = 4.0                # the last query alone asks for direction 0 ...
+    k[0, 0, 8:16, 0] = 1.0              # ... held by the distant chunk [8, 16)
+    ends = [torch.tensor([8, 16, 64, 80, 96])]
+    kw = dict(budget=8, boundaries=ends, query_chunk=32, sink_tokens=0, local_tokens=0)
+    assert dhsa_select(q, k, query_pooling="max", **kw).key_index[0, 0, -1].tolist() == list(range(8, 16))
+    assert dhsa_select(q, k, query_pooling="mean", **kw).key_index[0, 0, -1].tolist() != list(range(8, 16))

@@ -139,7 +139,7 @@ def test_patch_reconfigures_and_validates():
     assert (cfg.density, cfg.query_chunk) == (0.25, 32)
     patch_model(model, "dhsa", budget=64, max_chunks=10)
     cfg = model.model.layers[0].self_attn.sparse_config
-    assert (cfg.budget, cfg.max_chunks, cfg.query_chunk) == (64, 10, 256)
+    assert (cfg.budget, cfg.max_chunks, cfg.query_chunk) == (64, 10, 64)
     with pytest.raises(ValueError, match="unknown attention method"):
         patch_model(model, "no-such-method")
     with pytest.raises(ValueError, match="unknown option"):

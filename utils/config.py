@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -24,7 +24,7 @@ class SparseAttentionConfig:
     density: float | None = 0.125          # N_b / L (Table 2 uses 12.5%)
     budget: int | None = None              # N_b in keys; overrides density
     min_budget: int = 0                    # floor on N_b
-    query_chunk: int = 256                 # queries that share one key selection (App. D, "query chunk")
+    query_chunk: int = 64                  # queries that share one key selection (App. D "query chunk"; see README)
 
     # DHSA (§3, App. B.5, D)
     chunk_size: int = 16                   # mean key-chunk length: N_c = ceil(L / chunk_size) (authors: L/128*8)
@@ -35,10 +35,11 @@ class SparseAttentionConfig:
     min_confidence: float = 0.05           # predictor scores below this are never boundaries
     newline_boundaries: bool = False       # also cut after newline tokens (App. B.5)
     robust_chunk_repr: bool = True         # sqrt(len)/len * sum (eq. 4); False: plain mean (ablation)
-    sink_tokens: int = 128                 # first keys always kept (authors' code: 128)
-    local_tokens: int = 128                # most recent keys before a query chunk's end always kept (authors: 128)
+    sink_tokens: int = 4                   # first keys always kept (authors' code: 128; see README)
+    local_tokens: int = 0                  # most recent keys before a query chunk's end always kept (authors: 128)
     share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
+    query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -65,6 +66,8 @@ class SparseAttentionConfig:
             raise ValueError("min_budget, sink_tokens and local_tokens must be >= 0")
         if not 0.0 <= self.sink_fraction <= 1.0:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
+        if self.query_pooling not in ("max", "mean"):
+            raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
         if self.boundary_source not in ("auto", "fixed", "predictor"):
             raise ValueError(f"boundary_source must be auto, fixed or predictor, got {self.boundary_source!r}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
@@ -128,4 +131,4 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
     return SparseAttentionConfig(**values)
 
 
-__all__ = ["SparseAttentionConfig", "add_config_args", "config_from_args", "config_field_names", "field"]
+__all__ = ["SparseAttentionConfig", "add_config_args", "config_from_args", "config_field_names"]

@@ -87,14 +87,16 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
                           sorted_keys=isinstance(selection, KernelSelection))
 
 
-def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_tokens, local_tokens, share_heads):
+def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_tokens, local_tokens, share_heads,
+                    query_pooling="max"):
     """The fused selection for `utils.dhsa.dhsa_select` (same arguments), or None where it does not apply."""
     from .select import MAX_CHUNKS, dhsa_select_fused
 
     if not _usable(q) or max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
         return None
     return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
-                             sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads)
+                             sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads,
+                             query_pooling=query_pooling)
 
 
 __all__ = ["try_sparse_attention", "try_dhsa_select", "enabled", "set_enabled", "disabled", "triton_available",

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..attention import Selection
-from ..dhsa import chunk_vectors, query_tile_vectors
+from ..dhsa import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors
 from .types import KernelSelection
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
@@ -189,13 +189,16 @@ def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robus
     return out
 
 
+def _chunk_vectors(keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
+    """Chunk vectors (eq. 4) of one sequence: keys [heads, L, D] -> [heads, Nc, D] fp32."""
+    if keys.shape[-1] in (16, 32, 64, 128, 256):
+        return chunk_vectors_gpu(keys, ends, robust)
+    return chunk_vectors(keys, ends, robust)
+
+
 def _chunk_scores(q_vec_b: torch.Tensor, keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
     """S_c = Q_c K_c^T for one sequence. q_vec_b [heads, n_tiles, D], keys [heads, L, D] -> [heads, n_tiles, Nc]."""
-    if keys.shape[-1] in (16, 32, 64, 128, 256):
-        chunk_k = chunk_vectors_gpu(keys, ends, robust)
-    else:
-        chunk_k = chunk_vectors(keys, ends, robust)
-    return torch.bmm(q_vec_b, chunk_k.transpose(1, 2))
+    return torch.bmm(q_vec_b, _chunk_vectors(keys, ends, robust).transpose(1, 2))
 
 
 def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool) -> torch.Tensor:
@@ -207,7 +210,7 @@ def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: 
 
 def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
                       query_chunk: int = 256, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
-                      share_heads: bool = False) -> KernelSelection:
+                      share_heads: bool = False, query_pooling: str = "max") -> KernelSelection:
     """Same contract and result as utils.dhsa.dhsa_select (up to ties), on the GPU. q: [B, Hq, Lq, D],
     k: [B, Hkv, Lk, D]; returns key_index [B, Hkv, n_tiles, min(budget, Lk)] plus counts."""
     B, Hq, Lq, D = q.shape
@@ -215,15 +218,19 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     T = query_chunk
     n_tiles = math.ceil(Lq / T)
     K = min(budget, Lk)
-    q_vec = _tile_vectors(q, Hkv, T, robust)
-    if share_heads:
-        q_vec = q_vec.mean(dim=1, keepdim=True)
+    if query_pooling == "mean":
+        q_vec = _tile_vectors(q, Hkv, T, robust)
+        if share_heads:
+            q_vec = q_vec.mean(dim=1, keepdim=True)
     heads = 1 if share_heads else Hkv
     key_index = torch.empty(B, heads, n_tiles, K, dtype=torch.long, device=q.device)
     counts = torch.empty(B, heads, n_tiles, dtype=torch.int32, device=q.device)
     for b in range(B):
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
-        scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
+        if query_pooling == "mean":
+            scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
+        else:
+            scores = max_pooled_chunk_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T)
         key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
                                             query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
                                             num_slots=K)
