@@ -264,12 +264,16 @@ def describe_run(run_dir: Path) -> dict:
             "run": str(run_dir)}
 
 
-def score_run(run_dir: Path) -> dict:
-    """{"longbench": {dataset: (score, samples)}, "longbench_e": {dataset: ({bucket: score}, samples)}}."""
+def score_run(run_dir: Path, only_ids: dict[str, set] | None = None) -> dict:
+    """{"longbench": {dataset: (score, samples)}, "longbench_e": {dataset: ({bucket: score}, samples)}}.
+
+    only_ids: {dataset: sample ids} to score only those samples of a dataset (see --common-samples)."""
     files = prediction_files(run_dir)
     result = {"longbench": {}, "longbench_e": {}}
     for dataset, path in files["longbench"].items():
         records = read_predictions(path)
+        if only_ids is not None and dataset in only_ids:
+            records = [r for r in records if r["_id"] in only_ids[dataset]]
         if records:
             result["longbench"][dataset] = (dataset_score(dataset, records), len(records))
     for dataset, path in files["longbench_e"].items():
@@ -400,7 +404,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default="results_longbench", help="folder searched for run folders")
     parser.add_argument("--runs", nargs="*", default=None, help="score only these run folders")
     parser.add_argument("--output-dir", default=None, help="where results.md/.csv go (default: --results-dir)")
+    parser.add_argument("--common-samples", action="store_true",
+                        help="score every run of a model only on the samples all its runs have finished, so that "
+                             "methods are compared on equal samples (for partial runs); tables get a _common suffix")
     return parser.parse_args(argv)
+
+
+def common_sample_ids(run_dirs: list[Path]) -> dict[Path, dict[str, set]]:
+    """For each run: {dataset: ids finished by every run of the same model that has that dataset}."""
+    by_model: dict[str, list[Path]] = {}
+    for run_dir in run_dirs:
+        by_model.setdefault(describe_run(run_dir)["model"], []).append(run_dir)
+    common: dict[Path, dict[str, set]] = {}
+    for model_runs in by_model.values():
+        ids: dict[str, set] = {}
+        for run_dir in model_runs:
+            for dataset, path in prediction_files(run_dir)["longbench"].items():
+                found = {r["_id"] for r in read_predictions(path)}
+                ids[dataset] = found if dataset not in ids else ids[dataset] & found
+        for run_dir in model_runs:
+            common[run_dir] = ids
+    return common
 
 
 def main(argv=None) -> None:
@@ -418,10 +442,12 @@ def main(argv=None) -> None:
     if not run_dirs:
         sys.exit(f"error: no LongBench prediction files (<dataset>.jsonl) under {results_dir}; run run_longbench.py first")
 
+    common = common_sample_ids(run_dirs) if args.common_samples else {}
+    suffix = "_common" if args.common_samples else ""
     runs = []
     for run_dir in run_dirs:
         try:
-            scores = score_run(run_dir)
+            scores = score_run(run_dir, common.get(run_dir))
         except ValueError as err:
             sys.exit(f"error: {err}")
         run = describe_run(run_dir)
@@ -429,16 +455,16 @@ def main(argv=None) -> None:
         runs.append(run)
         result = {d: s for d, (s, _) in scores["longbench"].items()}
         result.update({f"{d}_e": s for d, (s, _) in scores["longbench_e"].items()})
-        (run_dir / "result.json").write_text(json.dumps(result, indent=4, ensure_ascii=False) + "\n")
+        (run_dir / f"result{suffix}.json").write_text(json.dumps(result, indent=4, ensure_ascii=False) + "\n")
         print(f"{run_dir}: " + ", ".join(f"{d} {s}" for d, s in result.items()))
 
     output_dir = Path(args.output_dir) if args.output_dir else results_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     md, rows, md_e, rows_e = build_tables(runs)
     if rows:
-        (output_dir / "results.md").write_text(md, encoding="utf-8")
-        write_csv(output_dir / "results.csv", rows)
-        print(f"wrote {output_dir / 'results.md'} and {output_dir / 'results.csv'}")
+        (output_dir / f"results{suffix}.md").write_text(md, encoding="utf-8")
+        write_csv(output_dir / f"results{suffix}.csv", rows)
+        print(f"wrote {output_dir / f'results{suffix}.md'} and {output_dir / f'results{suffix}.csv'}")
     if rows_e:
         (output_dir / "results_e.md").write_text(md_e, encoding="utf-8")
         write_csv(output_dir / "results_e.csv", rows_e)

@@ -318,3 +318,25 @@ def test_longbench_e_table(tmp_path):
     assert "| m | dense | – | 0-4k | – | – | 100.00 | – | – | – | 100.00 | 1/13 (multi_news:2) |" in table
     assert "| m | dense | – | 8k+ | – | – | – | – | – | – | – |" in table
     assert not (tmp_path / "results.md").exists()
+
+
+def test_common_samples_scores_runs_on_the_samples_they_share(tmp_path):
+    import json as _json
+
+    import eval_longbench
+
+    def write_run(name, ids, pred):
+        folder = tmp_path / "m" / name
+        folder.mkdir(parents=True)
+        (folder / "run_config.json").write_text(_json.dumps({"model_name": "m", "attention": {"method": name}}))
+        with open(folder / "trec.jsonl", "w") as f:
+            for i in ids:
+                f.write(_json.dumps({"_id": i, "pred": pred, "answers": ["a"], "all_classes": ["a", "b"],
+                                     "length": 10}) + "\n")
+
+    write_run("dense", ["x", "y", "z"], "a")
+    write_run("dhsa", ["x"], "b")
+    eval_longbench.main(["--results-dir", str(tmp_path), "--common-samples"])
+    scored = _json.loads((tmp_path / "m" / "dense" / "result_common.json").read_text())
+    assert scored == {"trec": 100.0}
+    assert "(trec:1)" in (tmp_path / "results_common.md").read_text()

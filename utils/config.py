@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 
@@ -68,6 +69,9 @@ class SparseAttentionConfig:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
         if self.query_pooling not in ("max", "mean"):
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
+            raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
+                             "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
         if self.boundary_source not in ("auto", "fixed", "predictor"):
             raise ValueError(f"boundary_source must be auto, fixed or predictor, got {self.boundary_source!r}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
