@@ -28,9 +28,34 @@ needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton
 interpreter_only = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 cuda_only = pytest.mark.skipif(not CUDA or INTERPRETER, reason="needs a CUDA GPU")
 
+
+def fix_interpreter_bf16_dot() -> None:
+    """Triton 3.6's interpreter keeps bf16 as raw uint16 and multiplies those integers in tl.dot; widen bf16
+    operands to fp32 first (exact: a bf16 value is the top half of an fp32)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "widens_bf16", False):
+        return
+
+    def widen(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot.widens_bf16 = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 if INTERPRETER:
     from utils.kernels._interpreter import fix_interpreter
     fix_interpreter()
+    fix_interpreter_bf16_dot()
 
 
 def rand(*shape, device="cpu", dtype=torch.float32, seed=0):
@@ -91,6 +116,28 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
     # Same keys up to which keys of the one partly kept chunk are taken: same count in every chunk.
     for b in range(B):
         assert torch.equal(per_chunk_counts(idx[b], ends[b]), per_chunk_counts(ref.key_index[b], ends[b]))
+
+
+def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
+    """The kernel's max-pooled S_c vs utils.dhsa.max_pooled_chunk_scores (fp32, same queries); and per (head,
+    tile) the same top-K chunks wherever the reference's K-th and (K+1)-th scores are clearly apart."""
+    from utils.dhsa import max_pooled_chunk_scores
+    from utils.kernels.select import max_pooled_chunk_scores_gpu
+
+    q = rand(Hq, L, D, device=device, dtype=dtype, seed=3)
+    chunk_k = rand(H, Nc, D, device=device, seed=4)
+    got = max_pooled_chunk_scores_gpu(q, chunk_k, T, config=config)
+    ref = max_pooled_chunk_scores(q.float(), chunk_k, T)
+    assert got.shape == ref.shape == (H, math.ceil(L / T), Nc)
+    assert torch.isfinite(got).all(), "kernel left scores unwritten or kept a padded row"
+    assert rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel(got, ref)
+    K = max(1, Nc // 4)
+    top = ref.topk(K + 1, dim=-1)
+    apart = top.values[..., K - 1] - top.values[..., K] > 0.02 * ref.std()  # well separated: 2% of the spread
+    assert apart.float().mean() > 0.3, "too few well-separated rankings for the check to mean anything"
+    same = torch.zeros_like(ref, dtype=torch.bool).scatter_(-1, top.indices[..., :K], True) == \
+        torch.zeros_like(got, dtype=torch.bool).scatter_(-1, got.topk(K, dim=-1).indices, True)
+    assert same.all(-1)[apart].all(), "top-K chunk sets differ where the scores are well separated"
 
 
 def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
@@ -231,6 +278,18 @@ def test_interp_fused_selection_keeps_the_same_keys(B, Hq, Hkv, L, T, budget, bo
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype, Hq, H, L, D, T, Nc, config", [
+    (torch.bfloat16, 8, 2, 100, 16, 16, 37, dict(rows=32, block_c=16)),  # 2 tiles a program, partial last tile
+    (torch.float16, 4, 1, 70, 32, 32, 20, dict(rows=16, block_c=16)),    # one selection for all heads; 2 slices
+    (torch.bfloat16, 2, 2, 90, 16, 40, 30, dict(rows=16, block_c=16)),   # tile of 40 in 3 slices, MHA
+    (torch.float32, 4, 2, 53, 16, 8, 25, dict(rows=32, block_c=16)),     # 4 tiles a program, the last past the end
+    (torch.float32, 4, 4, 50, 16, 100, 9, None),                          # one tile longer than the queries
+])
+def test_interp_max_pooled_scores_match_reference(dtype, Hq, H, L, D, T, Nc, config):
+    check_max_pooled_scores("cpu", dtype, Hq, H, L, D, T, Nc, config)
+
+
+@interpreter_only
 def test_interp_block_path_and_flex():
     from utils.kernels.flex import flex_block_attention
     q, k, v, sel, ref = check_block_path("cpu", torch.float32, 1, 4, 2, 200, 16, 16, 64)
@@ -311,6 +370,18 @@ def test_cuda_dispatch_equals_reference_path():
 def test_cuda_fused_selection_keeps_the_same_keys(L):
     check_fused_selection("cuda", 1, 32, 8, L, 256, L // 16, None, 128, 128)
     check_fused_selection("cuda", 2, 8, 2, L, 128, L // 8, [3, 50, 51, 700, L - 1, L], 64, 64)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype, Hq, H, L, D, T, Nc", [
+    (torch.bfloat16, 32, 8, 3000, 128, 64, 190),   # Llama-3.1-8B heads, DHSA's default tile
+    (torch.float16, 8, 2, 1000, 256, 64, 70),      # Gemma-2 head dim
+    (torch.bfloat16, 8, 1, 777, 64, 256, 50),      # shared selection, tile sliced (256 > rows)
+    (torch.bfloat16, 4, 4, 500, 128, 100, 40),     # MHA, tile not a power of two
+    (torch.float32, 8, 2, 600, 128, 64, 60),       # fp32: exact products
+])
+def test_cuda_max_pooled_scores_match_reference(dtype, Hq, H, L, D, T, Nc):
+    check_max_pooled_scores("cuda", dtype, Hq, H, L, D, T, Nc)
 
 
 @cuda_only

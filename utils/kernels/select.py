@@ -189,6 +189,95 @@ def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robus
     return out
 
 
+@triton.jit
+def _max_pooled_scores_kernel(Q, C, Out, stride_qh, stride_ql, stride_ch, stride_cc, stride_oh, stride_ot,
+                              Lq, Nc, G, T, n_tiles,
+                              TILES: tl.constexpr, TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+    """S_c with max pooling for TILES query tiles of one KV head, all chunks (as max_pooled_chunk_scores).
+
+    The program's rows are TILES tiles x TILE_ROWS queries. A tile longer than TILE_ROWS (then TILES = 1) is
+    done in slices of TILE_ROWS queries; later slices take the max with what the earlier ones wrote."""
+    t0 = tl.program_id(0) * TILES
+    h = tl.program_id(1)
+    r = tl.arange(0, TILES * TILE_ROWS)
+    tile = t0 + r // TILE_ROWS
+    dims = tl.arange(0, HEAD_DIM)
+    tiles = t0 + tl.arange(0, TILES)
+    out_rows = Out + h.to(tl.int64) * stride_oh + tiles.to(tl.int64)[:, None] * stride_ot
+    for s in range(0, T, TILE_ROWS):
+        within = s + r % TILE_ROWS
+        pos = tile * T + within
+        valid = (within < T) & (pos < Lq)
+        # GQA group sum in fp32 (as the reference), rounded once to the dot's input type
+        q = tl.zeros([TILES * TILE_ROWS, HEAD_DIM], dtype=tl.float32)
+        for g in range(0, G):
+            q_head = Q + (h * G + g).to(tl.int64) * stride_qh
+            q += tl.load(q_head + pos[:, None] * stride_ql + dims[None, :], mask=valid[:, None], other=0.0)
+        q = q.to(C.dtype.element_ty)
+        for c0 in range(0, Nc, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ck = tl.load(C + h * stride_ch + cols[:, None] * stride_cc + dims[None, :], mask=(cols < Nc)[:, None],
+                         other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(ck), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(ck))  # bf16 inputs, fp32 accumulator
+            scores = tl.where(valid[:, None], scores, float("-inf"))
+            best = tl.max(tl.reshape(scores, [TILES, TILE_ROWS, BLOCK_C]), 1)
+            ptrs = out_rows + cols[None, :]
+            store_ok = (tiles < n_tiles)[:, None] & (cols < Nc)[None, :]
+            earlier = tl.load(ptrs, mask=store_ok & (s > 0), other=float("-inf"))
+            tl.store(ptrs, tl.maximum(best, earlier), mask=store_ok)
+
+
+def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,
+                                config: dict | None = None) -> torch.Tensor:
+    """utils.dhsa.max_pooled_chunk_scores by one Triton kernel: q [Hq, Lq, D], chunk_k [H, Nc, D] (H = Hkv, or 1
+    for one selection shared by all heads) -> [H, n_tiles, Nc] fp32, the best dot product over each tile's
+    queries (the queries of a GQA group summed first).
+
+    16-bit q: the group sum is taken in fp32 and rounded once to bf16, chunk_k is rounded to bf16, and the dot
+    products accumulate in fp32 on the tensor cores: scores carry bf16 input rounding (~0.4% of |q||k|), enough
+    for the top-K ranking they feed. bf16 also for fp16 q: a sum of G heads may overflow fp16's range. fp32 q:
+    exact fp32 products (tests compare key sets with the reference). config: overrides of rows (queries per
+    program), block_c (chunks per step), num_warps, num_stages (the CPU interpreter tests use small tiles).
+    """
+    Hq, Lq, D = q.shape
+    H, Nc, Dc = chunk_k.shape
+    if D not in (16, 32, 64, 128, 256) or Dc != D or Hq % H:
+        raise ValueError(f"max_pooled_chunk_scores_gpu needs head dim 16..256 (a power of two) and Hq % H == 0; "
+                         f"got q {tuple(q.shape)}, chunk_k {tuple(chunk_k.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"max_pooled_chunk_scores_gpu takes fp16/bf16/fp32 queries, got {q.dtype}")
+    T = query_chunk
+    n_tiles = math.ceil(Lq / T)
+    cfg = dict(rows=128 if D <= 128 else 64, block_c=128 if D <= 64 else 64, num_warps=4 if D <= 64 else 8,
+               num_stages=3)
+    cfg.update(config or {})
+    tile_rows = min(triton.next_power_of_2(T), cfg["rows"])
+    tiles = max(1, cfg["rows"] // tile_rows)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    chunk_k = chunk_k.to(torch.float32 if q.dtype == torch.float32 else torch.bfloat16).contiguous()
+    out = torch.empty(H, n_tiles, Nc, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    _max_pooled_scores_kernel[(math.ceil(n_tiles / tiles), H)](
+        q, chunk_k, out, q.stride(0), q.stride(1), chunk_k.stride(0), chunk_k.stride(1), out.stride(0),
+        out.stride(1), Lq, Nc, Hq // H, T, n_tiles, TILES=tiles, TILE_ROWS=tile_rows, HEAD_DIM=D,
+        BLOCK_C=cfg["block_c"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
+
+
+def _max_pooled_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int) -> torch.Tensor:
+    """S_c with max pooling for one sequence: the kernel where it applies, else the PyTorch reference."""
+    if q.shape[-1] in (16, 32, 64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk)
+    return max_pooled_chunk_scores(q, chunk_k, query_chunk)
+
+
 def _chunk_vectors(keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
     """Chunk vectors (eq. 4) of one sequence: keys [heads, L, D] -> [heads, Nc, D] fp32."""
     if keys.shape[-1] in (16, 32, 64, 128, 256):
@@ -230,7 +319,7 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
         if query_pooling == "mean":
             scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
         else:
-            scores = max_pooled_chunk_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T)
+            scores = _max_pooled_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T)
         key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
                                             query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
                                             num_slots=K)
@@ -321,5 +410,6 @@ def blocks_from_token_selection(selection: Selection, block_size: int, num_keys:
                            block_size=block_size)
 
 
-__all__ = ["KernelSelection", "blocks_from_token_selection", "chunk_vectors_gpu", "tile_vectors_gpu", "pick_keys", "dhsa_select_fused", "dhsa_block_select", "snap_to_blocks",
+__all__ = ["KernelSelection", "blocks_from_token_selection", "chunk_vectors_gpu", "tile_vectors_gpu",
+           "max_pooled_chunk_scores_gpu", "pick_keys", "dhsa_select_fused", "dhsa_block_select", "snap_to_blocks",
            "block_selection_to_tokens", "MAX_CHUNKS"]
