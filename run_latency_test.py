@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from utils.attention import full_selection, sparse_attention
 from utils.boundaries import FixedSizeBoundaries
-from utils.config import SparseAttentionConfig
+from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.dhsa import dhsa_select
 
 SHAPE_ALIASES = {"llama-3.1-8b": "llama-3.1-8b-instruct", "qwen2.5-3b": "qwen2.5-3b-instruct",
@@ -163,9 +163,14 @@ def sdpa_backend(name: str):
 
 
 def dhsa_config(density: float, args) -> SparseAttentionConfig:
-    return SparseAttentionConfig(method="dhsa", density=density, query_chunk=args.query_chunk,
-                                 chunk_size=args.chunk_size, sink_tokens=args.sink_tokens,
-                                 local_tokens=args.local_tokens, block_size=args.block_size)
+    """The shared config (utils/config.py defaults, overridden by its flags) at one density of the sweep."""
+    return config_from_args(args, method="dhsa", density=density, budget=None)
+
+
+def select_options(cfg: SparseAttentionConfig) -> dict:
+    """dhsa_select's keyword options from the config (the same the patched model uses)."""
+    return dict(robust=cfg.robust_chunk_repr, sink_tokens=cfg.sink_tokens, local_tokens=cfg.local_tokens,
+                share_heads=cfg.share_heads)
 
 
 def fixed_boundaries(k: torch.Tensor, cfg: SparseAttentionConfig) -> list[torch.Tensor]:
@@ -207,7 +212,8 @@ def kernel_mode(args, results: Results) -> None:
                                                                    enable_gqa=True), device, args.warmup, args.repeats)
                 results.add(**base, density=1.0, method="sdpa_default", part="total", **t)
             if L == args.lengths[0] and "dhsa" in methods:  # the kernel at full density equals dense attention
-                sel = full_selection(args.batch, shape["kv_heads"], L, L, args.query_chunk, device=device)
+                sel = full_selection(args.batch, shape["kv_heads"], L, L, dhsa_config(1.0, args).query_chunk,
+                                     device=device)
                 with sdpa_backend("flash"):
                     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
                 results.add(**base, density=1.0, method="dhsa_kernel_full", part="check",
@@ -222,11 +228,12 @@ def kernel_mode(args, results: Results) -> None:
             cfg = dhsa_config(density, args)
             budget = cfg.resolve_budget(L)
             row = dict(base, density=density)
-            opts = dict(robust=True, sink_tokens=cfg.sink_tokens, local_tokens=cfg.local_tokens)
+            opts = select_options(cfg)
 
             def select():
                 ends = fixed_boundaries(k, cfg)
-                return dhsa_select(q, k, budget=budget, boundaries=ends, query_chunk=cfg.query_chunk, **opts)
+                return dhsa_select(q, k, budget=budget, boundaries=ends, query_chunk=cfg.query_chunk,
+                                   query_pooling=cfg.query_pooling, **opts)
 
             if "dhsa" in methods or "dhsa_sdpa" in methods:
                 sel = select()
@@ -262,14 +269,14 @@ def kernel_mode(args, results: Results) -> None:
                 with kernels.disabled():
                     t = measure(lambda: sparse_attention(q, k, v, dhsa_select(
                         q, k, budget=budget, boundaries=fixed_boundaries(k, cfg), query_chunk=cfg.query_chunk,
-                        **opts), scale=scale, softcap=softcap), device, args.warmup, args.repeats)
+                        query_pooling=cfg.query_pooling, **opts), scale=scale, softcap=softcap), device, args.warmup, args.repeats)
                 results.add(**row, method="dhsa_sdpa", part="total", **t, **speedups(t["median_ms"]))
             if "dhsa" in methods or "dhsa_sdpa" in methods:
                 del sel, ref
 
             block_methods = [m for m in ("dhsa_block", "dhsa_block_flex") if m in methods]
             if block_methods:
-                bs = args.block_size
+                bs = cfg.block_size
 
                 def block_select():
                     return dhsa_block_select(q, k, budget=budget, boundaries=fixed_boundaries(k, cfg), block_size=bs,
@@ -308,7 +315,7 @@ def kernel_mode(args, results: Results) -> None:
 
             if "block_sparse" in methods:
                 from utils.baselines.block_sparse import block_sparse_select
-                bs = args.block_size
+                bs = cfg.block_size
 
                 def bs_select():
                     sel = block_sparse_select(q, k, budget, bs)
@@ -351,8 +358,8 @@ def cpu_mode(args, results: Results) -> None:
 
             def select():
                 return dhsa_select(q, k, budget=budget, boundaries=fixed_boundaries(k, cfg),
-                                   query_chunk=cfg.query_chunk, sink_tokens=cfg.sink_tokens,
-                                   local_tokens=cfg.local_tokens)
+                                   query_chunk=cfg.query_chunk, query_pooling=cfg.query_pooling,
+                                   **select_options(cfg))
             sel = select()
             t_sel = measure(select, "cpu", args.warmup, args.repeats)
             t_att = measure(lambda: sparse_attention(q, k, v, sel, scale=scale, softcap=softcap), "cpu", args.warmup,
@@ -394,8 +401,8 @@ def batch_mode(args, results: Results) -> None:
 
                 def one(qb, kb, vb):
                     sel = dhsa_select(qb, kb, budget=budget, boundaries=fixed_boundaries(kb, cfg),
-                                      query_chunk=cfg.query_chunk, sink_tokens=cfg.sink_tokens,
-                                      local_tokens=cfg.local_tokens)
+                                      query_chunk=cfg.query_chunk, query_pooling=cfg.query_pooling,
+                                      **select_options(cfg))
                     return sparse_attention(qb, kb, vb, sel, scale=scale, softcap=softcap)
 
                 def loop():
@@ -442,8 +449,8 @@ def e2e_mode(args, results: Results) -> None:
                 if method.startswith("dense"):
                     patch_model(model, "dense")
                 else:
-                    patch_model(model, method, density=density, query_chunk=args.query_chunk,
-                                chunk_size=args.chunk_size, boundary_source=args.boundary_source)
+                    patch_model(model, method, config=config_from_args(args, method=method, density=density,
+                                                                       budget=None))
                 # "dense": transformers' sdpa as it dispatches; "dense_flash": SDPA pinned to FlashAttention-2
                 backend = method.split("_", 1)[1] if method.startswith("dense_") else None
                 def forward():
@@ -532,18 +539,12 @@ def parse_args(argv=None):
     p.add_argument("--real-weights", action="store_true", help="e2e: load the real model instead of random weights")
     p.add_argument("--num-layers", type=int, default=None, help="e2e: keep only the first layers")
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True, help="e2e: build the KV cache")
-    p.add_argument("--boundary-source", default="auto", choices=("auto", "fixed", "predictor"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     p.add_argument("--device", default=None, choices=("cuda", "cpu"))
     p.add_argument("--softcap", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the shape's logit soft-capping (Gemma-2); dense SDPA cannot, so kernel mode skips it")
-    p.add_argument("--query-chunk", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=16)
-    p.add_argument("--sink-tokens", type=int, default=128)
-    p.add_argument("--local-tokens", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--kernel-configs", type=str, default=None,
                    help="kernel mode: JSON list of extra Triton configs to time, e.g. "
                         "'[{\"rows\": 128, \"block_n\": 128, \"num_warps\": 8, \"num_stages\": 3}]'")
@@ -552,6 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("results_latency"))
     p.add_argument("--note", default="")
+    add_config_args(p, skip=("method", "density", "budget"))  # DHSA/baseline options, defaults of utils/config.py
     args = p.parse_args(argv)
 
     if any(not 0.0 < d <= 1.0 for d in args.densities):

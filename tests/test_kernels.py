@@ -138,6 +138,37 @@ def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
     same = torch.zeros_like(ref, dtype=torch.bool).scatter_(-1, top.indices[..., :K], True) == \
         torch.zeros_like(got, dtype=torch.bool).scatter_(-1, got.topk(K, dim=-1).indices, True)
     assert same.all(-1)[apart].all(), "top-K chunk sets differ where the scores are well separated"
+    # causal: given the chunk ends, chunks that start after a tile's last key may be skipped (-inf); the rest match
+    ends = torch.sort(torch.randperm(L - 1, generator=torch.Generator().manual_seed(5))[:Nc - 1] + 1).values
+    ends = torch.cat([ends, torch.tensor([L])]).to(device)
+    causal = max_pooled_chunk_scores_gpu(q, chunk_k, T, ends=ends, q_offset=0, config=config)
+    tile_end = torch.clamp(torch.arange(1, math.ceil(L / T) + 1, device=device) * T, max=L)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    visible = (starts[None, :] < tile_end[:, None]).expand_as(ref)
+    scored = ~torch.isneginf(causal)  # visible chunks, and maybe some of a program's later tiles' chunks
+    assert scored[visible].all(), "a visible chunk was not scored"
+    assert rel(causal[scored], ref[scored]) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def check_sliding_window(device, dtype, B, Hq, Hkv, Lq, Lk, D, window, softcap=None, query_chunk=None):
+    """sliding_window_attention (the kernel on CUDA, the reference executor on the CPU) vs dense attention with
+    the window rule, computed in fp32."""
+    from utils.attention import dense_attention, sliding_window_attention
+
+    q = rand(B, Hq, Lq, D, device=device, dtype=dtype, seed=7)
+    k, v = rand(B, Hkv, Lk, D, device=device, dtype=dtype, seed=8), rand(B, Hkv, Lk, D, device=device, dtype=dtype,
+                                                                         seed=9)
+    out = sliding_window_attention(q, k, v, window, softcap=softcap, query_chunk=query_chunk)
+    with kernels.disabled():
+        ref = dense_attention(q.float(), k.float(), v.float(), window=window, softcap=softcap)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel(out, ref)
+
+
+@pytest.mark.parametrize("Lq, Lk, window, T", [(100, 100, 7, 16), (50, 120, 33, 8), (64, 64, 64, None),
+                                               (90, 90, 1, 32)])
+def test_sliding_window_reference_path_equals_dense(Lq, Lk, window, T):
+    check_sliding_window("cpu", torch.float32, 2, 4, 2, Lq, Lk, 16, window, softcap=None, query_chunk=T)
+    check_sliding_window("cpu", torch.float32, 1, 2, 2, Lq, Lk, 16, window, softcap=3.0, query_chunk=T)
 
 
 def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
@@ -290,6 +321,29 @@ def test_interp_max_pooled_scores_match_reference(dtype, Hq, H, L, D, T, Nc, con
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype, Hq, Hkv, Lq, Lk, D, window, softcap", [
+    (torch.float16, 4, 2, 70, 70, 16, 20, None),
+    (torch.float32, 2, 2, 40, 90, 32, 9, 4.0),   # queries after a prefix (KV cache), soft-capping
+])
+def test_interp_sliding_window_kernel(dtype, Hq, Hkv, Lq, Lk, D, window, softcap):
+    """The kernel's window rule, on the window lists that sliding_window_attention builds, vs dense attention."""
+    from utils.attention import dense_attention
+    from utils.kernels.sparse_prefill import sparse_prefill
+
+    q = rand(1, Hq, Lq, D, dtype=dtype, seed=7)
+    k, v = rand(1, Hkv, Lk, D, dtype=dtype, seed=8), rand(1, Hkv, Lk, D, dtype=dtype, seed=9)
+    T = 16
+    n_tiles = math.ceil(Lq / T)
+    first = (Lk - Lq) + torch.arange(n_tiles) * T - window + 1
+    idx = first[:, None] + torch.arange(T + window - 1)[None, :]
+    idx = torch.where((idx >= 0) & (idx < Lk), idx, -1).expand(1, Hkv, n_tiles, -1).contiguous()
+    out = sparse_prefill(q, k, v, idx, query_chunk=T, q_offset=Lk - Lq, softcap=softcap, window=window,
+                         config=dict(rows=32, block_n=16, num_warps=4, num_stages=1))
+    ref = dense_attention(q.float(), k.float(), v.float(), window=window, softcap=softcap)
+    assert rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel(out, ref)
+
+
+@interpreter_only
 def test_interp_block_path_and_flex():
     from utils.kernels.flex import flex_block_attention
     q, k, v, sel, ref = check_block_path("cpu", torch.float32, 1, 4, 2, 200, 16, 16, 64)
@@ -357,12 +411,25 @@ def test_cuda_kernel_softcap_and_per_head_lists():
 
 @cuda_only
 def test_cuda_dispatch_equals_reference_path():
-    """dhsa_attention on CUDA (fused selection + kernel) vs the same call with the kernels switched off."""
+    """dhsa_attention on CUDA (fused selection + kernel) vs the PyTorch path with the kernels switched off.
+
+    bf16 inputs: the fused selection scores chunks from bf16-rounded vectors, so on random inputs (near-ties
+    everywhere) a few tiles may swap a chunk against the fp32 reference; the keys must still agree almost
+    everywhere, and the attention must equal the reference executor on the kernel's own selection."""
     q, k, v = (rand(1, h, 2000, 128, device="cuda", dtype=torch.bfloat16, seed=i) for i, h in enumerate((32, 8, 8)))
-    out = dhsa_attention(q, k, v, density=0.125)
+    ends = as_boundary_list(fixed_size_ends(2000, 16, device="cuda"), 1, 2000, device="cuda")
+    out = dhsa_attention(q, k, v, budget=250, boundaries=ends)
+    sel = dhsa_select(q, k, budget=250, boundaries=ends)  # dispatches to the fused selection
     with kernels.disabled():
-        ref = dhsa_attention(q.float(), k.float(), v.float(), density=0.125)
+        ref_sel = dhsa_select(q.float(), k.float(), budget=250, boundaries=ends)
+        ref = sparse_attention(q.float(), k.float(), v.float(), sel)
     assert rel(out, ref) < 1e-2
+    kept = torch.zeros(sel.key_index.shape[:-1] + (2001,), dtype=torch.bool, device="cuda")
+    ref_kept = torch.zeros_like(kept)
+    kept.scatter_(-1, sel.key_index.long() % 2001, True)       # -1 (unused slot) lands in the spare column
+    ref_kept.scatter_(-1, ref_sel.key_index.long() % 2001, True)
+    agree = (kept & ref_kept)[..., :2000].sum() / ref_kept[..., :2000].sum()
+    assert agree > 0.97, agree
 
 
 @cuda_only
@@ -382,6 +449,14 @@ def test_cuda_fused_selection_keeps_the_same_keys(L):
 ])
 def test_cuda_max_pooled_scores_match_reference(dtype, Hq, H, L, D, T, Nc):
     check_max_pooled_scores("cuda", dtype, Hq, H, L, D, T, Nc)
+
+
+@cuda_only
+@pytest.mark.parametrize("Hq, Hkv, L, D, window, softcap", [(8, 4, 3000, 256, 512, None),   # Gemma-3 local layer
+                                                             (8, 4, 5000, 256, 4096, 50.0),  # Gemma-2, soft-capping
+                                                             (32, 8, 2000, 128, 300, None)])
+def test_cuda_sliding_window_kernel(Hq, Hkv, L, D, window, softcap):
+    check_sliding_window("cuda", torch.bfloat16, 1, Hq, Hkv, L, L, D, window, softcap=softcap)
 
 
 @cuda_only

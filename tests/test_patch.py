@@ -99,6 +99,26 @@ def test_sliding_window_layers_keep_their_window():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_sliding_layers_run_the_windowed_path_not_masked_dense(family, monkeypatch):
+    """The model's sliding-window mask is recognised as unpadded: local layers run O(L * window) attention
+    (utils.attention.sliding_window_attention), never the masked dense fallback meant for padded batches."""
+    import utils.patch as patch_module
+
+    model = tiny_model(family).eval()
+    window = min(m.sliding_window for m in attention_layers(model) if m.sliding_window is not None)
+    ids = prompt(model, window + 37, seed=5)  # longer than the window, so the mask is not plain causal
+    ref = model(ids).logits
+    calls = []
+    real = patch_module.sliding_window_attention
+    monkeypatch.setattr(patch_module, "sliding_window_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    global_layers = [m.layer_idx for m in attention_layers(model) if m.sliding_window is None]
+    patch_model(model, "dhsa", budget=8, dense_layers=global_layers, boundary_source="fixed")
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-4)
+    assert len(calls) == sum(m.sliding_window is not None for m in attention_layers(model))
+
+
+@torch.no_grad()
 def test_share_boundaries_computes_once_per_forward():
     model = tiny_model("llama", num_hidden_layers=3).eval()
     calls = []

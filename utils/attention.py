@@ -39,12 +39,15 @@ class Selection:
     keep: optional extra per-query rule keep(q_pos, k_pos) -> bool, applied on top of causality. q_pos and
         k_pos are absolute positions; k_pos has the shape of the gathered keys [B, Hs, g, 1, K] so a rule may
         depend on the head; q_pos is [g, T, 1].
+    window: optional sliding window: keys with q_pos - k_pos >= window are dropped too (Gemma-2/3 local
+        layers). Unlike `keep`, the GPU kernel applies it, so windowed layers run on the kernel.
     """
 
     key_index: torch.Tensor
     query_chunk: int
     q_offset: int = 0
     keep: KeepRule | None = None
+    window: int | None = None
 
     @property
     def max_keys(self) -> int:
@@ -67,6 +70,8 @@ class Selection:
         if self.keep is not None:
             rule = self.keep(q_pos.view(1, num_queries, 1), k_pos.expand(B, Hs, 1, 1, num_keys))
             mask &= rule.reshape(rule.shape[:-3] + (num_queries, num_keys)) if rule.dim() == 5 else rule
+        if self.window is not None:
+            mask &= (q_pos[:, None] - k_pos[None, :] < self.window)
         return mask
 
 
@@ -164,13 +169,17 @@ def sparse_attention(
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
         mask = k_pos <= q_pos[None, None, :, :, None]
         has_key = None
-        if selection.keep is None:  # a row reads something iff the tile's smallest selected key is not after it
+        if selection.keep is None and selection.window is None:
+            # a row reads something iff the tile's smallest selected key is not after it
             first_key = torch.where(valid, tile_idx, Lk).amin(-1)  # [B, Hs, g]
             has_key = (first_key[..., None] <= q_pos[None, None]).reshape(-1, G * T)
         else:
             rule_q = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T
-                                           + torch.arange(T, device=q.device)[None, :])  # [g, T]
-            rule = selection.keep(rule_q[:, :, None], k_pos)  # [B, Hs, g, T, K] (broadcast)
+                                           + torch.arange(T, device=q.device)[None, :])[:, :, None]  # [g, T, 1]
+            rule = selection.keep(rule_q, k_pos) if selection.keep is not None else torch.ones((), dtype=torch.bool,
+                                                                                             device=q.device)
+            if selection.window is not None:
+                rule = rule & (rule_q - k_pos < selection.window)
             rule = rule.expand(B, Hs, g, T, K).repeat(1, 1, 1, G, 1)
             mask = mask & rule
         o = _attend(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
@@ -241,26 +250,27 @@ def sliding_window_attention(
     *,
     scale: float | None = None,
     softcap: float | None = None,
-    query_chunk: int = 256,
+    query_chunk: int | None = None,
 ) -> torch.Tensor:
     """Exact causal sliding-window attention (a query reads the keys with q_pos - k_pos < window), in
     O(L * window) time and memory. q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] -> [B, Hq, Lq, D].
 
-    Gemma-2/3 local layers. Each query tile lists its window's keys; a per-query rule trims the window.
+    Gemma-2/3 local layers. Each query tile lists its window's T + window - 1 keys; the selection's `window`
+    trims them per query. Tiles of T = query_chunk queries: 64 on the GPU (the kernel reads T + window - 1 keys
+    per query), 256 on the CPU (the reference path gathers a copy of the keys per tile).
     """
     Lq, Lk = q.shape[2], k.shape[2]
     if Lq == 1 or Lk <= window:  # decode, or a sequence inside one window: plain causal attention on a slice
         start = max(0, Lk - window) if Lq == 1 else 0
         return dense_attention(q, k[:, :, start:], v[:, :, start:], scale=scale, softcap=softcap)
-    T = min(query_chunk, Lq)
+    T = min(query_chunk or (64 if q.is_cuda else 256), Lq)
     n_tiles = math.ceil(Lq / T)
     q_offset = Lk - Lq
     tile_start = q_offset + torch.arange(n_tiles, device=q.device) * T
     first = tile_start - window + 1  # earliest key any query of the tile may read (may be negative)
     idx = first[:, None] + torch.arange(T + window - 1, device=q.device)[None, :]
     idx = torch.where((idx >= 0) & (idx < Lk), idx, -1)
-    selection = Selection(idx.expand(q.shape[0], k.shape[1], n_tiles, idx.shape[-1]), T, q_offset,
-                          keep=lambda q_pos, k_pos: q_pos - k_pos < window)
+    selection = Selection(idx.expand(q.shape[0], k.shape[1], n_tiles, idx.shape[-1]), T, q_offset, window=window)
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 

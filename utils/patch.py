@@ -44,15 +44,20 @@ def _is_sliding(module, sliding_window) -> bool:
     return sliding_window is not None or getattr(module, "sliding_window", None) is not None
 
 
-def _filled_keys(mask: torch.Tensor | None, num_keys: int) -> int | None:
+def _filled_keys(mask: torch.Tensor | None, num_keys: int, window: int | None = None) -> int | None:
     """How many leading keys the last query reads, or None if the mask has padding. A pre-allocated (static)
-    cache leaves unfilled slots at the end, which are dropped; any other hole in the mask is padding."""
+    cache leaves unfilled slots at the end, which are dropped; any other hole in the mask is padding. On a
+    sliding-window layer the last query reads only the `window` keys before that point."""
     if mask is None:
         return num_keys
     last_row = mask[..., -1, :].reshape(-1, mask.shape[-1])
     last_row = last_row if last_row.dtype == torch.bool else last_row == 0
-    filled = int(last_row[0].sum())
-    if not (last_row == (torch.arange(mask.shape[-1], device=mask.device) < filled)).all():
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    filled = int(torch.where(last_row[0], positions + 1, 0).max())  # one past the last key read
+    expected = positions < filled
+    if window is not None:
+        expected &= positions >= filled - window
+    if not (last_row == expected).all():
         return None
     return filled
 
@@ -72,7 +77,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, scaling=
     method = get_method(config.method)
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     dense_layer = method.select is None or context.layer_idx in config.dense_layers
-    filled = _filled_keys(attention_mask, key.shape[2])
+    filled = _filled_keys(attention_mask, key.shape[2], window)
     if filled is None:  # padded batch: exact masked attention where that is what the layer does, else an error
         if window is None and not dense_layer:
             raise ValueError("sparse attention runs one unpadded sequence at a time: use batch size 1 "

@@ -84,7 +84,7 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
         counts = selection_counts(selection.key_index)
     return sparse_prefill(q, k, v, selection.key_index, counts, query_chunk=selection.query_chunk,
                           q_offset=selection.q_offset, scale=scale, softcap=softcap, block_size=block_size,
-                          sorted_keys=isinstance(selection, KernelSelection))
+                          sorted_keys=isinstance(selection, KernelSelection), window=selection.window)
 
 
 def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_tokens, local_tokens, share_heads,

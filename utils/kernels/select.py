@@ -190,15 +190,18 @@ def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robus
 
 
 @triton.jit
-def _max_pooled_scores_kernel(Q, C, Out, stride_qh, stride_ql, stride_ch, stride_cc, stride_oh, stride_ot,
+def _max_pooled_scores_kernel(Q, C, Out, Visible, stride_qh, stride_ql, stride_ch, stride_cc, stride_oh, stride_ot,
                               Lq, Nc, G, T, n_tiles,
                               TILES: tl.constexpr, TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
     """S_c with max pooling for TILES query tiles of one KV head, all chunks (as max_pooled_chunk_scores).
 
     The program's rows are TILES tiles x TILE_ROWS queries. A tile longer than TILE_ROWS (then TILES = 1) is
-    done in slices of TILE_ROWS queries; later slices take the max with what the earlier ones wrote."""
+    done in slices of TILE_ROWS queries; later slices take the max with what the earlier ones wrote. Chunks at
+    or past Visible[last tile of the program] start after every query of the program and are skipped (causal:
+    half the work); their scores stay as the caller initialised them."""
     t0 = tl.program_id(0) * TILES
+    visible = tl.load(Visible + tl.minimum(t0 + TILES, n_tiles) - 1)
     h = tl.program_id(1)
     r = tl.arange(0, TILES * TILE_ROWS)
     tile = t0 + r // TILE_ROWS
@@ -215,7 +218,7 @@ def _max_pooled_scores_kernel(Q, C, Out, stride_qh, stride_ql, stride_ch, stride
             q_head = Q + (h * G + g).to(tl.int64) * stride_qh
             q += tl.load(q_head + pos[:, None] * stride_ql + dims[None, :], mask=valid[:, None], other=0.0)
         q = q.to(C.dtype.element_ty)
-        for c0 in range(0, Nc, BLOCK_C):
+        for c0 in range(0, visible, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ck = tl.load(C + h * stride_ch + cols[:, None] * stride_cc + dims[None, :], mask=(cols < Nc)[:, None],
                          other=0.0)
@@ -232,10 +235,15 @@ def _max_pooled_scores_kernel(Q, C, Out, stride_qh, stride_ql, stride_ch, stride
 
 
 def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,
+                                ends: torch.Tensor | None = None, q_offset: int = 0,
                                 config: dict | None = None) -> torch.Tensor:
     """utils.dhsa.max_pooled_chunk_scores by one Triton kernel: q [Hq, Lq, D], chunk_k [H, Nc, D] (H = Hkv, or 1
     for one selection shared by all heads) -> [H, n_tiles, Nc] fp32, the best dot product over each tile's
     queries (the queries of a GQA group summed first).
+
+    ends (the chunk ends, [Nc]) and q_offset (position of the first query) make it causal: a chunk that starts
+    at or after a tile's last visible key is never a candidate of that tile (pick_keys gives it no keys), so it
+    is not scored and reads -inf. Without `ends` every chunk is scored.
 
     16-bit q: the group sum is taken in fp32 and rounded once to bf16, chunk_k is rounded to bf16, and the dot
     products accumulate in fp32 on the tensor cores: scores carry bf16 input rounding (~0.4% of |q||k|), enough
@@ -252,7 +260,7 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
         raise ValueError(f"max_pooled_chunk_scores_gpu takes fp16/bf16/fp32 queries, got {q.dtype}")
     T = query_chunk
     n_tiles = math.ceil(Lq / T)
-    cfg = dict(rows=128 if D <= 128 else 64, block_c=128 if D <= 64 else 64, num_warps=4 if D <= 64 else 8,
+    cfg = dict(rows=128 if D <= 128 else 64, block_c=128 if D <= 128 else 64, num_warps=4 if D <= 64 else 8,
                num_stages=3)
     cfg.update(config or {})
     tile_rows = min(triton.next_power_of_2(T), cfg["rows"])
@@ -260,21 +268,29 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
     if q.stride(-1) != 1:
         q = q.contiguous()
     chunk_k = chunk_k.to(torch.float32 if q.dtype == torch.float32 else torch.bfloat16).contiguous()
-    out = torch.empty(H, n_tiles, Nc, dtype=torch.float32, device=q.device)
+    if ends is None:
+        visible = torch.full((n_tiles,), Nc, dtype=torch.int32, device=q.device)
+        out = torch.empty(H, n_tiles, Nc, dtype=torch.float32, device=q.device)
+    else:  # chunks whose start (the previous end) lies before the tile's last visible key
+        tile_end = q_offset + torch.clamp(torch.arange(1, n_tiles + 1, device=q.device) * T, max=Lq)
+        visible = (torch.searchsorted(ends.to(tile_end.dtype), tile_end) + 1).clamp(max=Nc).to(torch.int32)
+        out = torch.full((H, n_tiles, Nc), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
     _max_pooled_scores_kernel[(math.ceil(n_tiles / tiles), H)](
-        q, chunk_k, out, q.stride(0), q.stride(1), chunk_k.stride(0), chunk_k.stride(1), out.stride(0),
+        q, chunk_k, out, visible, q.stride(0), q.stride(1), chunk_k.stride(0), chunk_k.stride(1), out.stride(0),
         out.stride(1), Lq, Nc, Hq // H, T, n_tiles, TILES=tiles, TILE_ROWS=tile_rows, HEAD_DIM=D,
         BLOCK_C=cfg["block_c"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out
 
 
-def _max_pooled_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int) -> torch.Tensor:
-    """S_c with max pooling for one sequence: the kernel where it applies, else the PyTorch reference."""
+def _max_pooled_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, ends: torch.Tensor,
+                       q_offset: int) -> torch.Tensor:
+    """S_c with max pooling for one sequence: the kernel where it applies (causal: chunks after a tile are not
+    scored), else the PyTorch reference."""
     if q.shape[-1] in (16, 32, 64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk)
+        return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk, ends=ends, q_offset=q_offset)
     return max_pooled_chunk_scores(q, chunk_k, query_chunk)
 
 
@@ -319,7 +335,7 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
         if query_pooling == "mean":
             scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
         else:
-            scores = _max_pooled_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T)
+            scores = _max_pooled_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T, boundaries[b], Lk - Lq)
         key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
                                             query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
                                             num_slots=K)

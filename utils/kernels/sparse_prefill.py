@@ -27,8 +27,8 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl, stride_vl,
-                 qk_scale, softcap, offs_n, dims, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                 KEY_BLOCK: tl.constexpr, MASKED: tl.constexpr):
+                 qk_scale, softcap, window, offs_n, dims, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
+                 KEY_BLOCK: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr):
     """One block of BLOCK_N listed keys: online-softmax update of (acc, m_i, l_i). MASKED=False only for
     blocks whose keys are all valid and precede every query of the program (no causal mask needed)."""
     if KEY_BLOCK > 0:
@@ -51,6 +51,8 @@ def _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count,
         qk = qk * (qk_scale * 1.4426950408889634)
     if MASKED:
         visible = key_ok[None, :] & (key[None, :] <= q_pos[:, None])
+        if WINDOW:  # sliding-window layers: only the last `window` positions
+            visible = visible & (q_pos[:, None] - key[None, :] < window)
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
@@ -74,10 +76,10 @@ def _sparse_prefill_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_ib, stride_ih, stride_it,
     stride_cb, stride_ch,
-    num_sel_heads, sel_heads_per_kv, Lq, Lk, q_offset, qk_scale, softcap,
+    num_sel_heads, sel_heads_per_kv, Lq, Lk, q_offset, qk_scale, softcap, window,
     T: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, M_Q: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BLOCK: tl.constexpr,
-    SORTED: tl.constexpr,
+    SORTED: tl.constexpr, WINDOW: tl.constexpr,
 ):
     tile = tl.program_id(0) // SPLIT
     part = tl.program_id(0) % SPLIT
@@ -130,10 +132,12 @@ def _sparse_prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     for step in range(0, safe_steps):
         acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl,
-                                     stride_vl, qk_scale, softcap, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK, False)
+                                     stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK,
+                                     False, WINDOW)
     for step in range(safe_steps, steps):
         acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl,
-                                     stride_vl, qk_scale, softcap, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK, True)
+                                     stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK,
+                                     True, WINDOW)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = Out + b * stride_ob + (s * G + g)[:, None] * stride_oh + q_idx[:, None] * stride_ol + dims[None, :]
@@ -167,6 +171,7 @@ def sparse_prefill(
     config: dict | None = None,
     out: torch.Tensor | None = None,
     sorted_keys: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Sparse causal attention over listed keys. Shapes in the module docstring; returns [B, Hq, Lq, D].
 
@@ -175,6 +180,7 @@ def sparse_prefill(
     config: overrides of `default_config` (rows, block_n, num_warps, num_stages). out: optional [B, Hq, Lq, D]
     buffer to write into (tests poison it first). sorted_keys: the lists are ascending with unused slots last
     (as every KernelSelection is); the kernel then skips the causal mask on the blocks below the tile.
+    window: also drop keys with q_pos - k_pos >= window (sliding-window layers; every block is then masked).
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -220,9 +226,10 @@ def sparse_prefill(
         out.stride(0), out.stride(1), out.stride(2),
         key_index.stride(0), key_index.stride(1), key_index.stride(2),
         counts.stride(0), counts.stride(1),
-        Hs, Hs // Hkv, Lq, Lk, q_offset, float(scale), float(softcap or 1.0),
+        Hs, Hs // Hkv, Lq, Lk, q_offset, float(scale), float(softcap or 1.0), int(window or 0),
         T=T, G=G, G_P2=G_P2, M_Q=m_q, SPLIT=split, BLOCK_N=block_n, HEAD_DIM=D,
-        SOFTCAP=softcap is not None, KEY_BLOCK=block_size or 0, SORTED=sorted_keys,
+        SOFTCAP=softcap is not None, KEY_BLOCK=block_size or 0, SORTED=sorted_keys and window is None,
+        WINDOW=window is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
