@@ -250,3 +250,25 @@ def test_max_pooling_keeps_what_one_query_needs():
     kw = dict(budget=8, boundaries=ends, query_chunk=32, sink_tokens=0, local_tokens=0)
     assert dhsa_select(q, k, query_pooling="max", **kw).key_index[0, 0, -1].tolist() == list(range(8, 16))
     assert dhsa_select(q, k, query_pooling="mean", **kw).key_index[0, 0, -1].tolist() != list(range(8, 16))
+
+
+@pytest.mark.parametrize("query_pooling", ["max", "mean"])
+@pytest.mark.parametrize("tile", [1, 4])  # a decode step (Algorithm 2) and a prefill tile
+def test_head_max_pooling_keeps_what_one_gqa_head_needs(query_pooling, tile):
+    """Regression (gemma-3-270m NIAH, 4 query heads on 1 KV head): the retrieval head of a GQA group wants the
+    needle's chunk, the group's other heads point away from it; averaging their queries loses the chunk,
+    head_pooling="max" (each head scores, the best head counts) keeps it."""
+    L, D = 16, 4
+    k = torch.zeros(1, 1, L, D)
+    k[0, 0, 4:8, 0] = 1.0                   # the "needle" chunk [4, 8): direction 0
+    k[0, 0, 8:12, 1] = 1.0                  # a distractor chunk [8, 12): direction 1
+    q = torch.zeros(1, 2, tile, D)
+    q[0, 0, :, 0] = 10.0                    # head 0 (retrieval head) asks for the needle
+    q[0, 1, :, 0] = -9.0                    # head 1 points away from it ...
+    q[0, 1, :, 1] = 2.0                     # ... and weakly at the distractor
+    kw = dict(budget=4, boundaries=[torch.tensor([4, 8, 12, 16])], query_chunk=tile, sink_tokens=0,
+              local_tokens=0, query_pooling=query_pooling)
+    assert dhsa_select(q, k, head_pooling="max", **kw).key_index[0, 0, -1].tolist() == [4, 5, 6, 7]
+    assert dhsa_select(q, k, head_pooling="mean", **kw).key_index[0, 0, -1].tolist() == [8, 9, 10, 11]
+    with pytest.raises(ValueError):
+        dhsa_select(q, k, head_pooling="median", **kw)

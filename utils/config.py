@@ -41,6 +41,7 @@ class SparseAttentionConfig:
     share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
     query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
+    head_pooling: str = "mean"             # GQA heads sharing a selection: average their queries, or best head ("max")
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -69,6 +70,8 @@ class SparseAttentionConfig:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
         if self.query_pooling not in ("max", "mean"):
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.head_pooling not in ("max", "mean"):
+            raise ValueError(f"head_pooling must be max or mean, got {self.head_pooling!r}")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
             raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")

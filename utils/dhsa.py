@@ -84,24 +84,32 @@ def query_tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, rob
     return torch.cat(parts, dim=2)
 
 
-def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int) -> torch.Tensor:
+def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int,
+                            head_pooling: str = "mean") -> torch.Tensor:
     """S_c with max pooling over a tile: every chunk is scored by the tile query that matches it best.
 
-    q: [Hq, Lq, D] (one sequence); chunk_k: [H, Nc, D] with H = Hkv (or 1: all heads share). Queries of a
-    GQA group are averaged first. Returns [H, n_tiles, Nc] fp32. Cost Lq * Nc dot products per head (a
-    sixteenth of dense attention's with 16-key chunks), done a few tiles at a time.
+    q: [Hq, Lq, D] (one sequence); chunk_k: [H, Nc, D] with H = Hkv (or 1: all heads share). head_pooling:
+    "mean" averages the queries of a GQA group first (one score per query position); "max" scores every
+    query head on its own and keeps the best head, so that a chunk wanted by one head of the group (a
+    retrieval head) is not outvoted by the group's other heads. Returns [H, n_tiles, Nc] fp32. Cost Lq * Nc
+    dot products per head ("max": per query head), done a few tiles at a time.
     """
     Hq, Lq, D = q.shape
     H, Nc, _ = chunk_k.shape
-    T = query_chunk
+    T, G = query_chunk, Hq // H
     n_tiles = math.ceil(Lq / T)
     out = torch.empty(H, n_tiles, Nc, dtype=torch.float32, device=q.device)
-    step = max(1, _SCORE_ELEMENTS // max(1, H * T * Nc))  # tiles per slice
+    per_row = H * Nc * (G if head_pooling == "max" else 1)
+    step = max(1, _SCORE_ELEMENTS // max(1, T * per_row))  # tiles per slice
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
         rows = q[:, t0 * T: min(Lq, t1 * T)]
-        group = rows.reshape(H, Hq // H, rows.shape[1], D).sum(1, dtype=torch.float32)  # GQA group sum
-        scores = torch.matmul(group, chunk_k.transpose(1, 2))  # [H, rows, Nc]
+        if head_pooling == "max":  # [H, G, rows, Nc] -> best head of the group
+            scores = torch.matmul(rows.reshape(H, G, rows.shape[1], D).float(),
+                                  chunk_k[:, None].transpose(-1, -2)).amax(1)
+        else:
+            group = rows.reshape(H, G, rows.shape[1], D).sum(1, dtype=torch.float32)  # GQA group sum
+            scores = torch.matmul(group, chunk_k.transpose(1, 2))  # [H, rows, Nc]
         pad = (t1 - t0) * T - rows.shape[1]
         if pad:
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
@@ -131,17 +139,24 @@ def dhsa_select(
     local_tokens: int = 0,
     share_heads: bool = False,
     query_pooling: str = "max",
+    head_pooling: str = "mean",
 ) -> Selection:
     """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
 
     query_pooling: how a tile scores a chunk: "max" over its queries (the tile keeps what any of its queries
     ranks high), or "mean" (the tile's mean query, eq. 4 applied to the tile, as in the authors' code).
+    head_pooling: how the query heads that share one selection (a GQA group, or all heads with share_heads)
+    are combined: "mean" (their queries are averaged before scoring) or "max" (each head scores the chunks
+    and the best head counts).
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; boundaries: one
     ascending chunk-end tensor per batch item (last end = Lk). Returns a Selection with key_index
     [B, Hkv, n_tiles, min(budget, Lk)] (-1 = unused slot, where a tile sees fewer than N_b keys).
     """
-    if q.is_cuda:  # fused GPU selection (utils/kernels/select.py), same kept set up to ties; None = not applicable
+    if head_pooling not in ("max", "mean"):
+        raise ValueError(f"head_pooling must be 'max' or 'mean', got {head_pooling!r}")
+    if q.is_cuda and head_pooling == "mean":  # fused GPU selection (utils/kernels/select.py), same kept set up to
+        # ties; None = not applicable
         from .kernels import try_dhsa_select
         fused = try_dhsa_select(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
                                 sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads,
@@ -158,10 +173,14 @@ def dhsa_select(
 
     if query_pooling not in ("max", "mean"):
         raise ValueError(f"query_pooling must be 'max' or 'mean', got {query_pooling!r}")
+    heads = 1 if share_heads else Hkv
     if query_pooling == "mean":
-        q_vec = query_tile_vectors(q, Hkv, T, robust)  # [B, Hkv, n_tiles, D]
-        if share_heads:
-            q_vec = q_vec.mean(dim=1, keepdim=True)
+        if head_pooling == "max":  # one tile vector per query head, grouped by the head that selects for it
+            q_vec = query_tile_vectors(q, Hq, T, robust).view(B, heads, Hq // heads, n_tiles, D)
+        else:
+            q_vec = query_tile_vectors(q, Hkv, T, robust)  # [B, Hkv, n_tiles, D]
+            if share_heads:
+                q_vec = q_vec.mean(dim=1, keepdim=True)
 
     # Per tile: keys visible to its last query (tile_end), its budget and its always-kept keys.
     tile_end = q_offset + torch.clamp(torch.arange(1, n_tiles + 1, device=device) * T, max=Lq)  # [n_tiles]
@@ -170,16 +189,17 @@ def dhsa_select(
     key_pos = torch.arange(Lk, device=device)
 
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
-    heads = 1 if share_heads else Hkv
     group = max(1, min(n_tiles, _SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
         ends = boundaries[b]
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
         chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
-        if query_pooling == "mean":
+        if query_pooling == "mean" and head_pooling == "max":
+            chunk_scores = torch.einsum("hgtd,hcd->hgtc", q_vec[b], chunk_k).amax(1)  # S_c: [heads, n_tiles, Nc]
+        elif query_pooling == "mean":
             chunk_scores = torch.einsum("htd,hcd->htc", q_vec[b], chunk_k)  # S_c: [heads, n_tiles, Nc]
         else:
-            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T)
+            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
         for t0 in range(0, n_tiles, group):
             t1 = min(n_tiles, t0 + group)
@@ -222,7 +242,7 @@ def dhsa_attention(
     boundaries: chunk end indices, 1-D (shared by the batch), [B, Nc], or a list of 1-D; None uses uniform
     chunks of `chunk_size` (16) keys until learned boundaries are given. Other `options` are fields of
     SparseAttentionConfig (min_budget, chunk_size, max_chunks, robust_chunk_repr, sink_tokens, local_tokens,
-    share_heads, query_pooling).
+    share_heads, query_pooling, head_pooling).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D]; got {tuple(q.shape)}, "
@@ -242,7 +262,7 @@ def dhsa_attention(
     selection = dhsa_select(q, k, budget=cfg.resolve_budget(Lk), boundaries=ends, query_chunk=cfg.query_chunk,
                             robust=cfg.robust_chunk_repr, sink_tokens=cfg.sink_tokens,
                             local_tokens=cfg.local_tokens, share_heads=cfg.share_heads,
-                            query_pooling=cfg.query_pooling)
+                            query_pooling=cfg.query_pooling, head_pooling=cfg.head_pooling)
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
