@@ -17,9 +17,13 @@ memory is O(num_queries x L) per layer, never O(L^2).
 
 Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N; a rerun skips what is
 there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
+`--essays val` scores only the essays the shipped boundary predictors held out (their training used the essays
+and LongBench contexts; see boundary_predictor/weights/README.md), so DHSA's learned boundaries are not seen text.
 
     python run_attention_recall.py --model smollm2-135m --lengths 2K 4K
     python run_attention_recall.py --model gemma-3-270m --lengths 8K --device cuda
+    python run_attention_recall.py --model gemma-3-270m --lengths 8K --essays val --output-dir results_recall/heldout \
+        --methods dhsa dhsa_fixed_chunks block_sparse oracle_topk --kept-keys 256 512 1024 2048
 """
 
 from __future__ import annotations
@@ -119,11 +123,30 @@ def parse_length(text: str) -> int:
     return int(value)
 
 
-def essay_tokens(tokenizer, num_tokens: int, folder=None) -> torch.Tensor:
-    """The first `num_tokens` tokens of the essays (repeated if needed), with the tokenizer's special prefix."""
+# The essays the shipped boundary predictors held out for validation: boundary_predictor.train's split
+# (is_validation of the document id "<folder name>/<file>", its defaults --val-fraction 0.1 --seed 0).
+PREDICTOR_VAL_FRACTION, PREDICTOR_SEED = 0.1, 0
+
+
+def validation_essays(folder=None) -> str:
+    """The predictor's validation essays of `folder` (sorted by name), unwrapped, separated by a blank line."""
+    from boundary_predictor.data import is_validation
+    from data.haystack import DEFAULT_HAYSTACK_DIR, unwrap_lines
+
+    folder = Path(folder) if folder is not None else DEFAULT_HAYSTACK_DIR
+    files = [f for f in sorted(folder.glob("*.txt"))
+             if is_validation(f"{folder.name}/{f.name}", PREDICTOR_VAL_FRACTION, PREDICTOR_SEED)]
+    if not files:
+        raise FileNotFoundError(f"no validation essays in {folder}; pass --haystack-dir with the Paul Graham essays")
+    return "\n\n".join(t for t in (unwrap_lines(f.read_text(encoding="utf-8")) for f in files) if t)
+
+
+def essay_tokens(tokenizer, num_tokens: int, folder=None, essays: str = "all") -> torch.Tensor:
+    """The first `num_tokens` tokens of the essays (repeated if needed), with the tokenizer's special prefix.
+    essays: "all" (every essay, sorted by name) or "val" (only the boundary predictor's validation essays)."""
     from data.haystack import read_essays
 
-    text = read_essays(folder)
+    text = read_essays(folder) if essays == "all" else validation_essays(folder)
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
     if len(ids) < num_tokens:
         body = tokenizer("\n\n" + text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -189,7 +212,8 @@ def settings_key(args, config) -> str:
     """Fingerprint of everything that changes the numbers; rows of other settings are not reused."""
     text = json.dumps({"num_queries": args.num_queries, "config": {k: v for k, v in vars(config).items()
                                                                    if k not in ("method", "budget", "density")},
-                       "dtype": args.dtype, "layers": args.layers}, sort_keys=True, default=str)
+                       "dtype": args.dtype, "layers": args.layers,
+                       **({"essays": args.essays} if args.essays != "all" else {})}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -278,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", nargs="+", default=["global"],
                         help="'global' (the sparse layers), 'all', or layer indices")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
+    parser.add_argument("--essays", choices=["all", "val"], default="all",
+                        help="text: every essay, or only the boundary predictor's held-out validation essays "
+                             "(6 essays, ~12K tokens; so learned boundaries are scored on text they were not "
+                             "trained on)")
     parser.add_argument("--output-dir", default="results_recall", help="results go to <dir>/<model>/")
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
@@ -341,7 +369,7 @@ def run(args) -> Path:
         kept_keys = [n for n in args.kept_keys if n < L]
         first_query = (L - args.num_queries) // align * align  # the evaluated chunk starts on a tile boundary
         progress.set_postfix(length=L, step="forward")
-        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir), pending, first_query)
+        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir, args.essays), pending, first_query)
         # As in one patched forward, DHSA computes boundaries at its first layer and shares them with later
         # layers; each method gets its own shared state since a model runs one method at a time.
         shared = {name: {} for name in args.methods}
