@@ -272,3 +272,25 @@ def test_head_max_pooling_keeps_what_one_gqa_head_needs(query_pooling, tile):
     assert dhsa_select(q, k, head_pooling="mean", **kw).key_index[0, 0, -1].tolist() == [8, 9, 10, 11]
     with pytest.raises(ValueError):
         dhsa_select(q, k, head_pooling="median", **kw)
+
+
+def test_center_keys_removes_the_chunk_length_bias():
+    """Keys share a large common component m. With variable-length chunks, the robust chunk vector
+    (sum / sqrt(len)) scores a long chunk sqrt(len) * (q . m) higher whatever it holds; centring on the causal
+    mean key removes that, so the short chunk holding the key that matches the query wins."""
+    torch.manual_seed(0)
+    D, L = 16, 200
+    common = torch.randn(D) * 3
+    k = common + 0.3 * torch.randn(1, 1, L, D)
+    q = torch.zeros(1, 1, 1, D)
+    q[..., :] = common / common.norm()  # the query also points along m (q . m > 0)
+    target = 120
+    k[0, 0, target] += 2.0 * common / common.norm() + 4.0 * torch.randn(D).sign()
+    q = q + 0.5 * torch.sign(k[0, 0, target] - common) / D ** 0.5
+    ends = torch.tensor([4, 100, 119, 121, 199, 200])  # long chunks around a 2-key chunk holding the target
+    kept = {}
+    for center in (False, True):
+        sel = dhsa_select(q, k, budget=8, boundaries=[ends], query_chunk=1, sink_tokens=1, center_keys=center)
+        kept[center] = set(sel.key_index[0, 0, 0].tolist())
+    assert target in kept[True]
+    assert target not in kept[False]

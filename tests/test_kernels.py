@@ -145,6 +145,12 @@ def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
     tile_end = torch.clamp(torch.arange(1, math.ceil(L / T) + 1, device=device) * T, max=L)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     visible = (starts[None, :] < tile_end[:, None]).expand_as(ref)
+    # centring (center_keys): per-query shift by the tile's mean key, as the reference
+    from utils.dhsa import tile_key_means
+    centring = tile_key_means(chunk_k, ends, tile_end, robust=True)
+    got_c = max_pooled_chunk_scores_gpu(q, chunk_k, T, centring=centring, config=config)
+    ref_c = max_pooled_chunk_scores(q.float(), chunk_k, T, centring=centring)
+    assert rel(got_c, ref_c) < (1e-5 if dtype == torch.float32 else 1e-2), rel(got_c, ref_c)
     scored = ~torch.isneginf(causal)  # visible chunks, and maybe some of a program's later tiles' chunks
     assert scored[visible].all(), "a visible chunk was not scored"
     assert rel(causal[scored], ref[scored]) < (1e-5 if dtype == torch.float32 else 1e-2)

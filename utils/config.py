@@ -41,6 +41,7 @@ class SparseAttentionConfig:
     share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
     query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
+    center_keys: bool = True               # centre keys on their causal mean before chunk scoring (see README)
     head_pooling: str = "mean"             # GQA heads sharing a selection: average their queries, or best head ("max")
 
     # layers

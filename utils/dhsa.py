@@ -84,15 +84,40 @@ def query_tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, rob
     return torch.cat(parts, dim=2)
 
 
+def tile_key_means(chunk_k: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, robust: bool = True):
+    """Causal mean key per query tile, for centring the chunk scores (`center_keys`).
+
+    A chunk vector is w(len) * sum of its keys (w = 1/sqrt(len) if robust, else 1/len), so a component m that all
+    keys share adds len * w(len) * (q . m) to a chunk's score: with variable-length chunks and the robust weight,
+    long chunks win whenever q . m > 0, whatever they contain. Token attention is blind to m (softmax ignores a
+    shift shared by all keys), so the scores subtract it: S_c - len_c * w(len_c) * (q . m_t), with m_t the mean
+    key of the chunks that end before tile t's last key (chunk 0, the attention sink, left out): causal.
+
+    chunk_k: [H, Nc, D] fp32 (chunk_vectors), ends: [Nc], tile_end: [n_tiles] (keys visible to each tile's last
+    query). Returns key_mean [H, n_tiles, D] fp32 and weight [Nc] = len * w(len).
+    """
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)
+    weight = lengths.sqrt() if robust else torch.ones_like(lengths)
+    sums = chunk_k / (lengths.rsqrt() if robust else lengths.reciprocal())[None, :, None]  # plain key sums
+    prefix = torch.cumsum(sums, dim=1)  # keys of chunks 0..c
+    done = torch.searchsorted(ends, tile_end.to(ends.dtype), right=True)  # chunks wholly visible to the tile
+    last = (done - 1).clamp(min=0)
+    count = (ends[last] - ends[0]).to(torch.float32)  # keys in chunks 1..done-1
+    key_sum = prefix[:, last] - prefix[:, :1]
+    key_mean = torch.where((count > 0)[None, :, None], key_sum / count.clamp(min=1)[None, :, None], 0.0)
+    return key_mean, weight
+
+
 def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int,
-                            head_pooling: str = "mean") -> torch.Tensor:
+                            head_pooling: str = "mean", centring=None) -> torch.Tensor:
     """S_c with max pooling over a tile: every chunk is scored by the tile query that matches it best.
 
     q: [Hq, Lq, D] (one sequence); chunk_k: [H, Nc, D] with H = Hkv (or 1: all heads share). head_pooling:
     "mean" averages the queries of a GQA group first (one score per query position); "max" scores every
     query head on its own and keeps the best head, so that a chunk wanted by one head of the group (a
     retrieval head) is not outvoted by the group's other heads. Returns [H, n_tiles, Nc] fp32. Cost Lq * Nc
-    dot products per head ("max": per query head), done a few tiles at a time.
+    dot products per head ("max": per query head), done a few tiles at a time. centring: (key_mean, weight) of
+    tile_key_means; every query's score of chunk c then drops weight[c] * (q . key_mean[tile]).
     """
     Hq, Lq, D = q.shape
     H, Nc, _ = chunk_k.shape
@@ -104,12 +129,17 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
         rows = q[:, t0 * T: min(Lq, t1 * T)]
-        if head_pooling == "max":  # [H, G, rows, Nc] -> best head of the group
-            scores = torch.matmul(rows.reshape(H, G, rows.shape[1], D).float(),
-                                  chunk_k[:, None].transpose(-1, -2)).amax(1)
-        else:
-            group = rows.reshape(H, G, rows.shape[1], D).sum(1, dtype=torch.float32)  # GQA group sum
-            scores = torch.matmul(group, chunk_k.transpose(1, 2))  # [H, rows, Nc]
+        n = rows.shape[1]
+        per_head = rows.reshape(H, G, n, D).float()
+        if head_pooling == "mean":
+            per_head = per_head.sum(1, keepdim=True)  # GQA group sum: [H, 1, rows, D]
+        scores = torch.matmul(per_head, chunk_k[:, None].transpose(-1, -2))  # [H, G or 1, rows, Nc]
+        if centring is not None:
+            key_mean, weight = centring
+            tile_of_row = torch.arange(n, device=q.device) // T + t0
+            shift = (per_head * key_mean[:, None, tile_of_row]).sum(-1)  # q . m_t per row: [H, G or 1, rows]
+            scores = scores - shift[..., None] * weight
+        scores = scores.amax(1)  # best head of the group ("max"), or the one group sum
         pad = (t1 - t0) * T - rows.shape[1]
         if pad:
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
@@ -140,6 +170,7 @@ def dhsa_select(
     share_heads: bool = False,
     query_pooling: str = "max",
     head_pooling: str = "mean",
+    center_keys: bool = True,
 ) -> Selection:
     """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
 
@@ -148,6 +179,8 @@ def dhsa_select(
     head_pooling: how the query heads that share one selection (a GQA group, or all heads with share_heads)
     are combined: "mean" (their queries are averaged before scoring) or "max" (each head scores the chunks
     and the best head counts).
+    center_keys: score chunks against keys centred on their causal mean (tile_key_means), so that chunk
+    length does not bias the ranking.
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; boundaries: one
     ascending chunk-end tensor per batch item (last end = Lk). Returns a Selection with key_index
@@ -160,7 +193,7 @@ def dhsa_select(
         from .kernels import try_dhsa_select
         fused = try_dhsa_select(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
                                 sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads,
-                                query_pooling=query_pooling)
+                                query_pooling=query_pooling, center_keys=center_keys)
         if fused is not None:
             return fused
     B, Hq, Lq, D = q.shape
@@ -194,12 +227,16 @@ def dhsa_select(
         ends = boundaries[b]
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
         chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
-        if query_pooling == "mean" and head_pooling == "max":
-            chunk_scores = torch.einsum("hgtd,hcd->hgtc", q_vec[b], chunk_k).amax(1)  # S_c: [heads, n_tiles, Nc]
-        elif query_pooling == "mean":
-            chunk_scores = torch.einsum("htd,hcd->htc", q_vec[b], chunk_k)  # S_c: [heads, n_tiles, Nc]
+        centring = tile_key_means(chunk_k, ends, tile_end, robust) if center_keys else None
+        if query_pooling == "mean":
+            vec = q_vec[b] if head_pooling == "max" else q_vec[b][:, None]  # [heads, G or 1, n_tiles, D]
+            chunk_scores = torch.einsum("hgtd,hcd->hgtc", vec, chunk_k)
+            if centring is not None:
+                shift = (vec * centring[0][:, None]).sum(-1)  # [heads, G or 1, n_tiles]
+                chunk_scores = chunk_scores - shift[..., None] * centring[1]
+            chunk_scores = chunk_scores.amax(1)  # S_c: [heads, n_tiles, Nc]
         else:
-            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling)
+            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
         for t0 in range(0, n_tiles, group):
             t1 = min(n_tiles, t0 + group)
@@ -242,7 +279,7 @@ def dhsa_attention(
     boundaries: chunk end indices, 1-D (shared by the batch), [B, Nc], or a list of 1-D; None uses uniform
     chunks of `chunk_size` (16) keys until learned boundaries are given. Other `options` are fields of
     SparseAttentionConfig (min_budget, chunk_size, max_chunks, robust_chunk_repr, sink_tokens, local_tokens,
-    share_heads, query_pooling, head_pooling).
+    share_heads, query_pooling, head_pooling, center_keys).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"expected q [B, Hq, L, D] and k, v [B, Hkv, L, D]; got {tuple(q.shape)}, "
@@ -262,9 +299,10 @@ def dhsa_attention(
     selection = dhsa_select(q, k, budget=cfg.resolve_budget(Lk), boundaries=ends, query_chunk=cfg.query_chunk,
                             robust=cfg.robust_chunk_repr, sink_tokens=cfg.sink_tokens,
                             local_tokens=cfg.local_tokens, share_heads=cfg.share_heads,
-                            query_pooling=cfg.query_pooling, head_pooling=cfg.head_pooling)
+                            query_pooling=cfg.query_pooling, head_pooling=cfg.head_pooling,
+                            center_keys=cfg.center_keys)
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
-__all__ = ["dhsa_attention", "dhsa_select", "chunk_vectors", "query_tile_vectors", "decode_boundaries",
+__all__ = ["dhsa_attention", "dhsa_select", "chunk_vectors", "tile_key_means", "query_tile_vectors", "decode_boundaries",
            "forced_key_counts"]

@@ -103,7 +103,8 @@ def _dhsa(robust: bool, dynamic: bool):
         return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends,
                            query_chunk=config.query_chunk, robust=robust, sink_tokens=config.sink_tokens,
                            local_tokens=config.local_tokens, share_heads=config.share_heads,
-                           query_pooling=config.query_pooling, head_pooling=config.head_pooling)
+                           query_pooling=config.query_pooling, head_pooling=config.head_pooling,
+                           center_keys=config.center_keys)
     return select
 
 

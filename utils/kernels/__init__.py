@@ -88,7 +88,7 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
 
 
 def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_tokens, local_tokens, share_heads,
-                    query_pooling="max"):
+                    query_pooling="max", center_keys=True):
     """The fused selection for `utils.dhsa.dhsa_select` (same arguments), or None where it does not apply."""
     from .select import MAX_CHUNKS, dhsa_select_fused
 
@@ -96,7 +96,7 @@ def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_token
         return None
     return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
                              sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads,
-                             query_pooling=query_pooling)
+                             query_pooling=query_pooling, center_keys=center_keys)
 
 
 __all__ = ["try_sparse_attention", "try_dhsa_select", "enabled", "set_enabled", "disabled", "triton_available",

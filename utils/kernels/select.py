@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..attention import Selection
-from ..dhsa import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors
+from ..dhsa import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
 from .types import KernelSelection
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
@@ -190,16 +190,17 @@ def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robus
 
 
 @triton.jit
-def _max_pooled_scores_kernel(Q, C, Out, Visible, stride_qh, stride_ql, stride_ch, stride_cc, stride_oh, stride_ot,
-                              Lq, Nc, G, T, n_tiles,
+def _max_pooled_scores_kernel(Q, C, Out, Visible, KeyMean, Weight, stride_qh, stride_ql, stride_ch, stride_cc,
+                              stride_oh, stride_ot, stride_mh, stride_mt, Lq, Nc, G, T, n_tiles,
                               TILES: tl.constexpr, TILE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+                              BLOCK_C: tl.constexpr, IEEE: tl.constexpr, CENTER: tl.constexpr):
     """S_c with max pooling for TILES query tiles of one KV head, all chunks (as max_pooled_chunk_scores).
 
     The program's rows are TILES tiles x TILE_ROWS queries. A tile longer than TILE_ROWS (then TILES = 1) is
     done in slices of TILE_ROWS queries; later slices take the max with what the earlier ones wrote. Chunks at
     or past Visible[last tile of the program] start after every query of the program and are skipped (causal:
-    half the work); their scores stay as the caller initialised them."""
+    half the work); their scores stay as the caller initialised them. CENTER: scores drop
+    Weight[c] * (q . KeyMean[tile]) (utils.dhsa.tile_key_means), per query before the max."""
     t0 = tl.program_id(0) * TILES
     visible = tl.load(Visible + tl.minimum(t0 + TILES, n_tiles) - 1)
     h = tl.program_id(1)
@@ -217,6 +218,10 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, stride_qh, stride_ql, stride_c
         for g in range(0, G):
             q_head = Q + (h * G + g).to(tl.int64) * stride_qh
             q += tl.load(q_head + pos[:, None] * stride_ql + dims[None, :], mask=valid[:, None], other=0.0)
+        if CENTER:  # q . m_t per row, in fp32
+            mean = tl.load(KeyMean + h * stride_mh + tl.minimum(tile, n_tiles - 1)[:, None] * stride_mt
+                           + dims[None, :])
+            shift = tl.sum(q * mean, 1)
         q = q.to(C.dtype.element_ty)
         for c0 in range(0, visible, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -226,6 +231,9 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, stride_qh, stride_ql, stride_c
                 scores = tl.dot(q, tl.trans(ck), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(ck))  # bf16 inputs, fp32 accumulator
+            if CENTER:
+                weight = tl.load(Weight + cols, mask=cols < Nc, other=0.0)
+                scores -= shift[:, None] * weight[None, :]
             scores = tl.where(valid[:, None], scores, float("-inf"))
             best = tl.max(tl.reshape(scores, [TILES, TILE_ROWS, BLOCK_C]), 1)
             ptrs = out_rows + cols[None, :]
@@ -235,7 +243,7 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, stride_qh, stride_ql, stride_c
 
 
 def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,
-                                ends: torch.Tensor | None = None, q_offset: int = 0,
+                                ends: torch.Tensor | None = None, q_offset: int = 0, centring=None,
                                 config: dict | None = None) -> torch.Tensor:
     """utils.dhsa.max_pooled_chunk_scores by one Triton kernel: q [Hq, Lq, D], chunk_k [H, Nc, D] (H = Hkv, or 1
     for one selection shared by all heads) -> [H, n_tiles, Nc] fp32, the best dot product over each tile's
@@ -243,7 +251,8 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
 
     ends (the chunk ends, [Nc]) and q_offset (position of the first query) make it causal: a chunk that starts
     at or after a tile's last visible key is never a candidate of that tile (pick_keys gives it no keys), so it
-    is not scored and reads -inf. Without `ends` every chunk is scored.
+    is not scored and reads -inf. Without `ends` every chunk is scored. centring: (key_mean [H, n_tiles, D],
+    weight [Nc]) from utils.dhsa.tile_key_means, applied per query as the reference does.
 
     16-bit q: the group sum is taken in fp32 and rounded once to bf16, chunk_k is rounded to bf16, and the dot
     products accumulate in fp32 on the tensor cores: scores carry bf16 input rounding (~0.4% of |q||k|), enough
@@ -277,21 +286,25 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
         out = torch.full((H, n_tiles, Nc), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
+    if centring is not None:
+        key_mean, weight = centring[0].float().contiguous(), centring[1].float().contiguous()
+    else:
+        key_mean, weight = out, out  # unused
     _max_pooled_scores_kernel[(math.ceil(n_tiles / tiles), H)](
-        q, chunk_k, out, visible, q.stride(0), q.stride(1), chunk_k.stride(0), chunk_k.stride(1), out.stride(0),
-        out.stride(1), Lq, Nc, Hq // H, T, n_tiles, TILES=tiles, TILE_ROWS=tile_rows, HEAD_DIM=D,
-        BLOCK_C=cfg["block_c"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        q, chunk_k, out, visible, key_mean, weight, q.stride(0), q.stride(1), chunk_k.stride(0), chunk_k.stride(1),
+        out.stride(0), out.stride(1), key_mean.stride(0), key_mean.stride(1), Lq, Nc, Hq // H, T, n_tiles,
+        TILES=tiles, TILE_ROWS=tile_rows, HEAD_DIM=D, BLOCK_C=cfg["block_c"], IEEE=q.dtype == torch.float32,
+        CENTER=centring is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def _max_pooled_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, ends: torch.Tensor,
-                       q_offset: int) -> torch.Tensor:
+                       q_offset: int, centring) -> torch.Tensor:
     """S_c with max pooling for one sequence: the kernel where it applies (causal: chunks after a tile are not
     scored), else the PyTorch reference."""
     if q.shape[-1] in (16, 32, 64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk, ends=ends, q_offset=q_offset)
-    return max_pooled_chunk_scores(q, chunk_k, query_chunk)
+        return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk, ends=ends, q_offset=q_offset, centring=centring)
+    return max_pooled_chunk_scores(q, chunk_k, query_chunk, centring=centring)
 
 
 def _chunk_vectors(keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
@@ -315,7 +328,8 @@ def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: 
 
 def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
                       query_chunk: int = 256, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
-                      share_heads: bool = False, query_pooling: str = "max") -> KernelSelection:
+                      share_heads: bool = False, query_pooling: str = "max",
+                      center_keys: bool = True) -> KernelSelection:
     """Same contract and result as utils.dhsa.dhsa_select (up to ties), on the GPU. q: [B, Hq, Lq, D],
     k: [B, Hkv, Lk, D]; returns key_index [B, Hkv, n_tiles, min(budget, Lk)] plus counts."""
     B, Hq, Lq, D = q.shape
@@ -330,12 +344,17 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     heads = 1 if share_heads else Hkv
     key_index = torch.empty(B, heads, n_tiles, K, dtype=torch.long, device=q.device)
     counts = torch.empty(B, heads, n_tiles, dtype=torch.int32, device=q.device)
+    tile_end = (Lk - Lq) + torch.clamp(torch.arange(1, n_tiles + 1, device=q.device) * T, max=Lq)
     for b in range(B):
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
+        chunk_k = _chunk_vectors(keys, boundaries[b], robust)
+        centring = tile_key_means(chunk_k, boundaries[b], tile_end, robust) if center_keys else None
         if query_pooling == "mean":
-            scores = _chunk_scores(q_vec[b], keys, boundaries[b], robust)
+            scores = torch.bmm(q_vec[b], chunk_k.transpose(1, 2))
+            if centring is not None:
+                scores -= (q_vec[b] * centring[0]).sum(-1, keepdim=True) * centring[1]
         else:
-            scores = _max_pooled_scores(q[b], _chunk_vectors(keys, boundaries[b], robust), T, boundaries[b], Lk - Lq)
+            scores = _max_pooled_scores(q[b], chunk_k, T, boundaries[b], Lk - Lq, centring)
         key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
                                             query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
                                             num_slots=K)
