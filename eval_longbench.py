@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from data.longbench import ALL_DATASETS, CHINESE_DATASETS, ENGLISH_DATASETS, GROUPS, LONGBENCH_E_DATASETS
+from utils.cli import HelpFormatter
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -391,16 +392,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except None ones (their help says what happens)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--results-dir", default="results_longbench", help="folder searched for run folders")
     parser.add_argument("--runs", nargs="*", default=None, help="score only these run folders")
     parser.add_argument("--output-dir", default=None, help="where results.md/.csv go (default: --results-dir)")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import parse_length
 from utils.config import add_config_args, config_from_args
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
@@ -111,17 +112,6 @@ def kept_mask(selection, num_queries: int, num_keys: int, num_heads: int) -> tor
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-def parse_length(text: str) -> int:
-    """'4096', '4K' or '4k' -> 4096 tokens."""
-    try:
-        value = float(text[:-1]) * 1024 if text[-1:] in "kK" else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4K)") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"a length must be a positive whole number of tokens, got {text!r}")
-    return int(value)
-
 
 # The essays the shipped boundary predictors held out for validation: boundary_predictor.train's split
 # (is_validation of the document id "<folder name>/<file>", its defaults --val-fraction 0.1 --seed 0).

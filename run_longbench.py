@@ -29,21 +29,15 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
+from utils.cli import HelpFormatter
 from utils.config import add_config_args, config_from_args
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except None ones (their help says what happens)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models.py) or path")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="LongBench datasets (default: every English one the data source has)")

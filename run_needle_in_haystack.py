@@ -29,6 +29,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from data.haystack import (
     PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
+from utils.cli import parse_length
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -36,18 +37,6 @@ DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
 
 
 # ---- flags ----------------------------------------------------------------------------------------------
-
-def parse_length(text: str) -> int:
-    """'4096', '4K' or '4k' -> 4096 tokens."""
-    text = text.strip()
-    try:
-        value = float(text[:-1]) * 1024 if text[-1:] in "kK" else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4K)") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"a length must be a positive whole number of tokens, got {text!r}")
-    return int(value)
-
 
 def _split_commas(values):
     """Allow `--lengths 1K 2K` and `--lengths 1K,2K`."""

@@ -84,7 +84,7 @@ def draw(attention: torch.Tensor, masks: dict[str, torch.Tensor], path: Path, ti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from run_attention_recall import parse_length
+    from utils.cli import parse_length
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
