@@ -294,3 +294,10 @@ def test_center_keys_removes_the_chunk_length_bias():
         kept[center] = set(sel.key_index[0, 0, 0].tolist())
     assert target in kept[True]
     assert target not in kept[False]
+
+
+def test_sequence_shorter_than_one_chunk():
+    """L below the chunk size (a short prompt) is one chunk; at full budget the output is dense attention."""
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    assert fixed_size_ends(10, 16).tolist() == [10]
+    torch.testing.assert_close(dhsa_attention(q, k, v, budget=10), dense_attention(q, k, v), atol=1e-5, rtol=1e-5)

@@ -51,7 +51,7 @@ def as_boundary_list(boundaries, batch: int, num_keys: int, device=None) -> list
 
 def fixed_size_ends(num_keys: int, chunk_len: int, device=None) -> torch.Tensor:
     """Chunk ends of uniform chunks of `chunk_len` keys (the last one may be shorter)."""
-    ends = torch.arange(chunk_len, num_keys, chunk_len, device=device)
+    ends = torch.arange(chunk_len, max(num_keys, chunk_len), chunk_len, device=device)  # none if L <= chunk_len
     return torch.cat([ends, torch.tensor([num_keys], device=device)])
 
 
