@@ -99,11 +99,12 @@ def tile_key_means(chunk_k: torch.Tensor, ends: torch.Tensor, tile_end: torch.Te
     lengths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)
     weight = lengths.sqrt() if robust else torch.ones_like(lengths)
     sums = chunk_k / (lengths.rsqrt() if robust else lengths.reciprocal())[None, :, None]  # plain key sums
-    prefix = torch.cumsum(sums, dim=1)  # keys of chunks 0..c
+    # keys of chunks 0..c, scanned along the last dim (CUDA scans a middle dim one thread per column: slow)
+    prefix = torch.cumsum(sums.transpose(1, 2).contiguous(), dim=-1)  # [H, D, Nc]
     done = torch.searchsorted(ends, tile_end.to(ends.dtype), right=True)  # chunks wholly visible to the tile
     last = (done - 1).clamp(min=0)
     count = (ends[last] - ends[0]).to(torch.float32)  # keys in chunks 1..done-1
-    key_sum = prefix[:, last] - prefix[:, :1]
+    key_sum = (prefix[:, :, last] - prefix[:, :, :1]).transpose(1, 2)  # [H, n_tiles, D]
     key_mean = torch.where((count > 0)[None, :, None], key_sum / count.clamp(min=1)[None, :, None], 0.0)
     return key_mean, weight
 

@@ -17,20 +17,32 @@ in q's dtype. A query with no readable key gets 0 (as in the executor). Head dim
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @triton.jit
-def _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl, stride_vl,
-                 qk_scale, softcap, window, offs_n, dims, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr,
-                 KEY_BLOCK: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr):
+def _attend_step(acc, m_i, l_i, q, q_pos, k_src, v_src, b, kv_head, idx_base, step, count, Lk, stride_kl,
+                 stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 SOFTCAP: tl.constexpr, KEY_BLOCK: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+                 TMA: tl.constexpr):
     """One block of BLOCK_N listed keys: online-softmax update of (acc, m_i, l_i). MASKED=False only for
-    blocks whose keys are all valid and precede every query of the program (no causal mask needed)."""
+    blocks whose keys are all valid and precede every query of the program (no causal mask needed).
+    k_src/v_src: the (batch, head) base pointers, or with TMA (block mode) tensor descriptors of all of K/V."""
     if KEY_BLOCK > 0:
         blk = tl.load(idx_base + step // (KEY_BLOCK // BLOCK_N))
         key = blk * KEY_BLOCK + (step % (KEY_BLOCK // BLOCK_N)) * BLOCK_N + offs_n
@@ -39,31 +51,40 @@ def _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count,
         slot = step * BLOCK_N + offs_n
         key = tl.load(idx_base + slot, mask=slot < count, other=-1)
         key_ok = key >= 0
-    if MASKED:
-        k = tl.load(k_base + key[:, None] * stride_kl + dims[None, :], mask=key_ok[:, None], other=0.0)
+    if TMA:  # the BLOCK_N keys are consecutive: one bulk copy; rows past the end come back as zeros
+        key0 = (blk * KEY_BLOCK + (step % (KEY_BLOCK // BLOCK_N)) * BLOCK_N).to(tl.int32)
+        k = k_src.load([b, kv_head, key0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif MASKED:
+        k = tl.load(k_src + key[:, None] * stride_kl + dims[None, :], mask=key_ok[:, None], other=0.0)
     else:
-        k = tl.load(k_base + key[:, None] * stride_kl + dims[None, :])
+        k = tl.load(k_src + key[:, None] * stride_kl + dims[None, :])
     qk = tl.dot(q, tl.trans(k))
     if SOFTCAP:  # Gemma-2: softcap * tanh(s / softcap); tanh(x) = 1 - 2 / (exp(2x) + 1)
         x = qk * (qk_scale / softcap)
         qk = softcap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)) * 1.4426950408889634
+        scale = 1.0
     else:
-        qk = qk * (qk_scale * 1.4426950408889634)
+        scale = qk_scale * 1.4426950408889634  # folded into the max and the exponent below (one FMA per score)
     if MASKED:
         visible = key_ok[None, :] & (key[None, :] <= q_pos[:, None])
         if WINDOW:  # sliding-window layers: only the last `window` positions
             visible = visible & (q_pos[:, None] - key[None, :] < window)
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-    p = tl.exp2(qk - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    else:  # every key valid: the max is finite after this step
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        m_use = m_new
+    p = tl.exp2(qk * scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_base + key[:, None] * stride_vl + dims[None, :], mask=key_ok[:, None], other=0.0)
+    if TMA:
+        v = v_src.load([b, kv_head, key0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif MASKED:
+        v = tl.load(v_src + key[:, None] * stride_vl + dims[None, :], mask=key_ok[:, None], other=0.0)
     else:
-        v = tl.load(v_base + key[:, None] * stride_vl + dims[None, :])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = tl.load(v_src + key[:, None] * stride_vl + dims[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -79,7 +100,7 @@ def _sparse_prefill_kernel(
     num_sel_heads, sel_heads_per_kv, Lq, Lk, q_offset, qk_scale, softcap, window,
     T: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, M_Q: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BLOCK: tl.constexpr,
-    SORTED: tl.constexpr, WINDOW: tl.constexpr,
+    SORTED: tl.constexpr, WINDOW: tl.constexpr, TMA: tl.constexpr,
 ):
     tile = tl.program_id(0) // SPLIT
     part = tl.program_id(0) % SPLIT
@@ -98,8 +119,12 @@ def _sparse_prefill_kernel(
     q_ptrs = Q + b * stride_qb + (s * G + g)[:, None] * stride_qh + q_idx[:, None] * stride_ql + dims[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
-    k_base = K + b * stride_kb + kv_head * stride_kh
-    v_base = V + b * stride_vb + kv_head * stride_vh
+    if TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + kv_head * stride_kh
+        v_src = V + b * stride_vb + kv_head * stride_vh
     idx_base = KeyIdx + b * stride_ib + s * stride_ih + tile * stride_it
     count = tl.load(Counts + b * stride_cb + s * stride_ch + tile)
     if KEY_BLOCK > 0:  # block mode: each listed block is KEY_BLOCK // BLOCK_N steps of BLOCK_N keys
@@ -131,29 +156,60 @@ def _sparse_prefill_kernel(
     acc = tl.zeros([G_P2 * M_Q, HEAD_DIM], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for step in range(0, safe_steps):
-        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl,
-                                     stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK,
-                                     False, WINDOW)
+        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_src, v_src, b, kv_head, idx_base, step, count, Lk,
+                                     stride_kl, stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, HEAD_DIM,
+                                     SOFTCAP, KEY_BLOCK, False, WINDOW, TMA)
     for step in range(safe_steps, steps):
-        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_base, v_base, idx_base, step, count, Lk, stride_kl,
-                                     stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, SOFTCAP, KEY_BLOCK,
-                                     True, WINDOW)
+        acc, m_i, l_i = _attend_step(acc, m_i, l_i, q, q_pos, k_src, v_src, b, kv_head, idx_base, step, count, Lk,
+                                     stride_kl, stride_vl, qk_scale, softcap, window, offs_n, dims, BLOCK_N, HEAD_DIM,
+                                     SOFTCAP, KEY_BLOCK, True, WINDOW, TMA)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = Out + b * stride_ob + (s * G + g)[:, None] * stride_oh + q_idx[:, None] * stride_ol + dims[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def default_config(head_dim: int, group: int, block_mode: bool = False) -> dict:
-    """Tile shape per head dim: rows (G heads x M queries) per program, keys per step, warps, pipeline depth.
-    The head-dim-128 choices were measured on an H100 at 128K tokens (notes/kernel_notes.md)."""
+def _tma_usable(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need sm90+, 16-byte aligned bases and strides (all but the last, which must be 1)."""
+    if TensorDescriptor is None or interpreting() or not all(t.is_cuda for t in tensors):
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def default_config(head_dim: int, group: int, block_mode: bool = False, shared_memory: int | None = None) -> dict:
+    """Tile shape per head dim: rows (G heads x M queries) per program, keys per step, warps, pipeline depth, and
+    whether block mode reads K/V through TMA descriptors. The head-dim-128 choices were measured on an H100 at 128K
+    tokens (notes/kernel_notes.md). shared_memory (bytes per block, default: the current GPU's) shrinks the pipeline,
+    then the rows, until the tiles fit: Q (rows x D) plus num_stages K/V tiles (2 x block_n x D), 16-bit."""
     if head_dim <= 64:
-        return dict(rows=128, block_n=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
+        cfg = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
+    elif head_dim <= 128:
         if block_mode:
-            return dict(rows=128, block_n=32, num_warps=4, num_stages=4)
-        return dict(rows=256, block_n=64, num_warps=8, num_stages=3)
-    return dict(rows=64, block_n=32, num_warps=4, num_stages=2)
+            cfg = dict(rows=256, block_n=64, num_warps=8, num_stages=2, tma=True)
+        else:
+            cfg = dict(rows=256, block_n=64, num_warps=16, num_stages=5)
+    else:
+        cfg = dict(rows=64, block_n=32, num_warps=4, num_stages=2)
+    if shared_memory is None:
+        shared_memory = _shared_memory_per_block()
+    need = lambda c: 2 * head_dim * (c["rows"] + 2 * c["num_stages"] * c["block_n"])  # noqa: E731
+    while need(cfg) > shared_memory and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > shared_memory and cfg["rows"] > 64:
+        cfg["rows"] //= 2
+        cfg["num_warps"] = max(4, cfg["num_warps"] // 2)
+    return cfg
+
+
+def _shared_memory_per_block() -> int:
+    """Opt-in shared memory per block of the current GPU (227 KB on an H100, 99 KB on an RTX 3090)."""
+    if torch.cuda.is_available() and not interpreting():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+    return 227 * 1024
 
 
 def sparse_prefill(
@@ -177,7 +233,7 @@ def sparse_prefill(
 
     key_index lists token positions, or block numbers when `block_size` is given (then counts = listed blocks).
     counts: [B, Hs, n_tiles]; None reads every slot (slots < 0 are skipped either way).
-    config: overrides of `default_config` (rows, block_n, num_warps, num_stages). out: optional [B, Hq, Lq, D]
+    config: overrides of `default_config` (rows, block_n, num_warps, num_stages, tma). out: optional [B, Hq, Lq, D]
     buffer to write into (tests poison it first). sorted_keys: the lists are ascending with unused slots last
     (as every KernelSelection is); the kernel then skips the causal mask on the blocks below the tile.
     window: also drop keys with q_pos - k_pos >= window (sliding-window layers; every block is then masked).
@@ -218,8 +274,12 @@ def sparse_prefill(
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
     scale = D ** -0.5 if scale is None else scale
     grid = (n_tiles * split, B * Hs)
+    k_arg, v_arg = k, v
+    tma = bool(cfg.get("tma")) and block_size is not None and _tma_usable(k, v)
+    if tma:  # block mode: whole runs of BLOCK_N keys through the TMA engine (Hopper and later)
+        k_arg, v_arg = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]) for t in (k, v))
     _sparse_prefill_kernel[grid](
-        q, k, v, out, key_index, counts,
+        q, k_arg, v_arg, out, key_index, counts,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -229,7 +289,7 @@ def sparse_prefill(
         Hs, Hs // Hkv, Lq, Lk, q_offset, float(scale), float(softcap or 1.0), int(window or 0),
         T=T, G=G, G_P2=G_P2, M_Q=m_q, SPLIT=split, BLOCK_N=block_n, HEAD_DIM=D,
         SOFTCAP=softcap is not None, KEY_BLOCK=block_size or 0, SORTED=sorted_keys and window is None,
-        WINDOW=window is not None,
+        WINDOW=window is not None, TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
