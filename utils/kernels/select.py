@@ -187,26 +187,33 @@ def _tile_sum_kernel(Q, Out, stride_qh, stride_ql, stride_oh, stride_ot, Lq, G, 
     tl.store(Out + h * stride_oh + t * stride_ot + dims, vec)
 
 
-def chunk_vectors_gpu(keys: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> torch.Tensor:
-    """utils.dhsa.chunk_vectors by direct sums: keys [H, L, D], ends [Nc] -> [H, Nc, D] fp32."""
+def chunk_vectors_gpu(keys: torch.Tensor, ends: torch.Tensor, robust: bool = True, rows: int | None = None
+                      ) -> torch.Tensor:
+    """utils.dhsa.chunk_vectors by direct sums: keys [H, L, D], ends [Nc] -> [H, Nc, D] fp32. rows: keys summed
+    per step (default: the mean chunk length rounded up to a power of two, 16..64)."""
     H, L, D = keys.shape
+    if rows is None:
+        rows = min(64, max(16, triton.next_power_of_2(math.ceil(L / max(1, ends.numel())))))
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     out = torch.empty(H, ends.numel(), D, dtype=torch.float32, device=keys.device)
     _chunk_sum_kernel[(ends.numel(), H)](keys, ends.contiguous(), out, keys.stride(0), keys.stride(1), out.stride(0),
-                                        out.stride(1), ROBUST=robust, HEAD_DIM=D, ROWS=16)
+                                        out.stride(1), ROBUST=robust, HEAD_DIM=D, ROWS=rows)
     return out
 
 
-def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True) -> torch.Tensor:
-    """utils.dhsa.query_tile_vectors for one sequence: q [Hq, L, D] -> [Hkv, n_tiles, D] fp32."""
+def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True,
+                     rows: int | None = None) -> torch.Tensor:
+    """utils.dhsa.query_tile_vectors for one sequence: q [Hq, L, D] -> [Hkv, n_tiles, D] fp32. rows: queries
+    summed per step (default: the tile length, 16..128)."""
     Hq, L, D = q.shape
+    rows = rows or min(128, max(16, triton.next_power_of_2(query_chunk)))
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_tiles = math.ceil(L / query_chunk)
     out = torch.empty(num_kv_heads, n_tiles, D, dtype=torch.float32, device=q.device)
     _tile_sum_kernel[(n_tiles, num_kv_heads)](q, out, q.stride(0), q.stride(1), out.stride(0), out.stride(1), L,
-                                              Hq // num_kv_heads, query_chunk, ROBUST=robust, HEAD_DIM=D, ROWS=32)
+                                              Hq // num_kv_heads, query_chunk, ROBUST=robust, HEAD_DIM=D, ROWS=rows)
     return out
 
 
