@@ -472,3 +472,23 @@ def test_cuda_block_path_baseline_and_flex(dtype):
     q, k, v, sel, ref = check_block_path("cuda", dtype, 1, 32, 8, 2048, 128, 128, 512)
     assert rel(flex_block_attention(q, k, v, sel), ref) < 1e-2
     check_block_sparse_baseline("cuda", dtype, 1000)
+
+
+@cuda_only
+@pytest.mark.parametrize("tma", [True, False])
+def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
+    """Block mode on K/V laid out as transformers keeps them ([B, L, H, D] viewed as [B, H, L, D]) and a length
+    that is no multiple of the key step: TMA descriptors (Hopper) and plain loads give the reference output."""
+    from utils.kernels.select import block_selection_to_tokens, dhsa_block_select
+    from utils.kernels.sparse_prefill import sparse_prefill
+
+    B, Hq, Hkv, L, D, bs = 2, 8, 2, 1000, 128, 128
+    q = rand(B, L, Hq, D, device="cuda", dtype=torch.bfloat16, seed=1).transpose(1, 2)
+    k, v = (rand(B, L, Hkv, D, device="cuda", dtype=torch.bfloat16, seed=s).transpose(1, 2) for s in (2, 3))
+    ends = as_boundary_list(fixed_size_ends(L, 16, device="cuda"), B, L, device="cuda")
+    sel = dhsa_block_select(q, k, budget=384, boundaries=ends, block_size=bs, sink_tokens=bs, local_tokens=bs)
+    out = sparse_prefill(q, k, v, sel.key_index, sel.counts, query_chunk=sel.query_chunk, block_size=bs,
+                         sorted_keys=True, config=dict(tma=tma))
+    with kernels.disabled():
+        ref = sparse_attention(q.float(), k.float(), v.float(), block_selection_to_tokens(sel, L))
+    assert rel(out, ref) < 1e-2

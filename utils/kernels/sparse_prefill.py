@@ -6,7 +6,8 @@ key-block numbers (block mode, whole blocks of `block_size` keys, App. D 2)). On
 tile for all the query heads that share the list (the GQA group), so each K/V row it loads serves G query heads:
 
     rows of a program = G heads x M queries of one tile;   for each block of BLOCK_N listed keys:
-        k, v <- rows of K/V at the listed positions (gathered row loads; contiguous in block mode)
+        k, v <- rows of K/V at the listed positions (gathered row loads; in block mode on Hopper and later,
+                one TMA bulk copy per run of BLOCK_N consecutive keys)
         online softmax over q k^T with the exact causal mask (key position <= query position)
 
 Shapes: q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; key_index [B, Hs, n_tiles, K] (Hs = Hkv or Hq, -1 = unused
