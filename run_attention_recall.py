@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import parse_length
+from utils.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
@@ -389,10 +389,8 @@ def run(args) -> Path:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors():
         run(args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from data.haystack import (
     PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
-from utils.cli import parse_length
+from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -328,20 +328,16 @@ def print_report(summaries: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:  # user errors first, before the model loads
+    with user_errors():  # user errors first, before the model loads
         check_args(args)
         read_essays(args.haystack_dir)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
 
     from utils.models import load_model, model_max_length
 
-    try:
+    with user_errors():
         model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         model_max = model_max_length(model)
         plan_lengths(args, model_max)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
     print_report(run(model, tokenizer, args, model_max=model_max))
 
 

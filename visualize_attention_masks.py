@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from utils.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
 
 MAX_BOUNDARY_LINES = 48  # more chunk boundaries than this are drawn as ticks on the panel's edges
@@ -84,7 +85,6 @@ def draw(attention: torch.Tensor, masks: dict[str, torch.Tensor], path: Path, ti
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.cli import parse_length
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -145,10 +145,8 @@ def run(args) -> Path:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors():
         run(args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
+from utils.cli import user_errors  # noqa: E402
+
 # The red -> yellow -> green scale of Kamradt's test, which the authors' plots use too.
 CMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
 
@@ -159,7 +161,7 @@ def main(argv=None) -> None:
                         help="draw only the given runs, side by side, into this file")
     parser.add_argument("--title", default=None, help="title of the side-by-side figure")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         runs = find_runs(args.paths)
         if not runs:
             raise FileNotFoundError(f"no .jsonl results under {' '.join(args.paths)}; "
@@ -172,8 +174,6 @@ def main(argv=None) -> None:
         for (folder, density), members in comparison_groups(runs).items():
             print(plot_side_by_side(members, folder / f"compare_{density}.png",
                                     f"Needle in a haystack: {folder.name}, density {density}"))
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

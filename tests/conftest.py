@@ -1,6 +1,8 @@
-"""Shared pytest setup: the repo root on sys.path, and the `slow` marker (skipped unless --runslow or DHSA_SLOW=1)."""
+"""Shared pytest setup: the repo root on sys.path, the `slow` marker (skipped unless --runslow or DHSA_SLOW=1), and
+the `rss_growth_mib` fixture for memory tests."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +26,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def rss_growth_mib():
+    """Run `setup` then `work` (Python source) in a fresh interpreter; return how much its peak resident memory
+    grew during `work`, in MiB (a fresh process, so earlier tests' allocations do not hide the growth)."""
+    def measure(setup: str, work: str) -> int:
+        code = (f"import resource\n{setup}\n"
+                "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                f"{work}\n"
+                "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(result.stdout.strip().splitlines()[-1])
+    return measure

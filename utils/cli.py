@@ -1,8 +1,9 @@
-"""Small command-line helpers shared by the runners (lengths like "4K", a help formatter)."""
+"""Small command-line helpers shared by the runners (lengths like "4K", a help formatter, one-line user errors)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def parse_length(text: str) -> int:
@@ -24,4 +25,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-__all__ = ["parse_length", "HelpFormatter"]
+@contextlib.contextmanager
+def user_errors():
+    """Bad input (a ValueError or FileNotFoundError whose message names the fix) ends the run with one line,
+    `error: ...`, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+__all__ = ["parse_length", "HelpFormatter", "user_errors"]

@@ -1,11 +1,17 @@
-"""Make Triton's CPU interpreter (TRITON_INTERPRET=1) usable with numpy 2: a loop bound loaded from memory is a
-one-element array there, which numpy 2 no longer converts with int(). Used by the CPU correctness tests only."""
+"""Triton's CPU interpreter (TRITON_INTERPRET=1): whether it is on (the kernels then skip GPU-only features such as
+TMA), and a fix that makes it usable with numpy 2 (a loop bound loaded from memory is a one-element array there,
+which numpy 2 no longer converts with int(); used by the CPU correctness tests)."""
 
 import os
 
 
+def interpreting() -> bool:
+    """Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fix_interpreter() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         return
     from triton.runtime import interpreter
 

@@ -37,11 +37,6 @@ def _max2(a, b):
 
 
 @triton.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
-
-
-@triton.jit
 def _dhsa_pick_kernel(
     Scores, Ends, KeyIdx, Counts,
     stride_sh, stride_st, stride_ih, stride_it, stride_ch,
@@ -69,19 +64,15 @@ def _dhsa_pick_kernel(
     score = tl.load(Scores + head * stride_sh + tile * stride_st + c, mask=in_range, other=0.0)
     # Scores as unsigned integers in the same order as the floats: flip all bits of negatives, the sign bit
     # of the rest. Then tau, the largest threshold with (candidate keys of chunks scoring >= tau) >= wanted,
-    # is built from the top two bits at a time: 16 steps, each one reduction of three counts (the reductions'
-    # latency, not their arithmetic, is what this program waits on).
+    # is built bit by bit from the top: 32 steps of 32-bit compares and one sum each.
     bits = score.to(tl.uint32, bitcast=True)
     negative = (bits >> 31) == 1
     key = tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     tau = tl.zeros([], dtype=tl.uint32)
-    for i in tl.static_range(16):
-        t1 = tau | tl.full([], 1 << (30 - 2 * i), tl.uint32)
-        t2 = tau | tl.full([], 2 << (30 - 2 * i), tl.uint32)
-        t3 = tau | tl.full([], 3 << (30 - 2 * i), tl.uint32)
-        n1, n2, n3 = tl.reduce((tl.where(key >= t1, length, 0), tl.where(key >= t2, length, 0),
-                                tl.where(key >= t3, length, 0)), 0, _add3)
-        tau = tl.where(n3 >= wanted, t3, tl.where(n2 >= wanted, t2, tl.where(n1 >= wanted, t1, tau)))
+    for i in tl.static_range(32):
+        trial = tau | tl.full([], 1 << (31 - i), tl.uint32)
+        enough = tl.sum(tl.where(key >= trial, length, 0)) >= wanted
+        tau = tl.where(enough, trial, tau)
     full = key > tau
     rest = wanted - tl.sum(tl.where(full, length, 0))
     tied = tl.where(key == tau, length, 0)
@@ -94,8 +85,9 @@ def _dhsa_pick_kernel(
 
     # Write the ascending list, slot by slot: slot s holds s + delta(s), with delta a step function (0 over the
     # sink slots, lo - offset over each kept interval, free_hi - sink - used over the local slots) that never
-    # decreases. So: every slot gets -1, each step's delta is written at its first slot, and one running max
-    # over the slots fills in the rest. All passes but the marker one are contiguous stores.
+    # decreases. So: every slot gets -1, each interval's and the local delta is written at its first slot, and
+    # a running max over the slots, starting from the sink's 0, fills in the rest. All passes but the marker
+    # one are contiguous stores.
     out = KeyIdx + head * stride_ih + tile * stride_it
     fill = tl.arange(0, FILL)
     for s0 in range(0, num_slots, FILL):
@@ -103,8 +95,6 @@ def _dhsa_pick_kernel(
         tl.store(out + slot, tl.full([FILL], -1, tl.int64), mask=slot < num_slots)
     tl.debug_barrier()
     tl.store(out + offset, (lo - offset).to(tl.int64), mask=keep > 0)
-    if sink > 0:
-        tl.store(out, tl.zeros([], tl.int64))
     if local > 0:
         tl.store(out + sink + used, (free_hi - sink - used).to(tl.int64))
     tl.debug_barrier()
@@ -129,7 +119,7 @@ def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_o
     if Nc > MAX_CHUNKS:
         raise ValueError(f"{Nc} chunks exceed the fused selection's limit of {MAX_CHUNKS}")
     scores = scores.float().contiguous()
-    ends = ends.to(torch.int32).contiguous()  # int32 loads: fewer registers in the pick kernel
+    ends = ends.to(torch.int32).contiguous()  # the kernel reads chunk ends as int32: half the bytes
     key_index = torch.empty(H, n_tiles, num_slots, dtype=torch.long, device=scores.device)
     counts = torch.empty(H, n_tiles, dtype=torch.int32, device=scores.device)
     nc_p2 = max(16, triton.next_power_of_2(Nc))

@@ -18,11 +18,12 @@ in q's dtype. A query with no readable key gets 0 (as in the executor). Head dim
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._interpreter import interpreting
 
 try:  # Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -30,10 +31,6 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -71,10 +68,10 @@ def _attend_step(acc, m_i, l_i, q, q_pos, k_src, v_src, b, kv_head, idx_base, st
         if WINDOW:  # sliding-window layers: only the last `window` positions
             visible = visible & (q_pos[:, None] - key[None, :] < window)
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
     else:  # every key valid: the max is finite after this step
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
         m_use = m_new
     p = tl.exp2(qk * scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
