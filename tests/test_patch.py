@@ -68,15 +68,17 @@ def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkey
         return original(q, k, v, selection, **kw)
 
     monkeypatch.setattr(registry, "sparse_attention", spy)
-    patch_model(model, "dhsa", budget=24, query_chunk=16, boundary_source="fixed")
     ids = prompt(model, 120, seed=2)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 124)
-    sparse_layers = len(sparse_layer_indices(model, model.model.layers[0].self_attn.sparse_config))
-    prefill = [s for s in seen if s[0] > 1]
-    decode = [s for s in seen if s[0] == 1]
-    assert len(prefill) == sparse_layers and len(decode) == 3 * sparse_layers
-    assert all(max_keys <= 24 for _, _, max_keys in seen)
+    for decode, sparse_steps in (("sparse", 3), ("dense", 0)):
+        seen.clear()
+        patch_model(model, "dhsa", budget=24, query_chunk=16, boundary_source="fixed", decode=decode)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        assert out.shape == (1, 124)
+        sparse_layers = len(sparse_layer_indices(model, model.model.layers[0].self_attn.sparse_config))
+        prefill = [s for s in seen if s[0] > 1]
+        decode_calls = [s for s in seen if s[0] == 1]
+        assert len(prefill) == sparse_layers and len(decode_calls) == sparse_steps * sparse_layers, decode
+        assert all(max_keys <= 24 for _, _, max_keys in seen)
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ class SparseAttentionConfig:
     budget: int | None = None              # N_b in keys; overrides density
     min_budget: int = 0                    # floor on N_b
     query_chunk: int = 64                  # queries that share one key selection (App. D "query chunk"; see README)
+    decode: str = "dense"                  # decode steps: "dense" (sparse prefill only, the authors' evaluation) or
+                                           # "sparse" (Algorithm 2: each new token reads at most N_b keys)
 
     # DHSA (§3, App. B.5, D)
     chunk_size: int = 16                   # mean key-chunk length: N_c = ceil(L / chunk_size) (authors: L/128*8)
@@ -71,6 +73,10 @@ class SparseAttentionConfig:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
         if self.query_pooling not in ("max", "mean"):
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.decode not in ("dense", "sparse"):
+            raise ValueError(f"decode must be dense or sparse, got {self.decode!r}; e.g. --decode sparse")
+        if self.method == "quest":  # Quest acts only at decode (prefill stays dense): its decode is always sparse
+            self.decode = "sparse"
         if self.head_pooling not in ("max", "mean"):
             raise ValueError(f"head_pooling must be max or mean, got {self.head_pooling!r}")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):

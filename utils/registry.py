@@ -60,8 +60,12 @@ def get_method(name: str) -> AttentionMethod:
 
 def run_method(method: AttentionMethod, q, k, v, config: SparseAttentionConfig, context: LayerContext, *,
                scale=None, softcap=None) -> torch.Tensor:
-    """Attention output [B, Hq, Lq, D] of `method` for q: [B, Hq, Lq, D], k, v: [B, Hkv, Lk, D]."""
-    if method.select is None or (method.dense_prefill and q.shape[2] > 1):
+    """Attention output [B, Hq, Lq, D] of `method` for q: [B, Hq, Lq, D], k, v: [B, Hkv, Lk, D].
+
+    Decode steps (one query) of prefill methods run dense attention when config.decode == "dense"."""
+    decoding = q.shape[2] == 1 and k.shape[2] > 1
+    if method.select is None or (method.dense_prefill and q.shape[2] > 1) \
+            or (decoding and config.decode == "dense" and not method.dense_prefill):
         return dense_attention(q, k, v, scale=scale, softcap=softcap)
     selection = method.select(q, k, config, context)
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)

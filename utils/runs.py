@@ -1,0 +1,115 @@
+"""Results files shared by every runner: run names and crash-safe, resumable JSONL.
+
+Every runner writes one JSON object per line, as it goes, and a rerun skips what is already there. A run that
+dies (Ctrl-C, SIGKILL, out of memory, a lost GPU) may leave a last line cut off in the middle. The rules here:
+
+* `read_jsonl` returns the complete records; a cut-off *last* line is ignored (that sample is redone), a broken
+  line anywhere else is an error (the file was edited or two runs wrote to it at once).
+* `append_jsonl` first cuts such a partial last line away, then writes the new record as one line and flushes it
+  to disk, so a record is never glued onto the remains of an interrupted one.
+
+Run names: `run_name(config)` is the file stem of a run (`dense`, `dhsa_0.0625`, `dhsa_0.0625_min512`,
+`quest_budget2048`; non-default decode protocols add `_decode-<mode>`), the same for every runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+
+def _complete_length(data: bytes) -> int:
+    """Bytes of `data` up to and including its last newline (0 if there is none)."""
+    return data.rfind(b"\n") + 1
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL results file ([] when it does not exist).
+
+    A last line without its newline is an interrupted write and is left out; any other line that is not a JSON
+    object raises a one-line ValueError naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: _complete_length(data)]
+    records = []
+    for number, line in enumerate(complete.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is not a JSON record; delete that line (or the file) and rerun")
+        records.append(record)
+    return records
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut an interrupted (newline-less) last line off `path`; returns the bytes removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+    keep = _complete_length(path.read_bytes())
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return size - keep
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one record as one line, after cutting away a partial last line; flushed and fsync'ed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def config_dict(config) -> dict:
+    """A SparseAttentionConfig as a JSON-ready dict (tuples as lists), as stored in results."""
+    values = dataclasses.asdict(config)
+    return json.loads(json.dumps(values))
+
+
+def run_name(config) -> str:
+    """File stem of a run: dense, dhsa_0.0625, dhsa_0.0625_min512, quest_budget2048, dhsa_0.0625_decode-sparse.
+
+    The decode protocol is named only when it is not the default one, so that names of earlier runs stay valid.
+    """
+    if config.method == "dense":
+        return "dense"
+    name = f"{config.method}_budget{config.budget}" if config.budget is not None else f"{config.method}_{config.density:g}"
+    if config.min_budget:
+        name += f"_min{config.min_budget}"
+    default_decode = type(config)().decode if hasattr(config, "decode") else None
+    if getattr(config, "decode", None) not in (None, default_decode):
+        name += f"_decode-{config.decode}"
+    return name
+
+
+def check_same_settings(path, records: list[dict], settings: dict) -> None:
+    """Refuse to mix results made with other options into one file (one-line error naming the fix)."""
+    settings = json.loads(json.dumps(settings))
+    for record in records:
+        changed = [key for key, value in settings.items() if record.get(key) != value]
+        if changed:
+            raise ValueError(f"{path} holds results made with other {', '.join(changed)}; pass --output-dir/--output "
+                             "to write elsewhere, or delete the file to redo it")
+
+
+__all__ = ["read_jsonl", "append_jsonl", "repair_jsonl", "config_dict", "run_name", "check_same_settings"]
