@@ -16,8 +16,6 @@ rerun skips the pairs already there. Several methods/densities can share one mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -27,10 +25,11 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from data.haystack import (
-    PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
+    NEEDLE_SETS, PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
@@ -60,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depths", nargs="+", default=None, help="needle depths in percent (default 0 10 .. 100)")
     parser.add_argument("--haystack-dir", default=None,
                         help="folder of .txt essays (default: ../shared/data/PaulGrahamEssays)")
+    parser.add_argument("--needle-set", choices=list(NEEDLE_SETS), default="sf",
+                        help="needle, question and key phrase (data/haystack.py NEEDLE_SETS); sf is the paper's")
     parser.add_argument("--output-dir", default="results_needle", help="results go to <dir>/<model>/<run>.jsonl")
     parser.add_argument("--output", default=None, help="exact JSONL path (one method and density only)")
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
@@ -136,55 +137,10 @@ def plan_lengths(args, model_max: int) -> list[int]:
 
 # ---- results files --------------------------------------------------------------------------------------
 
-def run_name(config: SparseAttentionConfig) -> str:
-    """File stem of a run: dense, dhsa_0.0625, quest_budget2048, dhsa_0.0625_min512."""
-    if config.method == "dense":
-        return "dense"
-    if config.budget is not None:
-        name = f"{config.method}_budget{config.budget}"
-    else:
-        name = f"{config.method}_{config.density:g}"
-    return name + (f"_min{config.min_budget}" if config.min_budget else "")
-
-
 def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
     if args.output:
         return Path(args.output)
     return Path(args.output_dir) / Path(model_name).name / f"{run_name(config)}.jsonl"
-
-
-def config_dict(config: SparseAttentionConfig) -> dict:
-    values = dataclasses.asdict(config)
-    values["dense_layers"] = list(values["dense_layers"])
-    return values
-
-
-def load_records(path: Path) -> list[dict]:
-    """Records of a results file; a line cut off by an interrupted run is ignored (it is redone)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def check_same_settings(path: Path, records: list[dict], settings: dict) -> None:
-    """Refuse to mix results made with other options into one file."""
-    for record in records:
-        changed = [key for key, value in settings.items() if record.get(key) != value]
-        if changed:
-            raise SystemExit(f"error: {path} holds results made with other {', '.join(changed)}; "
-                             "pass --output-dir/--output to write elsewhere, or delete the file to redo it")
-
-
-def append_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # ---- generation -----------------------------------------------------------------------------------------
@@ -245,6 +201,7 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
     lengths = plan_lengths(args, model_max)
     style = resolve_prompt_style(tokenizer, args.prompt_style)
     haystack = Haystack(read_essays(args.haystack_dir), tokenizer)
+    needle, question, key_phrase = NEEDLE_SETS[args.needle_set]
     samples: dict[tuple[int, float], NeedleSample] = {}  # the same prompts for every method
     device = next(model.parameters()).device
 
@@ -254,9 +211,11 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         path = output_path(args, model_name, config)
         density = 1.0 if config.method == "dense" else config.density
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
+                    "needle_set": args.needle_set,
                     "config": config_dict(config)}
-        records = load_records(path)
-        check_same_settings(path, records, settings)
+        records = read_jsonl(path)
+        with user_errors():  # a results file made with other options: one-line error, nothing mixed
+            check_same_settings(path, records, settings)
         done = {(r["length"], float(r["depth"])) for r in records}
         pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
         label = run_name(config)
@@ -267,17 +226,17 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
             if (length, depth) not in samples:
                 # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
                 limit = min(length, model_max - args.max_new_tokens)
-                samples[length, depth] = make_sample(haystack, limit, depth, style)
+                samples[length, depth] = make_sample(haystack, limit, depth, style, needle=needle, question=question)
             sample = samples[length, depth]
             _sync(device)
             start = time.perf_counter()
             answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
             _sync(device)
             seconds = time.perf_counter() - start
-            scores = score_answer(answer)
+            scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
             prompt_tokens = len(sample.input_ids)
             record = {
-                "method": config.method, "density": density, "length": length, "depth": depth,
+                "method": config.method, "density": density, "decode": config.decode, "length": length, "depth": depth,
                 "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
                 "score_full_needle": round(scores["score_full_needle"], 2),
                 "exact_match": scores["exact_match"], "answer": answer,
@@ -285,7 +244,7 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
                 "needle_depth": round(sample.needle_depth, 2),
                 "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
             }
-            append_record(path, record)
+            append_jsonl(path, record)
             records.append(record)
             bar.set_postfix(length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
         wanted = {(n, d) for n in lengths for d in args.depths}

@@ -29,6 +29,16 @@ NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dol
 RETRIEVAL_QUESTION = "The best thing to do in San Francisco is:"
 KEY_PHRASE = "eat a sandwich and sit in Dolores Park"
 
+# Needle sets (needle, question, key phrase): "sf" is the paper's; the others check that a change does not only
+# help the one needle every sparse-attention paper tunes on (a made-up fact with no prior, a name and a number).
+NEEDLE_SETS = {
+    "sf": (NEEDLE, RETRIEVAL_QUESTION, KEY_PHRASE),
+    "trondheim": ("Margarethe's favourite city to visit in winter is Trondheim, because of the northern lights.",
+                  "Margarethe's favourite city to visit in winter is:", "Trondheim"),
+    "vault": ("The secret password for the blue vault is quantum-marmalade-4417.",
+              "The secret password for the blue vault is:", "quantum marmalade 4417"),
+}
+
 # Default haystack: the shared offline data next to the repository (../shared/data/PaulGrahamEssays).
 DEFAULT_HAYSTACK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PaulGrahamEssays"
 

@@ -179,16 +179,24 @@ def dhsa_select(
     ranks high), or "mean" (the tile's mean query, eq. 4 applied to the tile, as in the authors' code).
     head_pooling: how the query heads that share one selection (a GQA group, or all heads with share_heads)
     are combined: "mean" (their queries are averaged before scoring) or "max" (each head scores the chunks
-    and the best head counts).
+    and the best head counts); "none": no sharing, every query head selects its own keys (Selection with
+    Hq heads; K/V are still read in place, not repeated).
     center_keys: score chunks against keys centred on their causal mean (tile_key_means), so that chunk
     length does not bias the ranking.
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; boundaries: one
     ascending chunk-end tensor per batch item (last end = Lk). Returns a Selection with key_index
-    [B, Hkv, n_tiles, min(budget, Lk)] (-1 = unused slot, where a tile sees fewer than N_b keys).
+    [B, Hkv (Hq with head_pooling="none"), n_tiles, min(budget, Lk)] (-1 = unused slot, where a tile sees fewer
+    than N_b keys).
     """
-    if head_pooling not in ("max", "mean"):
-        raise ValueError(f"head_pooling must be 'max' or 'mean', got {head_pooling!r}")
+    if head_pooling not in ("max", "mean", "none"):
+        raise ValueError(f"head_pooling must be 'max', 'mean' or 'none', got {head_pooling!r}")
+    if head_pooling == "none" and not share_heads and q.shape[1] != k.shape[1]:
+        # One selection per query head: score each head against its KV head's chunks, alone. The keys are
+        # expanded for scoring only; the Selection has Hq heads and attention reads K/V in place.
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if head_pooling == "none":
+        head_pooling = "mean"  # a group of one query head: its mean is itself
     if q.is_cuda and head_pooling == "mean":  # fused GPU selection (utils/kernels/select.py), same kept set up to
         # ties; None = not applicable
         from .kernels import try_dhsa_select

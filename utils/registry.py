@@ -101,12 +101,16 @@ def _dhsa(robust: bool, dynamic: bool):
                 state = {"prompt_len": Lk - 1, "ends": ends, "batch": k.shape[0]}
                 context.state["dhsa"] = state
             ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
+            # Every decode step reads the tokens generated so far (the current one included) and the local window
+            # before them, as always-kept keys (capped at half of N_b like every forced key).
+            local = max(config.local_tokens, Lk - state["prompt_len"])
         else:
+            local = config.local_tokens
             ends = _prompt_boundaries(k, config, context, dynamic)
             context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
         return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends,
                            query_chunk=config.query_chunk, robust=robust, sink_tokens=config.sink_tokens,
-                           local_tokens=config.local_tokens, share_heads=config.share_heads,
+                           local_tokens=local, share_heads=config.share_heads,
                            query_pooling=config.query_pooling, head_pooling=config.head_pooling,
                            center_keys=config.center_keys)
     return select
