@@ -138,13 +138,16 @@ def test_decode_step_reads_at_most_budget():
     assert ((w > 0).sum(-1) <= 17).all() and ((w > 0).sum(-1) == 17).all()
 
 
-def test_selection_mask_matches_executor():
+@pytest.mark.parametrize("head_pooling", ["mean", "none"])
+def test_selection_mask_matches_executor(head_pooling):
     q, k, _ = rand_qkv(2, 4, 2, 70, 16, seed=8)
-    sel = dhsa_select(q, k, budget=12, boundaries=as_boundary_list([5, 9, 30, 70], 2, 70), query_chunk=16)
-    mask = sel.mask(70, 70)  # [B, Hkv, Lq, Lk]
+    sel = dhsa_select(q, k, budget=12, boundaries=as_boundary_list([5, 9, 30, 70], 2, 70), query_chunk=16,
+                      head_pooling=head_pooling, sink_tokens=2, local_tokens=4)
+    mask = sel.mask(70, 70)  # [B, Hs, Lq, Lk]: Hs = Hkv (one selection per GQA group) or Hq (per query head)
+    assert mask.shape[1] == {"mean": 2, "none": 4}[head_pooling]
     eye = torch.eye(70).expand(2, 2, 70, 70).contiguous()
     read = sparse_attention(q, k, eye, sel) > 0  # [B, Hq, Lq, Lk]
-    assert torch.equal(read, mask.repeat_interleave(2, dim=1))
+    assert torch.equal(read, mask.repeat_interleave(4 // mask.shape[1], dim=1))
 
 
 def test_executor_with_per_query_head_selection_and_rule():

@@ -38,13 +38,15 @@ class SparseAttentionConfig:
     min_confidence: float = 0.05           # predictor scores below this are never boundaries
     newline_boundaries: bool = False       # also cut after newline tokens (App. B.5)
     robust_chunk_repr: bool = True         # sqrt(len)/len * sum (eq. 4); False: plain mean (ablation)
-    sink_tokens: int = 4                   # first keys always kept (authors' code: 128; see README)
-    local_tokens: int = 0                  # most recent keys before a query chunk's end always kept (authors: 128)
+    sink_tokens: int = 64                  # first keys always kept (authors' code: the first 128-key block)
+    local_tokens: int = 128                # most recent keys before a query chunk's end always kept (authors: the
+                                           # diagonal block); with query_chunk 64 every query reads >= 64 before it
     share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
     query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
     center_keys: bool = True               # centre keys on their causal mean before chunk scoring (see README)
-    head_pooling: str = "mean"             # GQA heads sharing a selection: average their queries, or best head ("max")
+    head_pooling: str = "none"             # "none": every query head selects its own keys; "mean" / "max": the heads
+                                           # of a GQA group share one selection (summed queries / best head)
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
