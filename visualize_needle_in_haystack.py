@@ -65,7 +65,8 @@ def run_label(frame: pd.DataFrame) -> str:
     label = f"{first['method']}, density {first['density']:g}"
     config = first.get("config")
     min_budget = config.get("min_budget") if isinstance(config, dict) else None
-    return label + (f", min {min_budget} keys" if min_budget else "")
+    decode = config.get("decode") if isinstance(config, dict) else None
+    return label + (f", min {min_budget} keys" if min_budget else "") + (f", {decode} decode" if decode else "")
 
 
 def draw_heatmap(ax, frame: pd.DataFrame, title: str, colorbar: bool = True) -> float:
