@@ -37,8 +37,6 @@ from utils.boundaries import FixedSizeBoundaries
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.dhsa import dhsa_select
 
-SHAPE_ALIASES = {"llama-3.1-8b": "llama-3.1-8b-instruct", "qwen2.5-3b": "qwen2.5-3b-instruct",
-                 "gemma-2-2b": "gemma-2-2b-it"}
 KERNEL_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_default", "dhsa", "dhsa_block", "dhsa_block_flex", "block_sparse",
                   "dhsa_sdpa")
 COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "method", "part", "median_ms",
@@ -53,17 +51,13 @@ def fail(message: str) -> None:
 
 
 def layer_shape(name: str) -> dict:
-    """Attention shape of one layer of a published model: heads, KV heads, head dim, scale, soft-cap."""
-    from utils.models import PUBLISHED_CONFIGS
+    """Attention shape of one layer of a model of utils/model_specs.py: heads, KV heads, head dim, scale, soft-cap."""
+    from utils.model_specs import get_spec
 
-    key = SHAPE_ALIASES.get(name.lower(), name.lower())
-    if key not in PUBLISHED_CONFIGS:
-        fail(f"unknown shape {name!r}; choose from {', '.join(list(SHAPE_ALIASES) + list(PUBLISHED_CONFIGS))}")
-    c = PUBLISHED_CONFIGS[key]
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    scalar = c.get("query_pre_attn_scalar")
-    return dict(name=key, heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=head_dim,
-                scale=(scalar ** -0.5) if scalar else None, softcap=c.get("attn_logit_softcapping"))
+    try:
+        return get_spec(name).layer_shape()
+    except ValueError as err:
+        fail(f"unknown shape: {err}")
 
 
 def device_name(device: str) -> str:
@@ -422,13 +416,15 @@ def batch_mode(args, results: Results) -> None:
 # ------------------------------------------------------------------------------------------------ e2e mode
 
 def e2e_mode(args, results: Results) -> None:
-    from utils.models import PUBLISHED_CONFIGS, load_model, random_model
+    from utils.model_specs import find_spec
+    from utils.models import load_model, random_model
     from utils.patch import patch_model
 
     device, dtype = args.device, args.torch_dtype
     for name in args.models:
-        key = SHAPE_ALIASES.get(name.lower(), name.lower())
-        if key in PUBLISHED_CONFIGS and not args.real_weights:
+        spec = find_spec(name)
+        key = spec.name if spec else name
+        if spec is not None and not args.real_weights:
             model = random_model(key, dtype=dtype, device=device, num_layers=args.num_layers,
                                  attn_implementation="sdpa")
             note = "random weights (published config): latency does not depend on weight values"
