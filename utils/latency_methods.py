@@ -8,11 +8,12 @@ Entries:
     "sdpa_flash" / "sdpa_cudnn" (backend pinned, K/V repeated per query head beforehand, untimed);
   * every prefill method of the registry (utils/registry.py), selected exactly as a patched model selects
     (`method.select(q, k, config, context)`, timed as a layer after the first: `layer_contexts`) and attended by
-    `utils.attention.sparse_attention`, which picks the Triton kernel on the GPU. "block_sparse" lists whole aligned blocks, so it runs through the block kernel;
+    `utils.attention.sparse_attention`, which picks the Triton kernel on the GPU. "block_sparse" lists whole
+    aligned blocks, so it runs through the block kernel;
   * kernel variants of the registry's "dhsa" (GPU timing only; not registry methods because the model cannot run
     them: block selection needs block-aligned query offsets, so decode steps could not use it):
-      dhsa_block       block-aligned DHSA (paper App. D 2)): chunk ends snapped to 128-key blocks, top blocks per
-                       query block, first and diagonal block always kept; the Triton block kernel;
+      dhsa_block       block-aligned DHSA (paper App. D 2)): chunk ends snapped to blocks of --block-size keys, top
+                       blocks per query block, first and diagonal block always kept; the Triton block kernel;
       dhsa_block_flex  the same selection attended by PyTorch FlexAttention;
       dhsa_sdpa        DHSA on the PyTorch paths (kernels off): selection by topk, executor by gathered SDPA.
   `kernel_config_variants` adds "dhsa_cfgN": DHSA's attention kernel with extra Triton launch configs.

