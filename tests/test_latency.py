@@ -1,0 +1,161 @@
+"""Latency benchmark (run_latency_test.py, utils/latency_methods.py, utils/latency.py) on the CPU: the method table
+covers the registry and selects as a patched model does, its one timing loop writes the rows of the CSV, bad flags
+give one-line errors. The GPU-only block variants run under Triton's CPU interpreter in a subprocess."""
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_latency_test
+from utils import kernels
+from utils.attention import sparse_attention
+from utils.config import SparseAttentionConfig
+from utils.dhsa import dhsa_select
+from utils.kernels.types import KernelSelection
+from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, fixed_boundaries, layer_contexts,
+                                   reference)
+from utils.registry import METHODS, LayerContext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qkv(L, Hq=4, Hkv=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, Hq, L, D, generator=g), torch.randn(1, Hkv, L, D, generator=g),
+            torch.randn(1, Hkv, L, D, generator=g))
+
+
+def test_table_covers_the_registry():
+    for name, method in METHODS.items():
+        if method.select is not None and not method.dense_prefill:
+            assert LAYER_METHODS[name].select is not None and not LAYER_METHODS[name].dense, name
+    assert "quest" not in LAYER_METHODS  # sparse at decode only: no prefill selection to time
+    assert set(KERNEL_DEFAULTS) <= set(LAYER_METHODS) and set(CPU_DEFAULTS) <= set(LAYER_METHODS)
+    assert [n for n, m in LAYER_METHODS.items() if m.dense] == ["sdpa", "sdpa_default", "sdpa_flash", "sdpa_cudnn"]
+    assert {n for n, m in LAYER_METHODS.items() if m.cuda_only} == {"sdpa_flash", "sdpa_cudnn", "dhsa_block",
+                                                                   "dhsa_block_flex"}
+    assert not LAYER_METHODS["dhsa_block_flex"].softcap and LAYER_METHODS["dhsa_block"].softcap
+    assert not LAYER_METHODS["dhsa_sdpa"].kernels
+
+
+def test_dhsa_selects_as_the_model_does_and_as_before():
+    """The table's DHSA is the registry's; at default options it keeps what the old benchmark's direct call kept."""
+    q, k, v = qkv(300)
+    config = SparseAttentionConfig(density=0.125)
+    first, later = layer_contexts()
+    got = LAYER_METHODS["dhsa"].select(q, k, v, config, first)
+    again = LAYER_METHODS["dhsa"].select(q, k, v, config, later())  # a later layer reuses the boundaries
+    model = METHODS["dhsa"].select(q, k, config, LayerContext())
+    before = dhsa_select(q, k, budget=config.resolve_budget(300), boundaries=fixed_boundaries(k, config),
+                         query_chunk=config.query_chunk, query_pooling=config.query_pooling,
+                         robust=config.robust_chunk_repr, sink_tokens=config.sink_tokens,
+                         local_tokens=config.local_tokens, share_heads=config.share_heads)
+    assert torch.equal(got.key_index, model.key_index) and torch.equal(got.key_index, before.key_index)
+    assert torch.equal(again.key_index, got.key_index)
+
+
+def test_block_sparse_runs_as_whole_blocks():
+    """block_sparse's selection is handed over in block form (the GPU runs it through the block kernel); on the
+    CPU it is written back to tokens, and both give the registry selection's output."""
+    q, k, v = qkv(256)
+    config = SparseAttentionConfig(method="block_sparse", density=0.25, block_size=32)
+    method = LAYER_METHODS["block_sparse"]
+    plan = method.select(q, k, v, config, LayerContext())
+    assert isinstance(plan, KernelSelection) and plan.block_size == 32
+    tokens = METHODS["block_sparse"].select(q, k, config, LayerContext())
+    expected = sparse_attention(q, k, v, tokens)
+    torch.testing.assert_close(method.attend(q, k, v, plan, None, None), expected)
+    torch.testing.assert_close(reference(q, k, v, plan), expected)
+
+
+@pytest.mark.parametrize("name", [n for n, m in LAYER_METHODS.items() if not m.cuda_only])
+def test_every_cpu_method_runs_through_the_timing_loop(name, tmp_path):
+    q, k, v = qkv(128)
+    args = argparse.Namespace(device="cpu", warmup=0, repeats=1, softcap=True)
+    results = run_latency_test.Results(tmp_path, "cpu", "cpu", "test")
+    shape = dict(name="tiny", heads=4, kv_heads=2, head_dim=16, scale=None, softcap=None)
+    dense_ms = {"sdpa": 2.0}
+    config = SparseAttentionConfig(density=0.25, block_size=32)
+    row = dict(shape="tiny", dtype="fp32", batch=1, length=128, density=0.25)
+    run_latency_test.time_method(LAYER_METHODS[name], q, k, v, config, row, shape, args, results, dense_ms)
+    parts = [r["part"] for r in results.rows]
+    if LAYER_METHODS[name].dense:
+        assert parts == ["total"] and dense_ms[name] > 0
+        assert dense_ms[name] == pytest.approx(results.rows[0]["median_ms"], abs=1e-4)  # the CSV rounds
+    else:
+        assert parts == ["select", "attn", "total"], results.rows
+        select, attn, total = results.rows
+        assert total["median_ms"] == pytest.approx(select["median_ms"] + attn["median_ms"], abs=1e-3)
+        assert total["speedup_vs_dense"] == pytest.approx(2.0 / total["median_ms"], rel=1e-3)
+        assert "total = median select + median attn" in total["note"]
+
+
+def test_cpu_mode_writes_the_csv(tmp_path):
+    run_latency_test.main(["--mode", "cpu", "--lengths", "160", "--densities", "0.25", "--methods", "sdpa", "dhsa",
+                           "streaming", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("cpu_*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["method"], r["part"]) for r in rows] == [
+        ("sdpa", "total"), ("dhsa", "select"), ("dhsa", "attn"), ("dhsa", "total"),
+        ("streaming", "select"), ("streaming", "attn"), ("streaming", "total")]
+    assert {r["shape"] for r in rows} == {"smollm2-135m"} and all(float(r["median_ms"]) > 0 for r in rows)
+    assert rows[3]["speedup_vs_dense"] and not rows[3]["speedup_vs_flash"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "cpu", "--methods", "dhsa_block"], "dhsa_block need\\(s\\) a CUDA GPU"),
+    (["--mode", "cpu", "--methods", "nope"], "unknown method\\(s\\) \\['nope'\\]; choose from sdpa, .*dhsa_block"),
+    (["--mode", "cpu", "--shape", "nope"], "unknown shape 'nope'; choose a model of utils/model_specs.py: .*qwen"),
+    (["--mode", "cpu", "--kernel-configs", "[{}]"], "use it with --mode kernel"),
+])
+def test_bad_flags_give_one_line_errors(flags, message):
+    with pytest.raises(SystemExit, match=message) as err:
+        run_latency_test.parse_args(flags)
+    assert "\n" not in str(err.value)
+
+
+def test_shape_aliases_come_from_the_model_table():
+    assert run_latency_test.layer_shape("llama-3.1-8b")["name"] == "llama-3.1-8b-instruct"
+    assert run_latency_test.parse_args(["--mode", "cpu"]).methods == list(CPU_DEFAULTS)
+    args = run_latency_test.parse_args(["--mode", "cpu", "--shape", "qwen2.5-coder-1.5b-instruct"])
+    assert run_latency_test.layer_shape(args.shape)["head_dim"] == 128
+
+
+_INTERPRETER_CHECK = """
+import torch
+from utils.kernels._interpreter import fix_interpreter
+fix_interpreter()
+from utils.config import SparseAttentionConfig
+from utils.kernels.select import dhsa_block_select
+from utils.latency_methods import LAYER_METHODS, fixed_boundaries, plan_selection, reference
+
+g = torch.Generator().manual_seed(0)
+q, k, v = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g), \\
+    torch.randn(1, 2, 256, 16, generator=g)
+config = SparseAttentionConfig(density=0.25, block_size=32, sink_tokens=32, local_tokens=32)
+direct = dhsa_block_select(q, k, budget=64, boundaries=fixed_boundaries(k, config), block_size=32, sink_tokens=32,
+                           local_tokens=32)
+for name in ("dhsa_block", "dhsa_block_flex"):
+    method = LAYER_METHODS[name]
+    plan = method.select(q, k, v, config, None)
+    assert torch.equal(plan_selection(plan).key_index, direct.key_index), name
+    err = (method.attend(q, k, v, plan, None, None) - reference(q, k, v, plan)).norm() / reference(q, k, v, plan).norm()
+    assert err < 1e-5, (name, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+def test_block_variants_under_triton_interpreter():
+    """dhsa_block's Triton selection and dhsa_block_flex's FlexAttention plan, on the CPU through the interpreter:
+    the table selects what dhsa_block_select selects, and both attend to what the executor computes."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -1,0 +1,123 @@
+"""Timing and result rows of the latency benchmark (run_latency_test.py): CUDA-event timing, the relative error of
+an output, random inputs of a layer shape, and the CSV that rows are appended to as they are measured.
+
+Timing: warm-up calls first, then the median (and min/max) of `repeats` calls; on the GPU each call is bracketed
+by CUDA events and the host waits for the end event, on the CPU by perf_counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "method", "part", "median_ms",
+           "min_ms", "max_ms", "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_dense", "rel_err",
+           "peak_gb", "note")
+
+
+def device_name(device: str) -> str:
+    """GPU name, or the CPU's, with underscores (it names the CSV file)."""
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "_")
+    return (platform.processor() or platform.machine() or "cpu").replace(" ", "_")
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work (timings must not stop before the kernels do)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device: str, warmup: int, repeats: int) -> dict:
+    """Median / min / max milliseconds of fn() after `warmup` calls (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; nan when out has a non-finite value."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def random_qkv(shape: dict, batch: int, length: int, dtype, device: str, seed: int):
+    """Standard normal q [B, heads, L, D], k and v [B, kv_heads, L, D] for a layer shape (ModelSpec.layer_shape)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, shape["heads"], length, shape["head_dim"], generator=g, device=device, dtype=dtype)
+    k = torch.randn(batch, shape["kv_heads"], length, shape["head_dim"], generator=g, device=device, dtype=dtype)
+    v = torch.randn(batch, shape["kv_heads"], length, shape["head_dim"], generator=g, device=device, dtype=dtype)
+    return q, k, v
+
+
+class Results:
+    """Rows appended to <out>/<mode>_<device>.csv as they are measured; prints a table at the end."""
+
+    def __init__(self, out_dir: Path, mode: str, device: str, note: str):
+        self.path = out_dir / f"{mode}_{device_name(device)}.csv"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows, self.mode, self.device, self.note = [], mode, device_name(device), note
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
+        if new:
+            self.writer.writeheader()
+
+    def add(self, **row) -> dict:
+        row = {"mode": self.mode, "device": self.device, "note": self.note, **row}
+        for key in ("median_ms", "min_ms", "max_ms"):
+            if isinstance(row.get(key), float):
+                row[key] = round(row[key], 4)
+        self.rows.append(row)
+        self.writer.writerow({c: row.get(c, "") for c in COLUMNS})
+        self.file.flush()
+        return row
+
+    def table(self) -> str:
+        lines = [f"{'L':>7} {'dens':>6} {'method':<16} {'part':<7} {'ms':>10} {'x flash':>8} {'x cudnn':>8} "
+                 f"{'x dense':>8} {'rel_err':>9} {'peak GB':>8}"]
+        for r in self.rows:
+            def f(key, fmt):
+                width = fmt.split(".")[0]
+                return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else format("-", f">{width}")
+            lines.append(f"{r.get('length', ''):>7} {str(r.get('density', '')):>6} {r['method']:<16} "
+                         f"{r.get('part', ''):<7} {f('median_ms', '10.3f')} {f('speedup_vs_flash', '8.2f')} "
+                         f"{f('speedup_vs_cudnn', '8.2f')} {f('speedup_vs_dense', '8.2f')} {f('rel_err', '9.2e')} "
+                         f"{f('peak_gb', '8.2f')}")
+        return "\n".join(lines)
+
+
+def sdpa_backend(name: str | None):
+    """Context pinning torch SDPA to one backend ("flash", "cudnn", "math"); None pins nothing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name is None:
+        return contextlib.nullcontext()
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([backend])
+
+
+__all__ = ["COLUMNS", "device_name", "sync", "measure", "rel_err", "random_qkv", "Results", "sdpa_backend"]
