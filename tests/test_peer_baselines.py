@@ -313,3 +313,30 @@ def test_antidiagonal_scores_match_loops():
     torch.testing.assert_close(got, want)
     groups = torch.clamp(Lq - torch.arange(grid.n_tiles) * size, max=size).div(S).ceil()
     torch.testing.assert_close(got.sum(-1), groups.expand(B, Hq, -1).float())   # each real group adds 1
+
+
+def test_no_length_squared_memory(rss_growth_mib):
+    """16K tokens: an L x L fp32 score matrix needs 1 GiB; the estimators work on blocks, groups and the last
+    queries only."""
+    grown_mib = rss_growth_mib(
+        "import torch\n"
+        "from utils.attention import sparse_attention\n"
+        "from utils.config import SparseAttentionConfig\n"
+        "from utils.registry import METHODS, LayerContext\n"
+        "q = torch.randn(1, 2, 16384, 16); k = torch.randn(1, 1, 16384, 16); v = torch.randn(1, 1, 16384, 16)",
+        "for name in ('flexprefill', 'xattention'):\n"
+        "    for budget in (64, 1024):\n"
+        "        cfg = SparseAttentionConfig(method=name, budget=budget)\n"
+        "        sparse_attention(q, k, v, METHODS[name].select(q, k, cfg, LayerContext()))")
+    assert grown_mib < 600, f"peak memory grew by {grown_mib} MiB"
+
+
+@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("L", [128, 130])  # a whole number of blocks (nothing to pad), and not
+def test_transformers_layout_gives_the_same_selection(name, L):
+    """Models hand over q/k as [B, L, H, D] tensors viewed as [B, H, L, D] (not contiguous)."""
+    q, k = rand(1, L, 4, 16, seed=15), rand(1, L, 2, 16, seed=16)
+    cfg = config(name, 48)
+    strided = METHODS[name].select(q.transpose(1, 2), k.transpose(1, 2), cfg, LayerContext())
+    packed = METHODS[name].select(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), cfg, LayerContext())
+    assert torch.equal(strided.key_index, packed.key_index)

@@ -179,7 +179,7 @@ if __name__ == "__main__":
     from .common import ascii_mask
 
     torch.manual_seed(0)
-    L, D = 64, 16
+    L, D = 64, 64
     q, k = torch.randn(1, 2, L, D), torch.randn(1, 1, L, D)
     q[:, 0] += 3 * k[0, 0, 37]                      # head 0: every query from 37 on looks at key 37 (a vertical)
     q[:, 1, 9:] += 3 * k[0, 0, :L - 9]              # head 1: query i looks at key i - 9 (a slash line)

@@ -58,9 +58,9 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid,
     per_block = grid.size // S                       # groups per tile and per key block
     n_qgroups, n_kgroups = grid.n_tiles * per_block, grid.n_blocks * per_block
     # Group a of the queries reversed and concatenated, so that one dot product sums an antidiagonal.
-    q_groups = F.pad(q.float(), (0, 0, 0, n_qgroups * S - Lq)).view(B, Hq, n_qgroups, S, D).flip(3)
+    q_groups = F.pad(q.float(), (0, 0, 0, n_qgroups * S - Lq)).reshape(B, Hq, n_qgroups, S, D).flip(3)
     q_groups = q_groups.reshape(B, Hkv, G, n_qgroups, S * D)
-    k_groups = F.pad(k.float(), (0, 0, 0, n_kgroups * S - Lk)).view(B, Hkv, n_kgroups, S * D)
+    k_groups = F.pad(k.float(), (0, 0, 0, n_kgroups * S - Lk)).reshape(B, Hkv, n_kgroups, S * D)
     group = torch.arange(n_qgroups, device=q.device)
     group_last = torch.clamp(grid.q_offset + group * S + S - 1, max=Lk - 1)       # last real query of a group
     real = group * S < Lq
@@ -118,7 +118,7 @@ if __name__ == "__main__":
     from .common import ascii_mask
 
     torch.manual_seed(0)
-    L, D = 64, 16
+    L, D = 64, 64
     q, k = torch.randn(1, 1, L, D), torch.randn(1, 1, L, D)
     q[:, 0, 9:] += 3 * k[0, 0, :L - 9]              # query i looks at key i - 9 (a slash line)
     blocks, grid = xattention_blocks(q, k, budget=24, block_size=8, threshold=0.9, stride=4)
