@@ -42,7 +42,7 @@ from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
 from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
 
-_STEP_ELEMENTS = 1 << 24  # elements of the group-score temporaries of one step
+_STEP_ELEMENTS = 1 << 24  # elements of the group-score temporaries of one step (4x on a GPU: fewer, larger steps)
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, stride: int = 8) -> torch.Tensor:
@@ -68,7 +68,8 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid,
     scale = D ** -0.5 / S
 
     out = torch.empty(B, Hq, grid.n_tiles, grid.n_blocks, device=q.device)
-    tiles_per_step = max(1, _STEP_ELEMENTS // max(1, B * Hq * per_block * n_kgroups))
+    step_elements = _STEP_ELEMENTS * (4 if q.is_cuda else 1)
+    tiles_per_step = max(1, step_elements // max(1, B * Hq * per_block * n_kgroups))
     for t0 in range(0, grid.n_tiles, tiles_per_step):
         t1 = min(grid.n_tiles, t0 + tiles_per_step)
         rows = slice(t0 * per_block, t1 * per_block)
