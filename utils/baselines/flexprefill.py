@@ -22,13 +22,13 @@ read everything, so N_b >= L is dense attention. gamma and tau are `flex_gamma` 
 SparseAttentionConfig; because gamma can stop short of the cap, the registry method stores the density it
 reached in `context.state["reached"]` (blocks.py).
 
-Differences from the authors' code, all to fit the shared harness: the budget cap per tile (their max_budget only caps
-a head's vertical and slash counts, and is off by default) and no floor (their min_budget, 1024 tokens in their runs, keeps at least 8 vertical
-and 8 slash blocks); so that a concentrated line is still found without that floor, a set holds ceil(tokens /
-block) best blocks on top of the always-kept one (their count, tokens // 128 + 1, includes it); a tile whose last
-query sees at most N_b keys is dense (theirs: sequences up to 2 blocks or min_budget). Decode: FlexPrefill decodes
-densely (the default `decode="dense"`); with decode="sparse" a step runs the same rule with the new token as the
-only query.
+Differences from the authors' code, all to fit the shared harness: the budget cap per tile (their max_budget only
+caps a head's vertical and slash counts, and is off by default) and no floor (their min_budget, 1024 tokens in their
+runs, keeps at least 8 vertical and 8 slash blocks); so that a concentrated line is still found without that floor,
+a set holds ceil(tokens / block) best blocks on top of the always-kept one (their count, tokens // 128 + 1, includes
+it); a tile whose last query sees at most N_b keys is dense (theirs: sequences up to 2 blocks or min_budget).
+Decode: FlexPrefill decodes densely (the default `decode="dense"`); with decode="sparse" a step runs the same rule
+with the new token as the only query.
 
 Selection: one list per query head and query tile (Hs = Hq, query_chunk = block size); `flexprefill_select(...,
 block_mode=True)` gives the block-number form the GPU block kernel reads.
