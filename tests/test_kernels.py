@@ -243,6 +243,36 @@ def check_block_sparse_baseline(device, dtype, L):
     assert blocks_from_token_selection(scattered, 16, L) is None
 
 
+def check_peer_baselines(device, dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
+    """flexprefill and xattention (utils/baselines): their token lists through the token kernel and their block
+    form through the block kernel equal the PyTorch executor on the token lists (per query head, Hs = Hq)."""
+    from utils.baselines.flexprefill import flexprefill_select
+    from utils.baselines.xattention import xattention_select
+    from utils.kernels.select import block_selection_to_tokens
+    from utils.kernels.sparse_prefill import sparse_prefill
+
+    q = rand(B, Hq, Lq, D, device=device, dtype=dtype, seed=7)
+    k, v = (rand(B, Hkv, Lk, D, device=device, dtype=dtype, seed=s) for s in (8, 9))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for select in (flexprefill_select, xattention_select):
+        tokens = select(q, k, budget, bs)
+        blocks = select(q, k, budget, bs, block_mode=True)
+        assert blocks.block_size == bs and tokens.key_index.shape[1] == Hq and tokens.key_index.shape[-1] <= budget
+        assert torch.equal(block_selection_to_tokens(blocks, Lk).mask(Lq, Lk), tokens.mask(Lq, Lk))
+        with kernels.disabled():
+            ref = sparse_attention(q.float(), k.float(), v.float(), tokens)
+        if device == "cuda":  # the dispatch: token kernel (sorted lists with counts) and block kernel
+            outs = [sparse_attention(q, k, v, tokens), sparse_attention(q, k, v, blocks)]
+        else:
+            small = dict(rows=16, block_n=16)
+            outs = [sparse_prefill(q, k, v, tokens.key_index, tokens.counts, query_chunk=tokens.query_chunk,
+                                   q_offset=tokens.q_offset, sorted_keys=True, config=small),
+                    sparse_prefill(q, k, v, blocks.key_index, blocks.counts, query_chunk=blocks.query_chunk,
+                                   q_offset=blocks.q_offset, block_size=bs, sorted_keys=True, config=small)]
+        for out in outs:
+            assert rel(out, ref) < tol, (select.__name__, rel(out, ref))
+
+
 # ---------------------------------------------------------------------------------------------- everywhere
 
 def test_cpu_tensors_never_reach_the_kernels(monkeypatch):
@@ -394,6 +424,12 @@ def test_interp_block_sparse_baseline_through_block_kernel(L):
     check_block_sparse_baseline("cpu", torch.float32, L)
 
 
+@interpreter_only
+@pytest.mark.parametrize("Lq, Lk", [(128, 128), (90, 141)])  # aligned prefill; queries after an unaligned prefix
+def test_interp_flexprefill_and_xattention_through_the_kernels(Lq, Lk):
+    check_peer_baselines("cpu", torch.float32, 1, 2, 1, Lq, Lk, 16, 16, 48)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 @cuda_only
@@ -492,3 +528,14 @@ def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
     with kernels.disabled():
         ref = sparse_attention(q.float(), k.float(), v.float(), block_selection_to_tokens(sel, L))
     assert rel(out, ref) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, bs, budget", [
+    (1, 32, 8, 4096, 4096, 128, 128, 1024),   # Llama-3.1-8B heads, 25% density
+    (1, 12, 2, 3000, 3000, 128, 128, 384),    # Qwen2.5-1.5B heads, L not a multiple of the block
+    (2, 8, 4, 1000, 1300, 64, 64, 256),       # batch, queries after an unaligned prefix
+])
+def test_cuda_flexprefill_and_xattention_through_the_kernels(dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
+    check_peer_baselines("cuda", dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget)

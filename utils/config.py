@@ -56,6 +56,11 @@ class SparseAttentionConfig:
     sink_fraction: float = 0.2             # streaming*: share of the budget given to initial tokens
     last_q: int = 64                       # vertical_slash: queries that estimate the pattern
     page_size: int = 16                    # quest: keys per page
+    # flexprefill / xattention: thresholds that size their selections below the cap N_b (papers' defaults)
+    flex_gamma: float = 0.9                # flexprefill: attention mass the kept blocks must cover (gamma)
+    flex_tau: float = 0.1                  # flexprefill: sqrt-JS divergence below which a head is query-aware (tau)
+    xattn_threshold: float = 0.9           # xattention: share of a block row's antidiagonal score kept (tau)
+    xattn_stride: int = 8                  # xattention: antidiagonal stride S (paper: 8 or 16)
 
     def __post_init__(self) -> None:
         if self.density is not None and not (0.0 < self.density <= 1.0):
@@ -86,6 +91,11 @@ class SparseAttentionConfig:
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
         if self.boundary_source not in ("auto", "fixed", "predictor"):
             raise ValueError(f"boundary_source must be auto, fixed or predictor, got {self.boundary_source!r}")
+        if not (0.0 < self.flex_gamma <= 1.0 and 0.0 < self.xattn_threshold <= 1.0):
+            raise ValueError(f"flex_gamma and xattn_threshold must be in (0, 1], got {self.flex_gamma}, "
+                             f"{self.xattn_threshold}; e.g. --flex-gamma 0.9")
+        if self.flex_tau < 0 or self.xattn_stride < 1:
+            raise ValueError(f"flex_tau must be >= 0 and xattn_stride >= 1, got {self.flex_tau}, {self.xattn_stride}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
 
     def resolve_budget(self, num_keys: int) -> int:

@@ -6,7 +6,14 @@ Importing this package registers every baseline in `utils.registry.METHODS`:
   block_sparse                                       block_sparse.py    top 128-token blocks by mean-pooled q/k
   quest                                              quest.py       decode-time page selection (prefill dense)
   oracle_topk                                        oracle.py      each query's true top-N_b keys (upper bound)
+  flexprefill                                        flexprefill.py  per head vertical-slash or query-aware blocks
+                                                                     covering gamma of the attention (FlexPrefill)
+  xattention                                         xattention.py  blocks by antidiagonal scores, kept up to a
+                                                                    cumulative threshold (XAttention)
 All are configured by one budget N_b (`density` * L or `budget`), and no query reads more than N_b keys.
+flexprefill and xattention may stop below N_b (their thresholds); they record the density they reached
+(blocks.py: context.state["reached"], `reached_density(model)`).
 """
 
-from . import block_sparse, oracle, quest, streaming, vertical_slash  # noqa: F401  (each registers its methods)
+# each module registers its methods
+from . import block_sparse, flexprefill, oracle, quest, streaming, vertical_slash, xattention  # noqa: F401
