@@ -87,7 +87,7 @@ def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, so
     ends = as_boundary_list(fixed_size_ends(L, 7), B, L, device=device)
     with kernels.disabled():
         sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends, query_chunk=T, sink_tokens=4,
-                          local_tokens=8)
+                          local_tokens=8, head_pooling="mean")  # one list per KV head (GQA group)
         if per_query_head:  # one list per query head (e.g. baselines that select per head)
             sel = Selection(sel.key_index.repeat_interleave(Hq // Hkv, 1), T, sel.q_offset)
         ref = sparse_attention(q.float(), k.float(), v.float(), sel, softcap=softcap)
@@ -107,7 +107,7 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
     opts = dict(budget=budget, boundaries=ends, query_chunk=T, sink_tokens=sink, local_tokens=local,
                 share_heads=share_heads)
     with kernels.disabled():
-        ref = dhsa_select(q, k, **opts)
+        ref = dhsa_select(q, k, head_pooling="mean", **opts)  # the fused kernel scores summed GQA queries
     got = dhsa_select_fused(q, k, **opts)
     assert got.key_index.shape == ref.key_index.shape
     assert torch.equal(got.counts.long(), (ref.key_index >= 0).sum(-1))
@@ -396,7 +396,7 @@ def test_interp_queries_after_a_prefix(Lq):
     q, k, v = rand(1, 4, Lq, 16), rand(1, 2, 120, 16, seed=1), rand(1, 2, 120, 16, seed=2)
     ends = [decode_boundaries(fixed_size_ends(110, 8), 110, 120)] if Lq == 1 else [fixed_size_ends(120, 8)]
     opts = dict(budget=30, boundaries=ends, query_chunk=16, sink_tokens=4, local_tokens=4)
-    ref, got = dhsa_select(q, k, **opts), dhsa_select_fused(q, k, **opts)
+    ref, got = dhsa_select(q, k, head_pooling="mean", **opts), dhsa_select_fused(q, k, **opts)
     assert torch.equal(per_chunk_counts(got.key_index[0], ends[0]), per_chunk_counts(ref.key_index[0], ends[0]))
     out = sparse_prefill(q, k, v, got.key_index, got.counts, query_chunk=16, q_offset=got.q_offset, sorted_keys=True,
                          config=dict(rows=16, block_n=16))
