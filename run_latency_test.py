@@ -22,7 +22,6 @@ appends rows to <out>/<mode>_<device>.csv as it goes and redraws the plots.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -36,12 +35,13 @@ from utils.attention import full_selection, sparse_attention
 from utils.boundaries import FixedSizeBoundaries
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.dhsa import dhsa_select
+from utils.runs import append_csv
 
 SHAPE_ALIASES = {"llama-3.1-8b": "llama-3.1-8b-instruct", "qwen2.5-3b": "qwen2.5-3b-instruct",
                  "gemma-2-2b": "gemma-2-2b-it"}
 KERNEL_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_default", "dhsa", "dhsa_block", "dhsa_block_flex", "block_sparse",
                   "dhsa_sdpa")
-COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "method", "part", "median_ms",
+COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "decode", "method", "part", "median_ms",
            "min_ms", "max_ms", "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_dense", "rel_err",
            "peak_gb", "note")
 
@@ -114,26 +114,21 @@ def random_qkv(shape: dict, batch: int, length: int, dtype, device: str, seed: i
 
 
 class Results:
-    """Rows appended to <out>/<mode>_<device>.csv as they are measured; prints a table at the end."""
+    """Rows appended to <out>/<mode>_<device>.csv as they are measured (utils/runs.py append_csv: one line per row,
+    crash-safe); prints a table at the end. `decode`: the config's decode protocol, recorded in every row."""
 
-    def __init__(self, out_dir: Path, mode: str, device: str, note: str):
+    def __init__(self, out_dir: Path, mode: str, device: str, note: str, decode: str = ""):
         self.path = out_dir / f"{mode}_{device_name(device)}.csv"
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.rows, self.mode, self.device, self.note = [], mode, device_name(device), note
-        new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
-        if new:
-            self.writer.writeheader()
+        self.rows, self.mode, self.device, self.note, self.decode = [], mode, device_name(device), note, decode
 
     def add(self, **row) -> dict:
-        row = {"mode": self.mode, "device": self.device, "note": self.note, **row}
+        row = {"mode": self.mode, "device": self.device, "decode": self.decode, "note": self.note, **row}
         for key in ("median_ms", "min_ms", "max_ms"):
             if isinstance(row.get(key), float):
                 row[key] = round(row[key], 4)
         self.rows.append(row)
-        self.writer.writerow({c: row.get(c, "") for c in COLUMNS})
-        self.file.flush()
+        append_csv(self.path, row, COLUMNS)
         return row
 
     def table(self) -> str:
@@ -602,7 +597,7 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         where += f", {torch.get_num_threads()} threads"
     note = args.note or f"torch {torch.__version__}; {where}"
-    results = Results(args.out, args.mode, args.device, note)
+    results = Results(args.out, args.mode, args.device, note, decode=args.decode)
     print(f"{args.mode} mode on {where}; command: {' '.join(sys.argv)}", flush=True)
     {"kernel": kernel_mode, "e2e": e2e_mode, "batch": batch_mode, "cpu": cpu_mode}[args.mode](args, results)
     try:

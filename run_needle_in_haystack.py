@@ -16,21 +16,19 @@ rerun skips the pairs already there. Several methods/densities can share one mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from data.haystack import (
     PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
+from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
@@ -134,99 +132,21 @@ def plan_lengths(args, model_max: int) -> list[int]:
     return lengths
 
 
-# ---- results files --------------------------------------------------------------------------------------
-
-def run_name(config: SparseAttentionConfig) -> str:
-    """File stem of a run: dense, dhsa_0.0625, quest_budget2048, dhsa_0.0625_min512."""
-    if config.method == "dense":
-        return "dense"
-    if config.budget is not None:
-        name = f"{config.method}_budget{config.budget}"
-    else:
-        name = f"{config.method}_{config.density:g}"
-    return name + (f"_min{config.min_budget}" if config.min_budget else "")
-
+# ---- results files and generation ------------------------------------------------------------------------
 
 def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
+    """<output-dir>/<model>/<run>.jsonl (utils/runs.py run_name), or --output."""
     if args.output:
         return Path(args.output)
     return Path(args.output_dir) / Path(model_name).name / f"{run_name(config)}.jsonl"
 
 
-def config_dict(config: SparseAttentionConfig) -> dict:
-    values = dataclasses.asdict(config)
-    values["dense_layers"] = list(values["dense_layers"])
-    return values
-
-
-def load_records(path: Path) -> list[dict]:
-    """Records of a results file; a line cut off by an interrupted run is ignored (it is redone)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def check_same_settings(path: Path, records: list[dict], settings: dict) -> None:
-    """Refuse to mix results made with other options into one file."""
-    for record in records:
-        changed = [key for key, value in settings.items() if record.get(key) != value]
-        if changed:
-            raise SystemExit(f"error: {path} holds results made with other {', '.join(changed)}; "
-                             "pass --output-dir/--output to write elsewhere, or delete the file to redo it")
-
-
-def append_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-# ---- generation -----------------------------------------------------------------------------------------
-
-class StopAtNewline(StoppingCriteria):
-    """Stop once the answer has started and a line break follows (answers are one sentence)."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = ["\n" in self.tokenizer.decode(row[self.prompt_len:], skip_special_tokens=True).lstrip()
-                for row in input_ids]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
-
-
-@torch.inference_mode()
 def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
     """Greedy answer to a prompt, cut at the first line break."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], device=device)
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=eos or None, pad_token_id=pad)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                         stopping_criteria=StoppingCriteriaList([StopAtNewline(tokenizer, ids.shape[1])]))
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    return text.split("\n")[0].strip()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    stop = StopAtNewline(tokenizer, len(input_ids))
+    new_ids = greedy_generate(model, input_ids, max_new_tokens, eos_token_ids(model, tokenizer),
+                              stopping_criteria=[stop])
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
 # ---- the test -------------------------------------------------------------------------------------------
@@ -255,8 +175,9 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         density = 1.0 if config.method == "dense" else config.density
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
                     "config": config_dict(config)}
-        records = load_records(path)
-        check_same_settings(path, records, settings)
+        records = read_jsonl(path)
+        with user_errors():
+            check_same_settings(path, records, settings)
         done = {(r["length"], float(r["depth"])) for r in records}
         pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
         label = run_name(config)
@@ -269,15 +190,16 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
                 limit = min(length, model_max - args.max_new_tokens)
                 samples[length, depth] = make_sample(haystack, limit, depth, style)
             sample = samples[length, depth]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - start
             scores = score_answer(answer)
             prompt_tokens = len(sample.input_ids)
             record = {
-                "method": config.method, "density": density, "length": length, "depth": depth,
+                "method": config.method, "density": density, "decode": config.decode, "length": length,
+                "depth": depth,
                 "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
                 "score_full_needle": round(scores["score_full_needle"], 2),
                 "exact_match": scores["exact_match"], "answer": answer,
@@ -285,7 +207,7 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
                 "needle_depth": round(sample.needle_depth, 2),
                 "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
             }
-            append_record(path, record)
+            append_jsonl(path, record)
             records.append(record)
             bar.set_postfix(length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
         wanted = {(n, d) for n in lengths for d in args.depths}
