@@ -351,3 +351,17 @@ def test_common_samples_scores_runs_on_the_samples_they_share(tmp_path):
     scored = _json.loads((tmp_path / "m" / "dense" / "result_common.json").read_text())
     assert scored == {"trec": 100.0}
     assert "(trec:1)" in (tmp_path / "results_common.md").read_text()
+
+
+def test_describe_run_from_folder_names_without_run_config(tmp_path):
+    def described(name):
+        info = ev.describe_run(tmp_path / "m" / name)
+        return info["method"], info["density"], info["budget"]
+
+    assert described("dense") == ("dense", None, None)
+    assert described("dhsa_0.125") == ("dhsa", 0.125, None)
+    assert described("dhsa_fixed_chunks_0.0625_min512") == ("dhsa_fixed_chunks", 0.0625, None)
+    assert described("block_sparse_budget2048") == ("block_sparse", None, 2048)
+    assert described("dhsa_b2048") == ("dhsa", None, 2048)                  # older LongBench folders
+    assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None)
+    assert described("my_run") == ("my_run", None, None)
