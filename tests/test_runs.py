@@ -82,6 +82,7 @@ def test_run_names():
     assert run_name(SparseAttentionConfig(method="dhsa", budget=2048)) == "dhsa_budget2048"
     assert run_name(SparseAttentionConfig(method="streaming", density=0.125, min_budget=512)) == "streaming_0.125_min512"
     assert run_name(SparseAttentionConfig(method="dhsa", density=0.125, decode="sparse")) == "dhsa_0.125_decode-sparse"
+    assert run_name(SparseAttentionConfig(method="quest", density=0.125)) == "quest_0.125"  # always sparse decode
 
 
 def test_check_same_settings_names_what_changed(tmp_path):

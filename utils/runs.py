@@ -151,7 +151,9 @@ def run_name(config) -> str:
     name = f"{config.method}_budget{config.budget}" if config.budget is not None else f"{config.method}_{config.density:g}"
     if config.min_budget:
         name += f"_min{config.min_budget}"
-    default_decode = type(config)().decode if hasattr(config, "decode") else None
+    # the method's default protocol (Quest acts only at decode: its decode is always sparse, never named)
+    default_decode = dataclasses.replace(config, decode=type(config)().decode).decode if hasattr(config, "decode") \
+        else None
     if getattr(config, "decode", None) not in (None, default_decode):
         name += f"_decode-{config.decode}"
     return name
