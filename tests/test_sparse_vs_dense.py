@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from utils.attention import Selection, sparse_attention
+from utils.attention import Selection, dense_attention, sparse_attention
 from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import patch_model
 from utils.registry import METHODS, LayerContext, run_method
@@ -53,6 +53,23 @@ def test_executor_masks_future_keys_even_when_listed(shape, query_chunk):
                                atol=2e-6, rtol=1e-5)
     tail = sparse_attention(q[:, :, -5:], k, v, Selection(every_key(5), query_chunk, L - 5))
     torch.testing.assert_close(tail, ref[:, :, -5:], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", DENSE_AT_FULL_BUDGET)
+@pytest.mark.parametrize("scale, softcap", [(0.1, None), (0.7, 3.0)])
+def test_full_budget_equals_dense_with_the_models_scale_and_softcap(name, scale, softcap):
+    """Models pass their own attention scale (Gemma: query_pre_attn_scalar ** -0.5, not head_dim ** -0.5) and
+    soft-cap (Gemma-2); at full budget each method equals dense attention with both, prefill and a decode step."""
+    q, k, v = rand_qkv(1, 4, 2, 70, 16, seed=15)
+    G = q.shape[1] // k.shape[1]
+    ref = dense_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), scale=scale, softcap=softcap)
+    assert not torch.allclose(ref, dense_reference(q, k, v), atol=1e-3)  # the scale matters on these inputs
+    for decode in ("dense", "sparse"):
+        config = small_config(name, 70, decode=decode)
+        out = run_method(METHODS[name], q, k, v, config, LayerContext(), scale=scale, softcap=softcap)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        step = run_method(METHODS[name], q[:, :, -1:], k, v, config, LayerContext(), scale=scale, softcap=softcap)
+        torch.testing.assert_close(step, ref[:, :, -1:], atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", SPARSE)
