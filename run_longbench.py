@@ -253,8 +253,11 @@ def main(argv=None) -> None:
             print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
                   f"{model_max} tokens; keeping {cap} prompt tokens")
         out_path = run_dir / file_name(dataset, args.longbench_e)
-        written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
-                                  chat_template=args.chat_template, keep_head=args.keep_head, decode=config.decode)
+        try:
+            written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
+                                      chat_template=args.chat_template, keep_head=args.keep_head, decode=config.decode)
+        except ValueError as err:  # a results file that is not a prediction file, or edited by hand
+            sys.exit(f"error: {err}")
         print(f"{dataset}: {written} new predictions -> {out_path}")
 
 

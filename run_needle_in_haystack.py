@@ -175,8 +175,8 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         density = 1.0 if config.method == "dense" else config.density
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
                     "config": config_dict(config)}
-        records = read_jsonl(path)
-        with user_errors():
+        with user_errors():  # a broken results file or one made with other options: one line naming the fix
+            records = read_jsonl(path)
             check_same_settings(path, records, settings)
         done = {(r["length"], float(r["depth"])) for r in records}
         pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
