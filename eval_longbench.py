@@ -31,6 +31,7 @@ import numpy as np
 
 from data.longbench import ALL_DATASETS, CHINESE_DATASETS, ENGLISH_DATASETS, GROUPS, LONGBENCH_E_DATASETS
 from utils.cli import HelpFormatter
+from utils.runs import read_jsonl
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -212,18 +213,12 @@ def dataset_score_by_length(dataset: str, records: list[dict]) -> dict[str, floa
 # ------------------------------------------------------------------------------------------ run folders
 
 def read_predictions(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not JSON ({err}); rerun run_longbench.py to repair it")
-            if "pred" not in record or "answers" not in record:
-                raise ValueError(f"{path}:{number} has no 'pred'/'answers'; is it a LongBench prediction file?")
-            records.append(record)
+    """The predictions of one file (utils/runs.py read_jsonl: a last line cut off by an interrupted run is left out;
+    rerun run_longbench.py to redo that sample)."""
+    records = read_jsonl(path)
+    for number, record in enumerate(records, 1):
+        if "pred" not in record or "answers" not in record:
+            raise ValueError(f"{path}: record {number} has no 'pred'/'answers'; is it a LongBench prediction file?")
     return records
 
 
@@ -256,13 +251,23 @@ def describe_run(run_dir: Path) -> dict:
         return {"model": config.get("model_name", run_dir.parent.name), "method": method,
                 "density": None if dense else attention.get("density"),
                 "budget": None if dense else attention.get("budget"), "run": str(run_dir)}
-    method, _, density = run_dir.name.rpartition("_")
+    # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048 (older runs: dhsa_b2048)
+    found = re.fullmatch(r"(?P<method>.+?)_(?:(?P<density>[0-9.e-]+)|b(?:udget)?(?P<budget>[0-9]+))(?:_.*)?",
+                         run_dir.name)
+    if found is None or (found["density"] is not None and not _is_number(found["density"])):
+        return {"model": run_dir.parent.name, "method": run_dir.name, "density": None, "budget": None,
+                "run": str(run_dir)}
+    return {"model": run_dir.parent.name, "method": found["method"],
+            "density": float(found["density"]) if found["density"] is not None else None,
+            "budget": int(found["budget"]) if found["budget"] is not None else None, "run": str(run_dir)}
+
+
+def _is_number(text: str) -> bool:
     try:
-        density = float(density)
+        float(text)
     except ValueError:
-        method, density = run_dir.name, None
-    return {"model": run_dir.parent.name, "method": method, "density": density, "budget": None,
-            "run": str(run_dir)}
+        return False
+    return True
 
 
 def score_run(run_dir: Path, only_ids: dict[str, set] | None = None) -> dict:
@@ -436,7 +441,10 @@ def main(argv=None) -> None:
     if not run_dirs:
         sys.exit(f"error: no LongBench prediction files (<dataset>.jsonl) under {results_dir}; run run_longbench.py first")
 
-    common = common_sample_ids(run_dirs) if args.common_samples else {}
+    try:
+        common = common_sample_ids(run_dirs) if args.common_samples else {}
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     suffix = "_common" if args.common_samples else ""
     runs = []
     for run_dir in run_dirs:

@@ -15,8 +15,8 @@ Queries are selected as the last chunk of a prefill (from a position aligned to 
 method keeps exactly what it would keep in a full prefill. Scores and masks are built for those queries only:
 memory is O(num_queries x L) per layer, never O(L^2).
 
-Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N; a rerun skips what is
-there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
+Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N, written as each layer is done
+through utils/runs.py; a rerun skips what is there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
 `--essays val` scores only the essays the shipped boundary predictors held out (their training used the essays
 and LongBench contexts; see boundary_predictor/weights/README.md), so DHSA's learned boundaries are not seen text.
 
@@ -40,6 +40,7 @@ import torch
 
 from utils.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
+from utils.runs import append_jsonl, read_jsonl
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
                    "vertical_slash", "quest", "streaming", "streaming_dilated", "streaming_strided"]
@@ -199,24 +200,14 @@ def layer_recall(q, k, options, methods, kept_keys, num_queries, base_config, la
 
 
 def settings_key(args, config) -> str:
-    """Fingerprint of everything that changes the numbers; rows of other settings are not reused."""
+    """Fingerprint of everything that changes the numbers; rows of other settings are not reused. (The decode
+    protocol is left out: recall scores prefill selections, which it does not change.)"""
     text = json.dumps({"num_queries": args.num_queries, "config": {k: v for k, v in vars(config).items()
-                                                                   if k not in ("method", "budget", "density")},
+                                                                   if k not in ("method", "budget", "density",
+                                                                                "decode")},
                        "dtype": args.dtype, "layers": args.layers,
                        **({"essays": args.essays} if args.essays != "all" else {})}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by an interrupted run
-            continue
-    return rows
 
 
 def summarize(rows: list[dict], model_name: str):
@@ -341,7 +332,7 @@ def run(args) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "recall.jsonl"
     key = settings_key(args, base)
-    rows = [r for r in read_rows(jsonl) if r.get("settings") == key]
+    rows = [r for r in read_jsonl(jsonl) if r.get("settings") == key]
     done = {(r["length"], r["layer"], r["method"], r["kept_keys"]) for r in rows}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no predictor weights: fixed chunks" is reported once below
@@ -358,22 +349,28 @@ def run(args) -> Path:
             continue
         kept_keys = [n for n in args.kept_keys if n < L]
         first_query = (L - args.num_queries) // align * align  # the evaluated chunk starts on a tile boundary
-        progress.set_postfix(length=L, step="forward")
-        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir, args.essays), pending, first_query)
         # As in one patched forward, DHSA computes boundaries at its first layer and shares them with later
-        # layers; each method gets its own shared state since a model runs one method at a time.
+        # layers; each method gets its own shared state since a model runs one method at a time. A resumed run
+        # redoes the first layer (without writing it again) so that the later layers get the same boundaries.
+        run_layers = list(dict.fromkeys([layers[0]] + pending))
+        progress.set_postfix(length=L, step="forward")
+        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir, args.essays), run_layers,
+                              first_query)
         shared = {name: {} for name in args.methods}
-        for layer in pending:
+        for layer in run_layers:
             q, k, options = captured.pop(layer)
             progress.set_postfix(length=L, layer=layer)
             with torch.no_grad():
                 results = layer_recall(q.float(), k.float(), options, args.methods, kept_keys, args.num_queries,
                                        base, layer, shared, source)
-            with jsonl.open("a") as f:
-                for r in results:
-                    f.write(json.dumps({"settings": key, "model": model_name, "length": L, "layer": layer, **r}) + "\n")
-            rows.extend({"length": L, "layer": layer, **r} for r in results)
-            progress.update(1)
+            for r in results:  # the rows not yet on disk (a run killed inside a layer wrote some of them)
+                if (L, layer, r["method"], r["kept_keys"]) not in done:
+                    row = {"settings": key, "model": model_name, "length": L, "layer": layer, "decode": base.decode,
+                           **r}
+                    append_jsonl(jsonl, row)
+                    rows.append(row)
+            if layer in pending:
+                progress.update(1)
     progress.close()
 
     wanted = [r for r in rows if r["length"] in args.lengths and r["method"] in args.methods

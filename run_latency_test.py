@@ -349,7 +349,7 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         where += f", {torch.get_num_threads()} threads"
     note = args.note or f"torch {torch.__version__}; {where}"
-    results = Results(args.out, args.mode, args.device, note)
+    results = Results(args.out, args.mode, args.device, note, decode=args.decode)
     print(f"{args.mode} mode on {where}; command: {' '.join(sys.argv)}", flush=True)
     {"kernel": layer_mode, "e2e": e2e_mode, "batch": batch_mode, "cpu": layer_mode}[args.mode](args, results)
     try:

@@ -11,15 +11,15 @@ except on the few-shot and code datasets. Generation is greedy, one sample at a 
 length or an end-of-sequence token (samsum also stops at a newline, as in LongBench).
 
 Predictions go to <output-dir>/<model>/<run>/<dataset>.jsonl (<dataset>_e.jsonl for LongBench-E), where
-<run> is `dense`, `<method>_<density>` or `<method>_b<budget>`; run_config.json beside them records the
-settings. Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it
-stopped. Score with eval_longbench.py.
+<run> is the run name of utils/runs.py (`dense`, `<method>_<density>`, `<method>_budget<N_b>`, ...; a folder
+named the older way, `<method>_b<N_b>`, is still resumed); run_config.json beside them records the settings.
+Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it stopped (a
+line cut off by a crash is dropped and that sample redone). Score with eval_longbench.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,6 +31,8 @@ from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBE
                             file_name, load_samples, uses_chat_template)
 from utils.cli import HelpFormatter
 from utils.config import add_config_args, config_from_args
+from utils.generation import eos_token_ids, greedy_generate
+from utils.runs import append_jsonl, config_dict, read_jsonl, run_name
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -98,47 +100,47 @@ def model_folder_name(model: str) -> str:
     return Path(model.rstrip("/")).name
 
 
-def run_folder_name(config) -> str:
-    """`dense`, `dhsa_0.125` (density) or `dhsa_b2048` (budget in keys)."""
-    if config.method == "dense":
-        return "dense"
-    if config.budget is not None:
-        return f"{config.method}_b{config.budget}"
-    return f"{config.method}_{config.density:g}"
+def run_dir_for(model_dir: Path, config, settings: dict) -> Path:
+    """The run's folder: model_dir / utils/runs.py run_name (`dense`, `dhsa_0.125`, `dhsa_budget2048`, ...), or
+    a folder named the older way (`dhsa_b2048`; no `_min<N>` / `_decode-<mode>` suffix) that holds a run with
+    exactly these settings, so earlier runs resume."""
+    name = run_name(config)
+    if (model_dir / name).is_dir() or config.method == "dense":
+        return model_dir / name
+    older = f"{config.method}_b{config.budget}" if config.budget is not None else f"{config.method}_{config.density:g}"
+    if (model_dir / older / "run_config.json").is_file() and not changed_settings(model_dir / older, settings):
+        return model_dir / older
+    return model_dir / name
+
+
+def changed_settings(run_dir: Path, settings: dict) -> list[str]:
+    """The settings in which `run_dir`'s run_config.json differs from `settings` ([] when it has none)."""
+    path = run_dir / "run_config.json"
+    if not path.is_file():
+        return []
+    old, settings = json.loads(path.read_text()), json.loads(json.dumps(settings))  # tuples become lists
+    return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
 
 
 def prepare_run_dir(run_dir: Path, settings: dict) -> None:
     """Create the run folder and its run_config.json, or check that an existing one has the same settings."""
-    path = run_dir / "run_config.json"
-    settings = json.loads(json.dumps(settings))  # tuples become lists, as in the saved file
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{run_dir} holds predictions made with other settings ({', '.join(changed)}); "
-                             f"choose another --run-name or --output-dir")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    changed = changed_settings(run_dir, settings)
+    if changed:
+        raise ValueError(f"{run_dir} holds predictions made with other settings ({', '.join(changed)}); "
+                         f"choose another --run-name or --output-dir")
+    if not (run_dir / "run_config.json").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(json.loads(json.dumps(settings)), indent=2) + "\n")
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Sample ids already in a prediction file. A last line cut off by a crash is removed from the file."""
-    if not path.is_file():
-        return set()
-    done, good_bytes = set(), 0
-    lines = path.read_bytes().splitlines(keepends=True)
-    for number, line in enumerate(lines, 1):
-        try:
-            done.add(str(json.loads(line)["_id"]))
-        except (ValueError, KeyError, TypeError):
-            if number < len(lines):
-                raise ValueError(f"{path}:{number} is not a prediction; delete that line (or the file) and rerun")
-            with open(path, "r+b") as f:  # the interrupted last write: drop it and redo that sample
-                f.truncate(good_bytes)
-            break
-        good_bytes += len(line)
-    return done
+    """Sample ids already in a prediction file (utils/runs.py read_jsonl: a last line cut off by a crash is not
+    counted, and the next append cuts it away)."""
+    records = read_jsonl(path)
+    missing = [number for number, record in enumerate(records, 1) if "_id" not in record]
+    if missing:
+        raise ValueError(f"{path}: record {missing[0]} has no _id; is it a LongBench prediction file?")
+    return {str(record["_id"]) for record in records}
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -146,25 +148,8 @@ def finished_ids(path: Path) -> set[str]:
 def stop_token_ids(model, tokenizer, dataset: str) -> list[int]:
     """End-of-sequence ids of the model and tokenizer; for samsum also the newline token, as LongBench stops
     there (models otherwise go on writing the next "Dialogue:" example)."""
-    ids = []
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        ids += value if isinstance(value, (list, tuple)) else [value]
-    if dataset == "samsum":
-        ids.append(tokenizer.encode("\n", add_special_tokens=False)[-1])
-    return list(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: list[int], min_new_tokens: int = 0) -> list[int]:
-    """Greedy generation for one prompt `[n]`; returns the new token ids."""
-    import torch
-    ids = torch.tensor([input_ids], device=model.device)
-    pad_id = model.generation_config.pad_token_id
-    pad_id = pad_id if isinstance(pad_id, int) else stop_ids[0]
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens, do_sample=False, num_beams=1, temperature=None,
-                             top_p=None, top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id)
-    return out[0, ids.shape[1]:].tolist()
+    newline = [tokenizer.encode("\n", add_special_tokens=False)[-1]] if dataset == "samsum" else []
+    return eos_token_ids(model, tokenizer, extra=newline)
 
 
 def prompt_cap(max_length: int | None, model_max: int, max_new_tokens: int, overhead: int) -> int:
@@ -176,32 +161,42 @@ def prompt_cap(max_length: int | None, model_max: int, max_new_tokens: int, over
 
 
 def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
-                    chat_template: bool | None = None, keep_head: int | None = None) -> int:
+                    chat_template: bool | None = None, keep_head: int | None = None, decode: str | None = None) -> int:
     """Write one prediction per sample not yet in `out_path`; returns how many were written.
 
     Each line: {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens"
-    (before the cut), "input_tokens" (fed to the model), "truncated"}.
+    (before the cut), "input_tokens" (fed to the model), "truncated", "decode" (the decode protocol of the
+    attention config; default: the patched model's)}.
     """
     done = finished_ids(out_path)
     todo = [s for s in samples if str(s["_id"]) not in done]
     max_new = MAX_NEW_TOKENS[dataset]
     stops = stop_token_ids(model, tokenizer, dataset)
     min_new = 1 if dataset == "samsum" else 0  # LongBench: min_length=context_length+1 on samsum
+    if decode is None:
+        decode = _patched_decode(model)
     written = 0
-    with open(out_path, "a", encoding="utf-8") as f:
-        for sample in tqdm(todo, desc=dataset, initial=len(samples) - len(todo), total=len(samples)):
-            built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template,
-                                keep_head=keep_head)
-            new_ids = generate(model, built["input_ids"], max_new, stops, min_new)
-            record = {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
-                      "answers": sample["answers"], "all_classes": sample.get("all_classes"),
-                      "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
-                      "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
-                      "truncated": built["truncated"]}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            written += 1
+    for sample in tqdm(todo, desc=dataset, initial=len(samples) - len(todo), total=len(samples)):
+        built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template,
+                            keep_head=keep_head)
+        new_ids = greedy_generate(model, built["input_ids"], max_new, stops, min_new_tokens=min_new)
+        record = {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
+                  "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+                  "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
+                  "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
+                  "truncated": built["truncated"], "decode": decode}
+        append_jsonl(out_path, record)
+        written += 1
     return written
+
+
+def _patched_decode(model) -> str | None:
+    """The decode protocol of a model patched by utils/patch.py (None when it is not patched)."""
+    for module in model.modules():
+        config = getattr(module, "sparse_config", None)
+        if config is not None:
+            return config.decode
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -235,11 +230,12 @@ def main(argv=None) -> None:
     model.eval()
     model_max = model_max_length(model)
 
-    run_dir = Path(args.output_dir) / model_folder_name(args.model) / (args.run_name or run_folder_name(config))
     settings = {"model": args.model, "model_name": model_folder_name(args.model), "model_max_length": model_max,
                 "max_length": args.max_length, "keep_head": args.keep_head, "chat_template": args.chat_template,
-                "dtype": args.dtype, "load_in_4bit": args.load_in_4bit, "attention": dataclasses.asdict(config),
+                "dtype": args.dtype, "load_in_4bit": args.load_in_4bit, "attention": config_dict(config),
                 "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
+    model_dir = Path(args.output_dir) / model_folder_name(args.model)
+    run_dir = model_dir / args.run_name if args.run_name else run_dir_for(model_dir, config, settings)
     try:
         prepare_run_dir(run_dir, settings)
     except ValueError as err:
@@ -257,8 +253,11 @@ def main(argv=None) -> None:
             print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
                   f"{model_max} tokens; keeping {cap} prompt tokens")
         out_path = run_dir / file_name(dataset, args.longbench_e)
-        written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
-                                  chat_template=args.chat_template, keep_head=args.keep_head)
+        try:
+            written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
+                                      chat_template=args.chat_template, keep_head=args.keep_head, decode=config.decode)
+        except ValueError as err:  # a results file that is not a prediction file, or edited by hand
+            sys.exit(f"error: {err}")
         print(f"{dataset}: {written} new predictions -> {out_path}")
 
 

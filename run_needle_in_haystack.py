@@ -20,15 +20,14 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -135,54 +134,21 @@ def plan_lengths(args, model_max: int) -> list[int]:
     return lengths
 
 
-# ---- results files --------------------------------------------------------------------------------------
+# ---- results files and generation ------------------------------------------------------------------------
 
 def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
+    """<output-dir>/<model>/<run>.jsonl (utils/runs.py run_name), or --output."""
     if args.output:
         return Path(args.output)
     return Path(args.output_dir) / Path(model_name).name / f"{run_name(config)}.jsonl"
 
 
-# ---- generation -----------------------------------------------------------------------------------------
-
-class StopAtNewline(StoppingCriteria):
-    """Stop once the answer has started and a line break follows (answers are one sentence)."""
-
-    def __init__(self, tokenizer, prompt_len: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = ["\n" in self.tokenizer.decode(row[self.prompt_len:], skip_special_tokens=True).lstrip()
-                for row in input_ids]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))
-
-
-@torch.inference_mode()
 def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
     """Greedy answer to a prompt, cut at the first line break."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], device=device)
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=eos or None, pad_token_id=pad)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                         stopping_criteria=StoppingCriteriaList([StopAtNewline(tokenizer, ids.shape[1])]))
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    return text.split("\n")[0].strip()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    stop = StopAtNewline(tokenizer, len(input_ids))
+    new_ids = greedy_generate(model, input_ids, max_new_tokens, eos_token_ids(model, tokenizer),
+                              stopping_criteria=[stop])
+    return tokenizer.decode(new_ids, skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
 # ---- the test -------------------------------------------------------------------------------------------
@@ -213,8 +179,8 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
                     "needle_set": args.needle_set,
                     "config": config_dict(config)}
-        records = read_jsonl(path)
-        with user_errors():  # a results file made with other options: one-line error, nothing mixed
+        with user_errors():  # a broken results file or one made with other options: one line naming the fix
+            records = read_jsonl(path)
             check_same_settings(path, records, settings)
         done = {(r["length"], float(r["depth"])) for r in records}
         pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
@@ -228,15 +194,16 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
                 limit = min(length, model_max - args.max_new_tokens)
                 samples[length, depth] = make_sample(haystack, limit, depth, style, needle=needle, question=question)
             sample = samples[length, depth]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - start
             scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
             prompt_tokens = len(sample.input_ids)
             record = {
-                "method": config.method, "density": density, "decode": config.decode, "length": length, "depth": depth,
+                "method": config.method, "density": density, "decode": config.decode, "length": length,
+                "depth": depth,
                 "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
                 "score_full_needle": round(scores["score_full_needle"], 2),
                 "exact_match": scores["exact_match"], "answer": answer,

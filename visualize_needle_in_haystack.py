@@ -14,7 +14,6 @@ compare_<density>.png: the runs of one density side by side (dense attention in 
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,20 +27,17 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
 from utils.cli import user_errors  # noqa: E402
+from utils.runs import read_jsonl  # noqa: E402
 
 # The red -> yellow -> green scale of Kamradt's test, which the authors' plots use too.
 CMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
 
 
 def load_run(path: str | Path) -> pd.DataFrame:
-    """The records of one JSONL run file (lines cut off by an interrupted run are skipped)."""
+    """The records of one JSONL run file (utils/runs.py read_jsonl: a last line cut off by an interrupted run is
+    left out)."""
     path = Path(path)
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} holds no results")
     return pd.DataFrame(rows)

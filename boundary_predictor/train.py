@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from utils.runs import append_jsonl
+
 from .attention_mass import ALPHA, BETA, soft_labels
 from .capture import capture_keys, kv_shape
 from .data import LabelCache, split_samples
@@ -199,9 +201,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         val_summary = evaluate(model, predictor, val_set, cache, layers, args, device) if val_set else None
         summary = {"epoch": epoch + 1, "train": train_summary, "val": val_summary,
                    "seconds": round(time.perf_counter() - started, 1)}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with log_path.open("a") as f:
-            f.write(json.dumps(summary) + "\n")
+        append_jsonl(log_path, summary)  # crash-safe (utils/runs.py); creates run_dir
         print(json.dumps(summary), file=sys.stderr)
         score = val_summary["loss"] if val_summary else train_summary["loss"]
         if score <= best["val_loss"]:

@@ -1,14 +1,17 @@
-"""Shared pytest setup: the repo root on sys.path, the `slow` marker (skipped unless --runslow or DHSA_SLOW=1), and
-the `rss_growth_mib` fixture for memory tests."""
+"""Shared pytest setup: the repo root on sys.path, the `slow` marker (skipped unless --runslow or DHSA_SLOW=1), every
+test starting from the same random seed, and the `rss_growth_mib` fixture for memory tests."""
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 
 def pytest_addoption(parser):
@@ -28,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def same_random_state():
+    """Every test starts from seed 0 (torch and random), so an unseeded draw gives the same numbers whichever tests
+    ran before it, alone or in the whole suite."""
+    torch.manual_seed(0)
+    random.seed(0)
+
+
 @pytest.fixture
 def rss_growth_mib():
     """Run `setup` then `work` (Python source) in a fresh interpreter; return how much its peak resident memory
@@ -37,6 +48,8 @@ def rss_growth_mib():
                 "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
                 f"{work}\n"
                 "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+        if result.returncode:
+            pytest.fail(f"the measured code failed:\n{result.stderr[-3000:]}")
         return int(result.stdout.strip().splitlines()[-1])
     return measure

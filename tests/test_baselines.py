@@ -61,6 +61,21 @@ def dense_reference(q, k, v):
     return dense_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
 
 
+def masked_attention(q, k, v, selection, *, scale=None, softcap=None):
+    """Reference for the executor: plain softmax attention over the (query, key) pairs of `selection.mask`
+    (an Lq x Lk mask, so small inputs only); a query that reads nothing gets 0. Same signature as
+    utils.attention.sparse_attention."""
+    Hq, Lq, D = q.shape[1], q.shape[2], q.shape[3]
+    mask = selection.mask(Lq, k.shape[2])
+    mask = mask.repeat_interleave(Hq // mask.shape[1], dim=1)
+    G = Hq // k.shape[1]
+    scores = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (weights @ v.double().repeat_interleave(G, 1)).to(q.dtype)
+
+
 def test_issue_methods_are_registered():
     for name in ISSUE_METHODS:
         assert name in METHODS and METHODS[name].summary
@@ -101,7 +116,9 @@ def test_full_budget_equals_dense(name, shape):
 
 @pytest.mark.parametrize("name", SPARSE)
 def test_decode_step_reads_at_most_budget(name):
-    """A decode step after a prefill in the same layer context (methods may keep state), and without one."""
+    """A decode step after a prefill in the same layer context (methods may keep state), and without one; its
+    output is exact attention on every key with decode="dense", on the keys it selects with decode="sparse"
+    (quest acts only at decode: always sparse)."""
     B, Hq, Hkv, L, D = 2, 4, 2, 120, 16
     q, k, v = rand_qkv(B, Hq, Hkv, L + 3, D, seed=4)
     context = LayerContext()
@@ -113,8 +130,18 @@ def test_decode_step_reads_at_most_budget(name):
             read = weights_read(q[:, :, step:step + 1], k[:, :, :step + 1], selection) > 0
             assert read.shape == (B, Hq, 1, step + 1)
             assert 1 <= read.sum(-1).min() and read.sum(-1).max() <= 20
-    out = run_method(METHODS[name], q[:, :, -1:], k, v, small_config(name, 20), context)
-    assert out.shape == (B, Hq, 1, D) and torch.isfinite(out).all()
+    step = L + 2
+    for decode in ("dense", "sparse"):
+        config = small_config(name, 20, decode=decode)
+        out = run_method(METHODS[name], q[:, :, step:], k, v, config, context)
+        if config.decode == "dense":
+            expected = dense_reference(q, k, v)[:, :, step:]
+        else:
+            expected = masked_attention(q[:, :, step:], k, v, select(name, q[:, :, step:], k, 20, context))
+        assert out.shape == (B, Hq, 1, D)
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+    assert not torch.equal(masked_attention(q[:, :, step:], k, v, select(name, q[:, :, step:], k, 20, context)),
+                           dense_reference(q, k, v)[:, :, step:])  # 20 of 123 keys: sparse differs from dense
 
 
 @pytest.mark.parametrize("name", DENSE_AT_FULL_BUDGET)
@@ -296,7 +323,10 @@ def tiny_models():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", SPARSE)
-def test_patch_model_forward_and_generate(tiny_models, family, name):
+def test_patch_model_forward_and_generate(tiny_models, family, name, monkeypatch):
+    """A patched model's logits and greedy tokens at a small budget equal those of the same model whose sparse
+    layers run the reference executor (masked softmax over the selection), prefill and decode."""
+    import utils.registry
     from utils.patch import patch_model
 
     model = tiny_models[family]
@@ -306,10 +336,16 @@ def test_patch_model_forward_and_generate(tiny_models, family, name):
         patch_model(model, method="dense")
         dense_logits = model(ids).logits
         dense_tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-        patch_model(model, method=name, budget=12, **options)
+        patch_model(model, method=name, budget=12, decode="sparse", **options)
         logits = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
-        assert torch.isfinite(logits).all() and tokens.shape == (1, 43)
+        assert tokens.shape == (1, 43) and torch.equal(tokens[:, :40], ids)
+        if not METHODS[name].dense_prefill:  # quest: the prefill is dense
+            assert (logits - dense_logits).abs().max() > 1e-3, "12 of 40 keys should change the logits"
+        with monkeypatch.context() as patch:
+            patch.setattr(utils.registry, "sparse_attention", masked_attention)
+            torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
+            assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
         if name in DENSE_AT_FULL_BUDGET:
             patch_model(model, method=name, density=1.0, **options)
             torch.testing.assert_close(model(ids).logits, dense_logits, atol=1e-4, rtol=1e-4)

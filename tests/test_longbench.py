@@ -185,21 +185,32 @@ def test_chat_template_after_truncation_and_not_on_few_shot():
 
 # ------------------------------------------------------------------------------------ run and resume
 
-def test_finished_ids_repairs_cut_last_line(tmp_path):
+def test_finished_ids_skip_cut_last_line_and_reject_broken_files(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"_id": "a", "pred": "p"}\n{"_id": "b", "pred": "p"}\n{"_id": "c", "pr')
     assert rl.finished_ids(path) == {"a", "b"}
-    assert path.read_text().endswith('"b", "pred": "p"}\n')
     path.write_text('{"_id": "a"}\nnot json\n{"_id": "c"}\n')
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="x.jsonl:2 is not a JSON record"):
+        rl.finished_ids(path)
+    path.write_text('{"_id": "a"}\n{"pred": "no id"}\n')
+    with pytest.raises(ValueError, match="record 2 has no _id"):
         rl.finished_ids(path)
 
 
-def test_run_names_and_caps():
+def test_run_names_and_caps(tmp_path):
     from utils.config import SparseAttentionConfig
-    assert rl.run_folder_name(SparseAttentionConfig(method="dense")) == "dense"
-    assert rl.run_folder_name(SparseAttentionConfig(method="dhsa", density=0.0625)) == "dhsa_0.0625"
-    assert rl.run_folder_name(SparseAttentionConfig(method="dhsa", budget=2048)) == "dhsa_b2048"
+    settings = {"model": "m", "attention": {"method": "dhsa", "budget": 2048}}
+    budget = SparseAttentionConfig(method="dhsa", budget=2048)
+    assert rl.run_dir_for(tmp_path, SparseAttentionConfig(method="dense"), {}) == tmp_path / "dense"
+    assert rl.run_dir_for(tmp_path, SparseAttentionConfig(method="dhsa", density=0.0625), {}) == \
+        tmp_path / "dhsa_0.0625"
+    assert rl.run_dir_for(tmp_path, budget, settings) == tmp_path / "dhsa_budget2048"
+    # a run folder named the older way resumes when it holds these settings, not otherwise
+    rl.prepare_run_dir(tmp_path / "dhsa_b2048", settings)
+    assert rl.run_dir_for(tmp_path, budget, settings) == tmp_path / "dhsa_b2048"
+    assert rl.run_dir_for(tmp_path, budget, {**settings, "model": "other"}) == tmp_path / "dhsa_budget2048"
+    with pytest.raises(ValueError, match=r"other settings \(model\)"):
+        rl.prepare_run_dir(tmp_path / "dhsa_b2048", {**settings, "model": "other"})
     assert rl.model_folder_name("meta-llama/Llama-3.1-8B-Instruct/") == "Llama-3.1-8B-Instruct"
     assert rl.prompt_cap(None, 8192, 512, 10) == 7670 and rl.prompt_cap(4000, 8192, 512, 10) == 4000
     assert rl.prompt_cap(49152, 8192, 512, 10) == 7670
@@ -222,8 +233,8 @@ def test_predict_dataset_resumes(tmp_path, monkeypatch, method):
     out = tmp_path / "hotpotqa.jsonl"
     assert rl.predict_dataset(model, tok, "hotpotqa", samples[:2], out, max_length=64) == 2
     calls = []
-    real = rl.generate
-    monkeypatch.setattr(rl, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rl.greedy_generate
+    monkeypatch.setattr(rl, "greedy_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert rl.predict_dataset(model, tok, "hotpotqa", samples, out, max_length=64) == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["_id"] for r in records] == ["s0", "s1", "s2"] and len(calls) == 1
@@ -340,3 +351,17 @@ def test_common_samples_scores_runs_on_the_samples_they_share(tmp_path):
     scored = _json.loads((tmp_path / "m" / "dense" / "result_common.json").read_text())
     assert scored == {"trec": 100.0}
     assert "(trec:1)" in (tmp_path / "results_common.md").read_text()
+
+
+def test_describe_run_from_folder_names_without_run_config(tmp_path):
+    def described(name):
+        info = ev.describe_run(tmp_path / "m" / name)
+        return info["method"], info["density"], info["budget"]
+
+    assert described("dense") == ("dense", None, None)
+    assert described("dhsa_0.125") == ("dhsa", 0.125, None)
+    assert described("dhsa_fixed_chunks_0.0625_min512") == ("dhsa_fixed_chunks", 0.0625, None)
+    assert described("block_sparse_budget2048") == ("block_sparse", None, 2048)
+    assert described("dhsa_b2048") == ("dhsa", None, 2048)                  # older LongBench folders
+    assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None)
+    assert described("my_run") == ("my_run", None, None)

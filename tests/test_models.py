@@ -5,7 +5,6 @@ conversion is in the tests marked slow (--runslow)."""
 import base64
 import dataclasses
 import hashlib
-import time
 import zipfile
 
 import pytest
@@ -84,9 +83,7 @@ def test_gemma_tiny_models_mix_sliding_and_global_layers(family):
 
 
 def test_tiny_tokenizer(tokenizer):
-    start = time.perf_counter()
-    again = tiny_tokenizer()
-    assert time.perf_counter() - start < 2.0
+    again = tiny_tokenizer()  # its build time is measured by benchmarks/tiny_models.py, not here
     assert again.get_vocab() == tokenizer.get_vocab()  # deterministic
     assert len(tokenizer) <= TINY_VOCAB_SIZE
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)

@@ -175,7 +175,9 @@ def tiny_args(tmp_path, essays_dir, *extra):
                               "completion", *extra])
 
 
-def test_run_writes_records_and_resumes(tmp_path, essays_dir, tiny, monkeypatch):
+def test_run_writes_records_and_resumes(tmp_path, essays_dir, haystack, tiny, monkeypatch):
+    from utils.patch import patch_model
+
     model, tok = tiny
     args = tiny_args(tmp_path, essays_dir, "--methods", "dense", "dhsa", "--densities", "0.5")
     summaries = runner.run(model, tok, args, model_name="tiny-llama")
@@ -183,10 +185,17 @@ def test_run_writes_records_and_resumes(tmp_path, essays_dir, tiny, monkeypatch)
     path = tmp_path / "tiny-llama" / "dhsa_0.5.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted((r["length"], r["depth"]) for r in records) == [(400, 0.0), (400, 100.0), (800, 0.0), (800, 100.0)]
+    patch_model(model, method="dhsa", density=0.5)  # as the runner left it; each record is redone by hand
     for r in records:
-        assert r["method"] == "dhsa" and r["density"] == 0.5 and 0 <= r["score"] <= 100
-        assert r["prompt_tokens"] <= r["length"] and r["budget"] == -(-r["prompt_tokens"] // 2)
-        assert {"answer", "exact_match", "rougeL", "seconds", "needle_depth"} <= set(r)
+        assert r["method"] == "dhsa" and r["density"] == 0.5 and r["decode"] == "dense"
+        sample = make_sample(haystack, r["length"], r["depth"], "completion")
+        assert r["prompt_tokens"] == len(sample.input_ids) <= r["length"]
+        assert r["needle_depth"] == round(sample.needle_depth, 2) and r["haystack_tokens"] == sample.haystack_tokens
+        assert r["budget"] == -(-r["prompt_tokens"] // 2) and r["seconds"] > 0
+        assert r["answer"] == runner.generate_answer(model, tok, sample.input_ids, 4)
+        scores = score_answer(r["answer"])
+        assert (r["score"], r["rougeL"], r["exact_match"]) == (round(scores["score"], 2), round(scores["rougeL"], 2),
+                                                              scores["exact_match"])
     dense = [json.loads(line) for line in (tmp_path / "tiny-llama" / "dense.jsonl").read_text().splitlines()]
     assert all(r["density"] == 1.0 and r["budget"] == r["prompt_tokens"] for r in dense)
 
@@ -198,6 +207,10 @@ def test_run_writes_records_and_resumes(tmp_path, essays_dir, tiny, monkeypatch)
     summaries = runner.run(model, tok, args, model_name="tiny-llama")
     assert len(calls) == 3
     assert all(len(s["records"]) == 4 for s in summaries)
+    resumed = [json.loads(line) for line in path.read_text().splitlines()]  # the file, not just memory: whole lines
+    assert sorted((r["length"], r["depth"]) for r in resumed) == sorted((r["length"], r["depth"]) for r in records)
+    assert {(r["length"], r["depth"]): r["answer"] for r in resumed} == \
+        {(r["length"], r["depth"]): r["answer"] for r in records}
     table = runner.score_table(summaries[1]["records"])
     assert "400" in table and "100%" in table and "avg" in table
     assert runner.summary_line(summaries[1]).startswith("dhsa_0.5: average score")
@@ -245,6 +258,20 @@ def write_run(path, method, density, scores):
                                 "depth": depth, "score": score, "exact_match": score > 50}) + "\n")
 
 
+def heatmap_colours(png) -> set[str]:
+    """Which ends of the score scale ("red": 0, "green": 100) fill at least 2% of a PNG's pixels."""
+    import matplotlib.image
+    import numpy as np
+
+    pixels = matplotlib.image.imread(png)[..., :3].reshape(-1, 3)
+    found = set()
+    for name, score in (("red", 0.0), ("green", 1.0)):
+        colour = np.array(viz.CMAP(score)[:3])
+        if (np.abs(pixels - colour).max(-1) < 0.02).mean() > 0.02:
+            found.add(name)
+    return found
+
+
 def test_heatmaps_written(tmp_path):
     scores = {(n, d): (100.0 if d < 50 else 0.0) for n in (1024, 2048, 4096) for d in (0.0, 50.0, 100.0)}
     write_run(tmp_path / "m" / "dense.jsonl", "dense", 1.0, {k: 100.0 for k in scores})
@@ -255,12 +282,16 @@ def test_heatmaps_written(tmp_path):
     assert grid.loc[0.0, 2048] == 100.0 and grid.loc[100.0, 4096] == 0.0
 
     viz.main([str(tmp_path)])
-    for name in ("dense.png", "dhsa_0.0625.png", "compare_0.0625.png"):
-        png = tmp_path / "m" / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # cells are drawn in the scale's colours: score 100 green, score 0 red (a run cut off mid-line still draws)
+    with open(tmp_path / "m" / "dhsa_0.0625.jsonl", "a") as f:
+        f.write('{"model": "m", "method": "dhsa", "den')
+    viz.main([str(tmp_path)])
+    for name, colours in (("dense.png", {"green"}), ("dhsa_0.0625.png", {"green", "red"}),
+                          ("compare_0.0625.png", {"green", "red"})):
+        assert heatmap_colours(tmp_path / "m" / name) == colours, name
     out = viz.plot_side_by_side([tmp_path / "m" / "dense.jsonl", tmp_path / "m" / "dhsa_0.0625.jsonl"],
                                 tmp_path / "side.png")
-    assert out.exists()
+    assert heatmap_colours(out) == {"green", "red"}
 
     fig, ax = viz.plt.subplots()
     assert viz.draw_heatmap(ax, frame, "dhsa") == pytest.approx(100 / 3)

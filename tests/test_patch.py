@@ -9,6 +9,8 @@ from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import attention_layers, patch_model, sparse_layer_indices
 from utils.registry import get_method
 
+from test_baselines import masked_attention
+
 
 def reference_impl(family):
     # Gemma-2 soft-caps attention logits, which torch SDPA cannot; its exact reference is "eager".
@@ -28,14 +30,22 @@ def family_model(request):
 
 
 @torch.no_grad()
-def test_full_budget_logits_equal_dense(family_model):
+def test_full_budget_logits_equal_dense(family_model, monkeypatch):
+    import utils.registry
+
     family, model = family_model
     ids = prompt(model, 150)
     ref = model(ids).logits
     patch_model(model, "dhsa", budget=10_000, query_chunk=16, boundary_source="fixed")
     torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-4)
+    # At 10% the logits change, and are those of the reference executor (masked softmax) on the same selections:
+    # scaling, soft-capping, GQA and sliding layers are wired through the patch as the model's own attention does.
     patch_model(model, "dhsa", density=0.1, query_chunk=16, boundary_source="fixed")
-    assert (model(ids).logits - ref).abs().max() > 1e-3, "a small budget should change the logits"
+    sparse = model(ids).logits
+    assert (sparse - ref).abs().max() > 1e-3, "a small budget should change the logits"
+    monkeypatch.setattr(utils.registry, "sparse_attention", masked_attention)
+    torch.testing.assert_close(model(ids).logits, sparse, atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
     patch_model(model, "dense")
     assert model.config._attn_implementation == reference_impl(family)
     torch.testing.assert_close(model(ids).logits, ref, atol=0, rtol=0)
@@ -55,8 +65,26 @@ def test_decode_logits_equal_prefill_logits_at_full_budget(family_model):
         torch.testing.assert_close(out.logits[:, -1], ref[:, t], atol=1e-5, rtol=1e-4)
 
 
+def greedy_by_hand(model, ids, steps, decode_patch=None):
+    """Greedy tokens: one prefill of `ids`, then one token at a time through a KV cache; `decode_patch` (keyword
+    arguments of patch_model) re-patches the model after the prefill."""
+    cache = DynamicCache(config=model.config)
+    logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    if decode_patch is not None:
+        patch_model(model, **decode_patch)
+    tokens = []
+    for _ in range(steps):
+        tokens.append(logits.argmax(-1, keepdim=True))
+        if len(tokens) < steps:
+            logits = model(tokens[-1], past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.cat([ids] + tokens, dim=1)
+
+
 @torch.no_grad()
 def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkeypatch):
+    """generate() with a sparse prefill and either decode protocol: sparse selections of at most N_b keys in the
+    sparse layers only, and the tokens of a hand-written loop: decode="dense" is the sparse prefill followed by
+    the model's own dense attention, decode="sparse" the reference executor (masked softmax) on every step."""
     family, model = family_model
     import utils.registry as registry
 
@@ -79,6 +107,13 @@ def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkey
         decode_calls = [s for s in seen if s[0] == 1]
         assert len(prefill) == sparse_layers and len(decode_calls) == sparse_steps * sparse_layers, decode
         assert all(max_keys <= 24 for _, _, max_keys in seen)
+        with monkeypatch.context() as patch:
+            if decode == "dense":
+                by_hand = greedy_by_hand(model, ids, 4, decode_patch={"method": "dense"})
+            else:
+                patch.setattr(registry, "sparse_attention", masked_attention)
+                by_hand = greedy_by_hand(model, ids, 4)
+        assert torch.equal(out, by_hand), decode
 
 
 @torch.no_grad()
@@ -150,8 +185,9 @@ def test_attn_implementation_name_at_load_time(tmp_path):
     ids = prompt(loaded, 300)
     dense = tiny_model("qwen2").eval()  # same seed, same weights
     out, ref = loaded(ids).logits, dense(ids).logits
-    assert out.shape == ref.shape
     assert (out - ref).abs().max() > 1e-4  # the default density (12.5%) is sparse at 300 tokens
+    patch_model(dense, "dhsa")  # the same defaults through patch_model: the same logits
+    torch.testing.assert_close(out, dense(ids).logits, atol=1e-6, rtol=1e-6)
 
 
 def test_patch_reconfigures_and_validates():

@@ -8,7 +8,6 @@ by CUDA events and the host waits for the end event, on the CPU by perf_counter.
 from __future__ import annotations
 
 import contextlib
-import csv
 import platform
 import statistics
 import time
@@ -16,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "method", "part", "median_ms",
+from utils.generation import sync  # noqa: F401  (re-exported: the timing loop waits for the GPU)
+from utils.runs import append_csv
+
+COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "decode", "method", "part", "median_ms",
            "min_ms", "max_ms", "speedup_vs_flash", "speedup_vs_cudnn", "speedup_vs_dense", "rel_err",
            "peak_gb", "note")
 
@@ -26,12 +28,6 @@ def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name().replace(" ", "_")
     return (platform.processor() or platform.machine() or "cpu").replace(" ", "_")
-
-
-def sync(device: str) -> None:
-    """Wait for queued GPU work (timings must not stop before the kernels do)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(fn, device: str, warmup: int, repeats: int) -> dict:
@@ -73,26 +69,20 @@ def random_qkv(shape: dict, batch: int, length: int, dtype, device: str, seed: i
 
 
 class Results:
-    """Rows appended to <out>/<mode>_<device>.csv as they are measured; prints a table at the end."""
+    """Rows appended to <out>/<mode>_<device>.csv as they are measured (utils/runs.py append_csv: one line per row,
+    crash-safe); prints a table at the end. `decode`: the config's decode protocol, recorded in every row."""
 
-    def __init__(self, out_dir: Path, mode: str, device: str, note: str):
+    def __init__(self, out_dir: Path, mode: str, device: str, note: str, decode: str = ""):
         self.path = out_dir / f"{mode}_{device_name(device)}.csv"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.rows, self.mode, self.device, self.note = [], mode, device_name(device), note
-        new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=COLUMNS)
-        if new:
-            self.writer.writeheader()
+        self.rows, self.mode, self.device, self.note, self.decode = [], mode, device_name(device), note, decode
 
     def add(self, **row) -> dict:
-        row = {"mode": self.mode, "device": self.device, "note": self.note, **row}
+        row = {"mode": self.mode, "device": self.device, "decode": self.decode, "note": self.note, **row}
         for key in ("median_ms", "min_ms", "max_ms"):
             if isinstance(row.get(key), float):
                 row[key] = round(row[key], 4)
         self.rows.append(row)
-        self.writer.writerow({c: row.get(c, "") for c in COLUMNS})
-        self.file.flush()
+        append_csv(self.path, row, COLUMNS)
         return row
 
     def table(self) -> str:

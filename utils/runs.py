@@ -7,6 +7,7 @@ dies (Ctrl-C, SIGKILL, out of memory, a lost GPU) may leave a last line cut off 
   line anywhere else is an error (the file was edited or two runs wrote to it at once).
 * `append_jsonl` first cuts such a partial last line away, then writes the new record as one line and flushes it
   to disk, so a record is never glued onto the remains of an interrupted one.
+* CSV results (latency) follow the same rules: `append_csv` / `read_csv_rows`, one row per line, header first.
 
 Run names: `run_name(config)` is the file stem of a run (`dense`, `dhsa_0.0625`, `dhsa_0.0625_min512`,
 `quest_budget2048`; non-default decode protocols add `_decode-<mode>`), the same for every runner.
@@ -14,7 +15,9 @@ Run names: `run_name(config)` is the file stem of a run (`dense`, `dhsa_0.0625`,
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -68,16 +71,68 @@ def repair_jsonl(path: str | os.PathLike) -> int:
     return size - keep
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Append `data` (whole lines) to `path` with one write, flushed and fsync'ed. Every results line reaches the
+    disk here (the kill-and-resume tests interrupt this write half-way)."""
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one record as one line, after cutting away a partial last line; flushed and fsync'ed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_jsonl(path)
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    _write(path, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+# ---- CSV (one row per line, header first) ----------------------------------------------------------------
+
+def _csv_line(values) -> bytes:
+    """One CSV row as one line: line breaks inside values become spaces, so a row never spans two lines."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [" ".join(str(v).splitlines()) if isinstance(v, str) else ("" if v is None else v) for v in values])
+    return buffer.getvalue().encode("utf-8")
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV results file as dicts of strings ([] when it does not exist); a cut-off last line is
+    left out, as in read_jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    text = data[: _complete_length(data)].decode("utf-8")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def append_csv(path: str | os.PathLike, row: dict, columns) -> None:
+    """Append one row (the `columns` of `row`, missing ones empty) as one line, after cutting away a partial last
+    line; the header is written first into a new file. A file whose header lacks some of `columns` (written by
+    an older version) is rewritten once with the new header, its rows keeping their values; a header with
+    columns not in `columns` is an error."""
+    path = Path(path)
+    columns = list(columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    repair_jsonl(path)
+    header = None
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    if header != columns and header:
+        unknown = [c for c in header if c not in columns]
+        if unknown:
+            raise ValueError(f"{path} has columns {unknown} that this version does not write; move the file away "
+                             "or write elsewhere")
+        rows = read_csv_rows(path)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(_csv_line(columns) + b"".join(_csv_line(r.get(c, "") for c in columns) for r in rows))
+        os.replace(temporary, path)
+    line = _csv_line(row.get(c, "") for c in columns)
+    _write(path, line if header else _csv_line(columns) + line)
 
 
 def config_dict(config) -> dict:
@@ -96,7 +151,9 @@ def run_name(config) -> str:
     name = f"{config.method}_budget{config.budget}" if config.budget is not None else f"{config.method}_{config.density:g}"
     if config.min_budget:
         name += f"_min{config.min_budget}"
-    default_decode = type(config)().decode if hasattr(config, "decode") else None
+    # the method's default protocol (Quest acts only at decode: its decode is always sparse, never named)
+    default_decode = dataclasses.replace(config, decode=type(config)().decode).decode if hasattr(config, "decode") \
+        else None
     if getattr(config, "decode", None) not in (None, default_decode):
         name += f"_decode-{config.decode}"
     return name
@@ -112,4 +169,5 @@ def check_same_settings(path, records: list[dict], settings: dict) -> None:
                              "to write elsewhere, or delete the file to redo it")
 
 
-__all__ = ["read_jsonl", "append_jsonl", "repair_jsonl", "config_dict", "run_name", "check_same_settings"]
+__all__ = ["read_jsonl", "append_jsonl", "repair_jsonl", "read_csv_rows", "append_csv", "config_dict", "run_name",
+           "check_same_settings"]

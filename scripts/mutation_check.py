@@ -1,0 +1,198 @@
+"""Mutation check: do the tests notice when a line of the attention code is wrong? (Not part of CI: minutes per mutant.)
+
+Each mutant replaces one exact source snippet of utils/dhsa.py or utils/attention.py (found by its text, not by line
+number, since these files change) with a plausible mistake, in a temporary copy of the repository, and runs the
+tests that should catch it (stopping at the first failure). A mutant is KILLED when a test fails and SURVIVES when
+all pass; a surviving mutant points at behaviour no test checks. A mutant whose snippet is no longer in the file is
+skipped with a warning (update its snippet when the code changes).
+
+    python scripts/mutation_check.py                 # every mutant
+    python scripts/mutation_check.py --list          # names and snippets
+    python scripts/mutation_check.py --only causal_visible forced_local_cap
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = ["tests/test_dhsa.py", "tests/test_baselines.py", "tests/test_patch.py", "tests/test_sparse_vs_dense.py"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str       # file inside the repository
+    old: str        # exact snippet, found once in the file
+    new: str        # what it becomes
+    why: str        # the mistake it stands for
+
+
+MUTANTS = [
+    # utils/dhsa.py
+    Mutant("forced_local_cap", "utils/dhsa.py",
+           "local = torch.clamp(budget_per_tile // 2, max=local_tokens)",
+           "local = torch.clamp(budget_per_tile, max=local_tokens)",
+           "forced local keys no longer capped at half the budget"),
+    Mutant("forced_sink_cap", "utils/dhsa.py",
+           "sink = torch.clamp((budget_per_tile - local) // 2, max=sink_tokens)",
+           "sink = torch.clamp(budget_per_tile - local, max=sink_tokens)",
+           "forced sink keys may take the whole rest of the budget"),
+    Mutant("causal_visible", "utils/dhsa.py",
+           "visible = key_pos[None, :] < end",
+           "visible = key_pos[None, :] <= end",
+           "a tile may select the first key after its last query (causal condition of the selection)"),
+    Mutant("invisible_slots_listed", "utils/dhsa.py",
+           'idx = torch.where(top == float("-inf"), Lk, idx)',
+           "idx = idx",
+           "keys a tile cannot see fill its unused slots"),
+    Mutant("robust_weight_swapped", "utils/dhsa.py",
+           "weight = lengths.rsqrt() if robust else lengths.reciprocal()",
+           "weight = lengths.reciprocal() if robust else lengths.rsqrt()",
+           "eq. 4 weights swapped (mean instead of sqrt(len)/len * sum)"),
+    Mutant("chunk_lengths", "utils/dhsa.py",
+           "lengths = (positions[1:] - positions[:-1]).to(torch.float32)",
+           "lengths = positions[1:].to(torch.float32)",
+           "chunk length taken as its end position"),
+    Mutant("centring_sign", "utils/dhsa.py",
+           "scores = scores - shift[..., None] * weight",
+           "scores = scores + shift[..., None] * weight",
+           "center_keys adds the mean-key term instead of removing it (max pooling)"),
+    Mutant("query_max_pooling", "utils/dhsa.py",
+           "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).amax(2)",
+           "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).mean(2)",
+           'query_pooling="max" averages the tile\'s scores instead'),
+    Mutant("decode_prompt_chunks", "utils/dhsa.py",
+           "kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]",
+           "kept = prompt_ends[prompt_ends < min(prompt_len, num_keys - 1)]",
+           "Algorithm 2 drops the prompt's last chunk end"),
+    # utils/attention.py
+    Mutant("executor_causal", "utils/attention.py",
+           "mask = k_pos <= q_pos[None, None, :, :, None]",
+           "mask = k_pos < q_pos[None, None, :, :, None]",
+           "the executor drops each query's own key"),
+    Mutant("executor_has_key", "utils/attention.py",
+           "has_key = (first_key[..., None] <= q_pos[None, None]).reshape(-1, G * T)",
+           "has_key = (first_key[..., None] < q_pos[None, None]).reshape(-1, G * T)",
+           "a query whose first selected key is itself gets output 0"),
+    Mutant("executor_unused_slots", "utils/attention.py",
+           "k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]",
+           "k_pos = tile_idx[:, :, :, None, :]",
+           "unused (-1) slots are read (as key 0)"),
+    Mutant("executor_window", "utils/attention.py",
+           "rule = rule & (rule_q - k_pos < selection.window)",
+           "rule = rule & (rule_q - k_pos <= selection.window)",
+           "sliding windows one key too wide"),
+    Mutant("executor_scale", "utils/attention.py",
+           "    scale = D ** -0.5 if scale is None else scale\n    Hkv = k.shape[1]",
+           "    scale = D ** -0.5\n    Hkv = k.shape[1]",
+           "the model's attention scale (e.g. Gemma's query_pre_attn_scalar) ignored"),
+    Mutant("softcap", "utils/attention.py",
+           "scores = torch.tanh(scores / softcap) * softcap\n        scores = scores.masked_fill(~mask",
+           "scores = torch.tanh(scores) * softcap\n        scores = scores.masked_fill(~mask",
+           "Gemma-2 logit soft-capping without the division"),
+    Mutant("dense_window", "utils/attention.py",
+           "mask = mask & (q_pos - k_pos < window)",
+           "mask = mask & (q_pos - k_pos <= window)",
+           "dense sliding-window attention one key too wide"),
+    Mutant("mask_causal", "utils/attention.py",
+           "mask &= (k_pos[None, :] <= q_pos[:, None])",
+           "mask &= (k_pos[None, :] < q_pos[:, None])",
+           "Selection.mask (plots, recall) drops each query's own key"),
+]
+
+
+def copy_repository(target: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of the repository, and ../shared (tests' data) as a link."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    shared = REPO.parent / "shared"
+    if shared.is_dir():
+        (target.parent / "shared").symlink_to(shared)
+
+
+def run_tests(copy: Path, tests: list[str], timeout: int) -> tuple[str, str, float]:
+    """(status, detail, seconds): KILLED with the first failing test, SURVIVED, or ERROR."""
+    start = time.monotonic()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    try:
+        result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return "ERROR", f"tests ran over {timeout} s", time.monotonic() - start
+    seconds = time.monotonic() - start
+    output = result.stdout + result.stderr
+    if result.returncode == 0:
+        return "SURVIVED", "all tests pass", seconds
+    if result.returncode == 1:
+        failed = re.findall(r"^FAILED (\S+)", output, flags=re.M)
+        return "KILLED", failed[0] if failed else "a test failed", seconds
+    last = output.strip().splitlines()[-1] if output.strip() else f"pytest exit code {result.returncode}"
+    return "KILLED", f"tests could not run: {last}", seconds  # e.g. an import error: noticed, if loudly
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--only", nargs="+", default=None, help="mutant names to run (default: all)")
+    parser.add_argument("--tests", nargs="+", default=TESTS, help="test files run against each mutant")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        sys.exit(f"error: unknown mutant(s) {sorted(unknown)}; see --list")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path}: {m.why}\n    - {m.old!r}\n    + {m.new!r}")
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        copy = Path(tmp) / "repo"
+        copy_repository(copy)
+        print(f"repository copied to {copy}; tests: {' '.join(args.tests)}", flush=True)
+        for m in chosen:
+            path = copy / m.path
+            original = path.read_text(encoding="utf-8")
+            count = original.count(m.old)
+            if count != 1:
+                print(f"warning: {m.name}: snippet found {count} times in {m.path} (needs exactly 1); skipped",
+                      file=sys.stderr, flush=True)
+                results.append((m, "SKIPPED", f"snippet found {count} times", 0.0))
+                continue
+            path.write_text(original.replace(m.old, m.new), encoding="utf-8")
+            try:
+                status, detail, seconds = run_tests(copy, args.tests, args.timeout)
+            finally:
+                path.write_text(original, encoding="utf-8")
+            results.append((m, status, detail, seconds))
+            print(f"{status:8s} {m.name:24s} {seconds:6.0f} s  {detail}", flush=True)
+
+    print("\nmutant                   status    file                why / first failing test")
+    for m, status, detail, _ in results:
+        print(f"{m.name:24s} {status:9s} {m.path:18s} {m.why}\n{'':53s}{detail}")
+    survivors = [m.name for m, status, _, _ in results if status == "SURVIVED"]
+    print(f"\n{sum(s == 'KILLED' for _, s, _, _ in results)} killed, {len(survivors)} survived"
+          f"{': ' + ', '.join(survivors) if survivors else ''}, "
+          f"{sum(s == 'SKIPPED' for _, s, _, _ in results)} skipped, {sum(s == 'ERROR' for _, s, _, _ in results)} errors")
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()

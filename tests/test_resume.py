@@ -1,0 +1,286 @@
+"""Kill and resume: each runner, SIGKILLed in the middle of writing a results line (and at a random moment), resumes
+into a results file that holds every (sample, method) exactly once, every line parseable, with the scores of an
+uninterrupted run. The runs are real: the runner's main() on a tiny random CPU model (tests/crash_harness.py) in a
+subprocess that is killed, then resumed in this process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crash_harness import tiny_loader
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = Path(__file__).with_name("crash_harness.py")
+
+pytestmark = pytest.mark.filterwarnings("ignore:no boundary-predictor weights")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+class Runner:
+    """One runner with its tiny model: started in a subprocess (to be killed) or run here (reference, resume)."""
+
+    def __init__(self, module: str, family: str = "llama", max_positions: int | None = None,
+                 chat_template: bool = False):
+        self.module, self.family, self.max_positions, self.chat_template = module, family, max_positions, chat_template
+
+    def start(self, args: list[str], log: Path, half_write: int | None = None, marker: Path | None = None):
+        command = [sys.executable, str(HARNESS), self.module, "--family", self.family]
+        if self.max_positions:
+            command += ["--max-positions", str(self.max_positions)]
+        if self.chat_template:
+            command.append("--chat-template")
+        if half_write is not None:
+            command += ["--half-write", str(half_write), "--marker", str(marker)]
+        with open(log, "wb") as out:
+            return subprocess.Popen(command + ["--", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def run_here(self, args: list[str]) -> None:
+        import importlib
+
+        import utils.models
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(utils.models, "load_model", tiny_loader(self.family, self.max_positions, self.chat_template))
+            importlib.import_module(self.module).main(args)
+
+
+def kill_when(process, ready, log: Path, timeout: float = 240.0) -> bool:
+    """SIGKILL `process` as soon as ready() is true; returns False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            if process.returncode != 0:
+                pytest.fail(f"the run failed before it was killed:\n{log.read_text(errors='replace')[-3000:]}")
+            return False
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no results write within {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def crash_mid_write(runner: Runner, args: list[str], tmp_path: Path, write_number: int, results: Path) -> None:
+    """Run until the `write_number`-th results write is half on disk, kill it, and check the file ends cut off."""
+    marker = tmp_path / "half-written"
+    process = runner.start(args, tmp_path / "killed.log", write_number, marker)
+    assert kill_when(process, marker.exists, tmp_path / "killed.log"), "the run finished before the half write"
+    assert process.returncode == -signal.SIGKILL
+    assert not results.read_bytes().endswith(b"\n"), "the killed run should leave a cut-off last line"
+
+
+def crash_at_random(runner: Runner, args: list[str], tmp_path: Path, results: Path, seed: int, max_delay: float):
+    """Run until the first complete results line is on disk, wait a random (seeded) moment, kill it."""
+    delay = random.Random(seed).uniform(0, max_delay)
+    process = runner.start(args, tmp_path / "killed.log")
+
+    def ready() -> bool:
+        if not (results.is_file() and b"\n" in results.read_bytes()):
+            return False
+        time.sleep(delay)
+        return True
+
+    if kill_when(process, ready, tmp_path / "killed.log"):
+        assert process.returncode == -signal.SIGKILL
+
+
+def jsonl_records(path: Path) -> list[dict]:
+    """Every line of a results file, which must all be whole JSON objects (nothing cut off, nothing glued)."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path} ends with a cut-off line"
+    records = [json.loads(line) for line in data.decode("utf-8").splitlines()]
+    assert all(isinstance(r, dict) for r in records)
+    return records
+
+
+def by_key(records: list[dict], key, fields) -> dict:
+    """{key(record): the record's `fields`}, asserting that no key occurs twice."""
+    keys = [key(r) for r in records]
+    repeated = {k for k in keys if keys.count(k) > 1}
+    assert not repeated, f"results written twice: {sorted(repeated)}"
+    return {key(r): {f: r[f] for f in fields} for r in records}
+
+
+# ------------------------------------------------------------------------------------------------ needle
+
+NEEDLE = Runner("run_needle_in_haystack", family="llama")
+NEEDLE_FIELDS = ("answer", "score", "rougeL", "score_full_needle", "exact_match", "prompt_tokens", "budget",
+                 "decode")
+
+
+@pytest.fixture(scope="module")
+def essays(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("essays")
+    sentences = [f"Sentence number {i} talks about startups and {'wealth ' * (i % 5)}essays." for i in range(300)]
+    for n in range(3):
+        (folder / f"essay{n}.txt").write_text(" ".join(sentences[n * 100:(n + 1) * 100]) + "\n", encoding="utf-8")
+    return folder
+
+
+def needle_args(out: Path, essays: Path) -> list[str]:
+    return ["--model", "tiny", "--methods", "dense", "dhsa", "--densities", "0.5", "--lengths", "256", "384",
+            "--depths", "0", "100", "--haystack-dir", str(essays), "--output-dir", str(out), "--max-new-tokens", "3",
+            "--prompt-style", "completion", "--device", "cpu"]
+
+
+def needle_results(out: Path) -> dict:
+    return {run: by_key(jsonl_records(out / "tiny" / f"{run}.jsonl"), lambda r: (r["length"], r["depth"]),
+                        NEEDLE_FIELDS) for run in ("dense", "dhsa_0.5")}
+
+
+@pytest.fixture(scope="module")
+def needle_reference(tmp_path_factory, essays):
+    out = tmp_path_factory.mktemp("needle_reference")
+    NEEDLE.run_here(needle_args(out, essays))
+    results = needle_results(out)
+    assert [len(v) for v in results.values()] == [4, 4]
+    return results
+
+
+def test_needle_killed_mid_write_resumes_exactly_once(tmp_path, essays, needle_reference):
+    args = needle_args(tmp_path / "out", essays)
+    # writes 1-4 fill dense.jsonl, 5-8 dhsa_0.5.jsonl: die half-way through the second dhsa record
+    crash_mid_write(NEEDLE, args, tmp_path, 6, tmp_path / "out" / "tiny" / "dhsa_0.5.jsonl")
+    NEEDLE.run_here(args)
+    assert needle_results(tmp_path / "out") == needle_reference
+
+
+def test_needle_killed_at_random_resumes_exactly_once(tmp_path, essays, needle_reference):
+    args = needle_args(tmp_path / "out", essays)
+    crash_at_random(NEEDLE, args, tmp_path, tmp_path / "out" / "tiny" / "dense.jsonl", seed=0, max_delay=1.5)
+    NEEDLE.run_here(args)
+    assert needle_results(tmp_path / "out") == needle_reference
+
+
+# ------------------------------------------------------------------------------------------------ LongBench
+
+LONGBENCH = Runner("run_longbench", family="llama", max_positions=160, chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def longbench_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("longbench_data")
+    rows = [{"input": f"What is cut into chunks? ({i})", "context": f"Document {i} is cut into chunks. " * (20 + 5 * i),
+             "answers": ["A long document"], "length": 280, "dataset": "hotpotqa", "language": "en",
+             "all_classes": None, "_id": f"id{i}"} for i in range(3)]
+    (folder / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def longbench_args(out: Path, data: Path) -> list[str]:
+    return ["--model", "org/tiny", "--data-dir", str(data), "--output-dir", str(out), "--device", "cpu",
+            "--method", "dhsa", "--density", "0.25", "--query-chunk", "32"]
+
+
+def longbench_results(out: Path) -> dict:
+    records = jsonl_records(out / "tiny" / "dhsa_0.25" / "hotpotqa.jsonl")
+    return by_key(records, lambda r: r["_id"], ("pred", "input_tokens", "truncated", "decode"))
+
+
+@pytest.fixture(scope="module")
+def longbench_reference(tmp_path_factory, longbench_data):
+    out = tmp_path_factory.mktemp("longbench_reference")
+    LONGBENCH.run_here(longbench_args(out, longbench_data))
+    results = longbench_results(out)
+    assert sorted(results) == ["id0", "id1", "id2"]
+    return results
+
+
+def test_longbench_killed_mid_write_resumes_exactly_once(tmp_path, longbench_data, longbench_reference):
+    args = longbench_args(tmp_path / "out", longbench_data)
+    crash_mid_write(LONGBENCH, args, tmp_path, 2, tmp_path / "out" / "tiny" / "dhsa_0.25" / "hotpotqa.jsonl")
+    LONGBENCH.run_here(args)
+    assert longbench_results(tmp_path / "out") == longbench_reference
+
+
+def test_longbench_killed_at_random_resumes_exactly_once(tmp_path, longbench_data, longbench_reference):
+    args = longbench_args(tmp_path / "out", longbench_data)
+    path = tmp_path / "out" / "tiny" / "dhsa_0.25" / "hotpotqa.jsonl"
+    crash_at_random(LONGBENCH, args, tmp_path, path, seed=1, max_delay=1.0)
+    LONGBENCH.run_here(args)
+    assert longbench_results(tmp_path / "out") == longbench_reference
+
+
+# ------------------------------------------------------------------------------------------------ recall
+
+RECALL = Runner("run_attention_recall", family="gemma3")
+RECALL_METRICS = ("mass_recall", "topk_overlap", "keys_read")
+
+
+def recall_args(out: Path, essays: Path) -> list[str]:
+    # 4 layers x 2 methods x 2 budgets = 16 rows, 4 per layer
+    return ["--model", "tiny", "--lengths", "256", "--num-queries", "64", "--kept-keys", "16", "32", "--methods",
+            "oracle_topk", "dhsa", "--query-chunk", "32", "--block-size", "32", "--layers", "all", "--haystack-dir",
+            str(essays), "--output-dir", str(out), "--device", "cpu"]
+
+
+def recall_results(out: Path) -> dict:
+    records = jsonl_records(out / "tiny" / "recall.jsonl")
+    return by_key(records, lambda r: (r["length"], r["layer"], r["method"], r["kept_keys"]),
+                  RECALL_METRICS + ("decode", "settings"))
+
+
+@pytest.fixture(scope="module")
+def recall_reference(tmp_path_factory, essays):
+    out = tmp_path_factory.mktemp("recall_reference")
+    RECALL.run_here(recall_args(out, essays))
+    results = recall_results(out)
+    assert len(results) == 16
+    return results
+
+
+def assert_same_recall(results: dict, reference: dict) -> None:
+    assert results.keys() == reference.keys()
+    for key, row in results.items():
+        numbers = {m: row.pop(m) for m in RECALL_METRICS}
+        assert numbers == pytest.approx({m: reference[key][m] for m in RECALL_METRICS}, rel=1e-6), key
+        assert row == {f: v for f, v in reference[key].items() if f not in RECALL_METRICS}, key
+
+
+def test_recall_killed_mid_layer_resumes_exactly_once(tmp_path, essays, recall_reference):
+    args = recall_args(tmp_path / "out", essays)
+    # the 7th row is the 3rd of layer 1: the resumed run redoes layer 1 and writes only its missing rows
+    crash_mid_write(RECALL, args, tmp_path, 7, tmp_path / "out" / "tiny" / "recall.jsonl")
+    RECALL.run_here(args)
+    assert_same_recall(recall_results(tmp_path / "out"), recall_reference)
+    assert (tmp_path / "out" / "tiny" / "recall.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ latency CSV
+
+def test_latency_csv_killed_mid_row_stays_parseable(tmp_path):
+    """The latency runner does not resume (each run measures anew), but a killed run must not break the CSV: the
+    next run cuts the half row away and appends whole rows after the complete ones."""
+    from run_latency_test import COLUMNS
+
+    runner = Runner("run_latency_test")
+    out = tmp_path / "out"
+    args = ["--mode", "cpu", "--lengths", "64", "128", "--densities", "0.5", "--warmup", "0", "--repeats", "1",
+            "--out", str(out)]
+    marker = tmp_path / "half-written"
+    process = runner.start(args, tmp_path / "killed.log", half_write=3, marker=marker)
+    assert kill_when(process, marker.exists, tmp_path / "killed.log")
+    (csv_path,) = out.glob("cpu_*.csv")
+    assert not csv_path.read_bytes().endswith(b"\n")
+    runner.run_here(args)
+    lines = csv_path.read_text().splitlines()
+    rows = list(csv.reader(lines))
+    assert rows[0] == list(COLUMNS) and all(len(row) == len(COLUMNS) for row in rows)
+    parts = [(row[COLUMNS.index("length")], row[COLUMNS.index("method")], row[COLUMNS.index("part")]) for row in rows[1:]]
+    one_run = [(L, m, p) for L in ("64", "128") for m, p in (("sdpa", "total"), ("dhsa", "select"), ("dhsa", "attn"),
+                                                            ("dhsa", "total"))]
+    assert parts == one_run[:2] + one_run  # the killed run's two whole rows, then the second run's eight
+    assert {row[COLUMNS.index("decode")] for row in rows[1:]} == {"dense"}
+    assert all(float(row[COLUMNS.index("median_ms")]) > 0 for row in rows[1:])
