@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from utils.generation import sync  # noqa: F401  (re-exported: the timing loop waits for the GPU)
+from utils.generation import sync
 from utils.runs import append_csv
 
 COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "decode", "method", "part", "median_ms",
