@@ -174,7 +174,7 @@ def layer_recall(q, k, options, methods, kept_keys, num_queries, base_config, la
     The true attention is full causal attention (layers with a sliding window are scored against it too).
     Scores are gathered for `query_step` queries at a time: memory O(num_queries x L + query_step x N).
     """
-    from utils.registry import METHODS, LayerContext
+    from utils.methods import METHODS, LayerContext
 
     n, L = q.shape[2], k.shape[2]
     logits, probs = true_attention(q[:, :, n - num_queries:], k, options.get("scaling"), options.get("softcap"))
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kept-keys", nargs="+", type=int, default=DEFAULT_KEPT_KEYS,
                         help="numbers of kept keys per query (x axis); those >= a length are skipped there")
     parser.add_argument("--num-queries", type=int, default=1024, help="last queries of each text that are scored")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/registry.py)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
     parser.add_argument("--layers", nargs="+", default=["global"],
                         help="'global' (the sparse layers), 'all', or layer indices")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args, model_max: int | None = None) -> None:
     """One-line ValueError for bad input; lengths are checked against the model once it is loaded."""
-    from utils.registry import METHODS, method_names
+    from utils.methods import METHODS, method_names
 
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

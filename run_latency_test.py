@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from utils import kernels
-from utils.attention import dense_attention, full_selection, sparse_attention
+from utils.attention import dense_attention, sparse_attention
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
 from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, LayerMethod, kernel_config_variants,
                                    layer_contexts, reference)
 from utils.latency_plots import plot
+from utils.methods import LayerContext
 from utils.model_specs import MODELS, find_spec, get_spec
-from utils.registry import LayerContext
+from utils.selection import full_selection
 
 
 def fail(message: str) -> None:

@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
-        from utils.registry import method_names
+        from utils.methods import method_names
         if config.method not in method_names():
             raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(method_names())}")
         if args.max_samples is not None and args.max_samples < 1:

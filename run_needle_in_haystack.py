@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_configs(args) -> list[SparseAttentionConfig]:
     """One config per requested run: methods x densities (dense once). Raises ValueError for bad input."""
-    from utils.registry import method_names
+    from utils.methods import method_names
 
     methods = args.methods or [args.method]
     densities = args.densities or [args.density]

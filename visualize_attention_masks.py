@@ -30,7 +30,7 @@ def method_masks(q: torch.Tensor, k: torch.Tensor, config, methods: list[str], l
                  boundary_source=None, head: int = 0) -> dict[str, torch.Tensor]:
     """{method: bool [Lq, Lk] kept pattern of query head `head`, batch item 0}. q: [B, Hq, L, D], k: [B, Hkv, L, D]."""
     from run_attention_recall import kept_mask
-    from utils.registry import METHODS, LayerContext
+    from utils.methods import METHODS, LayerContext
 
     Hq, L = q.shape[1], k.shape[2]
     out = {}
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", type=parse_length, default=2048, help="text length in tokens (2048 or 2K)")
     parser.add_argument("--layer", type=int, default=None, help="layer index (default: the last sparse layer)")
     parser.add_argument("--head", type=int, default=0, help="query head to draw")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/registry.py)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
     parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
     parser.add_argument("--output", default=None,
                         help="PNG path (default results_recall/<model>/masks_L<length>_layer<l>_head<h>.png)")
@@ -108,7 +108,7 @@ def run(args) -> Path:
     from run_attention_recall import capture_qk, essay_tokens, true_attention
     from utils.boundaries import make_boundary_source
     from utils.models import check_context, load_model
-    from utils.registry import METHODS, method_names
+    from utils.methods import METHODS, method_names
 
     unknown = [m for m in args.methods if m not in METHODS or METHODS[m].select is None]
     if unknown:

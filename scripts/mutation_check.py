@@ -1,10 +1,11 @@
 """Mutation check: do the tests notice when a line of the attention code is wrong? (Not part of CI: minutes per mutant.)
 
-Each mutant replaces one exact source snippet of utils/dhsa.py or utils/attention.py (found by its text, not by line
-number, since these files change) with a plausible mistake, in a temporary copy of the repository, and runs the
-tests that should catch it (stopping at the first failure). A mutant is KILLED when a test fails and SURVIVES when
-all pass; a surviving mutant points at behaviour no test checks. A mutant whose snippet is no longer in the file is
-skipped with a warning (update its snippet when the code changes).
+Each mutant replaces one exact source snippet of the DHSA selection or the executor (utils/dhsa_math.py,
+utils/dhsa.py, utils/attention.py, utils/selection.py; found by its text, not by line number, since these files
+change) with a plausible mistake, in a temporary copy of the repository, and runs the tests that should catch it
+(stopping at the first failure). A mutant is KILLED when a test fails and SURVIVES when all pass; a surviving
+mutant points at behaviour no test checks. A mutant whose snippet is no longer in the file is skipped with a
+warning (update its snippet when the code changes).
 
     python scripts/mutation_check.py                 # every mutant
     python scripts/mutation_check.py --list          # names and snippets
@@ -38,12 +39,12 @@ class Mutant:
 
 
 MUTANTS = [
-    # utils/dhsa.py
-    Mutant("forced_local_cap", "utils/dhsa.py",
+    # utils/dhsa_math.py and utils/dhsa.py
+    Mutant("forced_local_cap", "utils/dhsa_math.py",
            "local = torch.clamp(budget_per_tile // 2, max=local_tokens)",
            "local = torch.clamp(budget_per_tile, max=local_tokens)",
            "forced local keys no longer capped at half the budget"),
-    Mutant("forced_sink_cap", "utils/dhsa.py",
+    Mutant("forced_sink_cap", "utils/dhsa_math.py",
            "sink = torch.clamp((budget_per_tile - local) // 2, max=sink_tokens)",
            "sink = torch.clamp(budget_per_tile - local, max=sink_tokens)",
            "forced sink keys may take the whole rest of the budget"),
@@ -55,27 +56,27 @@ MUTANTS = [
            'idx = torch.where(top == float("-inf"), Lk, idx)',
            "idx = idx",
            "keys a tile cannot see fill its unused slots"),
-    Mutant("robust_weight_swapped", "utils/dhsa.py",
+    Mutant("robust_weight_swapped", "utils/dhsa_math.py",
            "weight = lengths.rsqrt() if robust else lengths.reciprocal()",
            "weight = lengths.reciprocal() if robust else lengths.rsqrt()",
            "eq. 4 weights swapped (mean instead of sqrt(len)/len * sum)"),
-    Mutant("chunk_lengths", "utils/dhsa.py",
+    Mutant("chunk_lengths", "utils/dhsa_math.py",
            "lengths = (positions[1:] - positions[:-1]).to(torch.float32)",
            "lengths = positions[1:].to(torch.float32)",
            "chunk length taken as its end position"),
-    Mutant("centring_sign", "utils/dhsa.py",
+    Mutant("centring_sign", "utils/dhsa_math.py",
            "scores = scores - shift[..., None] * weight",
            "scores = scores + shift[..., None] * weight",
            "center_keys adds the mean-key term instead of removing it (max pooling)"),
-    Mutant("query_max_pooling", "utils/dhsa.py",
+    Mutant("query_max_pooling", "utils/dhsa_math.py",
            "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).amax(2)",
            "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).mean(2)",
            'query_pooling="max" averages the tile\'s scores instead'),
-    Mutant("decode_prompt_chunks", "utils/dhsa.py",
+    Mutant("decode_prompt_chunks", "utils/dhsa_math.py",
            "kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]",
            "kept = prompt_ends[prompt_ends < min(prompt_len, num_keys - 1)]",
            "Algorithm 2 drops the prompt's last chunk end"),
-    # utils/attention.py
+    # utils/attention.py and utils/selection.py
     Mutant("executor_causal", "utils/attention.py",
            "mask = k_pos <= q_pos[None, None, :, :, None]",
            "mask = k_pos < q_pos[None, None, :, :, None]",
@@ -104,7 +105,7 @@ MUTANTS = [
            "mask = mask & (q_pos - k_pos < window)",
            "mask = mask & (q_pos - k_pos <= window)",
            "dense sliding-window attention one key too wide"),
-    Mutant("mask_causal", "utils/attention.py",
+    Mutant("mask_causal", "utils/selection.py",
            "mask &= (k_pos[None, :] <= q_pos[:, None])",
            "mask &= (k_pos[None, :] < q_pos[:, None])",
            "Selection.mask (plots, recall) drops each query's own key"),

@@ -15,7 +15,7 @@ from utils.baselines.quest import page_bounds
 from utils.baselines.streaming import window_offsets
 from utils.baselines.vertical_slash import estimate_pattern
 from utils.config import SparseAttentionConfig
-from utils.registry import METHODS, LayerContext, run_method
+from utils.methods import METHODS, LayerContext, run_method
 
 SPARSE = [name for name, method in METHODS.items() if method.select is not None]
 ISSUE_METHODS = ["streaming", "streaming_dilated", "streaming_strided", "vertical_slash", "block_sparse", "quest",
@@ -304,7 +304,7 @@ def test_no_length_squared_memory(rss_growth_mib):
         "import torch\n"
         "from utils.attention import sparse_attention\n"
         "from utils.config import SparseAttentionConfig\n"
-        "from utils.registry import METHODS, LayerContext\n"
+        "from utils.methods import METHODS, LayerContext\n"
         "q = torch.randn(1, 1, 16384, 16); k = torch.randn(1, 1, 16384, 16); v = torch.randn(1, 1, 16384, 16)",
         "for name in ('oracle_topk', 'vertical_slash', 'quest', 'streaming_dilated', 'block_sparse'):\n"
         "    cfg = SparseAttentionConfig(method=name, budget=64)\n"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import utils.registry as registry
-from utils.config import SparseAttentionConfig
+from utils.config import DHSAOptions, SparseAttentionConfig
+from utils.methods import METHODS, LayerContext
 from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import patch_model
-from utils.registry import METHODS, LayerContext
 
 # Methods whose decode rule keeps the newest keys. Not oracle_topk (exactly the top-N_b keys by true score, an
 # upper bound by definition) nor quest (the paper's page bound decides, the current page included or not).
@@ -71,14 +71,15 @@ def test_dhsa_sparse_decode_keeps_generated_tokens_and_local_window(family, monk
 def test_decode_keeps_the_newest_token_even_when_its_chunk_scores_lowest():
     """A current token whose own chunk scores far below every other chunk is still read."""
     from utils.boundaries import fixed_size_ends
-    from utils.dhsa import decode_boundaries, dhsa_select
+    from utils.dhsa import dhsa_select
+    from utils.dhsa_math import decode_boundaries
 
     g = torch.Generator().manual_seed(3)
     L = 200
     k = torch.randn(1, 2, L, 16, generator=g)
     q = -k[:, :, -1:].repeat_interleave(2, dim=1) * 10  # the query points away from its own key
     ends = [decode_boundaries(fixed_size_ends(L - 1, 8), L - 1, L)]
-    plain = dhsa_select(q, k, budget=32, boundaries=ends, sink_tokens=0, local_tokens=0)
+    plain = dhsa_select(q, k, budget=32, boundaries=ends, options=DHSAOptions(sink_tokens=0, local_tokens=0))
     assert not (plain.key_index == L - 1).any(-1).all(), "the case should be adversarial for chunk scores alone"
     for sink, local in ((0, 0), (4, 8)):
         config = SparseAttentionConfig(method="dhsa", budget=32, boundary_source="fixed", chunk_size=8,

@@ -6,9 +6,13 @@ import math
 import pytest
 import torch
 
-from utils.attention import Selection, dense_attention, full_selection, sparse_attention
+import utils.dhsa_math as dhsa_math
+from utils.attention import dense_attention, sparse_attention
 from utils.boundaries import as_boundary_list, fixed_size_ends
-from utils.dhsa import chunk_vectors, decode_boundaries, dhsa_attention, dhsa_select
+from utils.config import DHSAOptions, SparseAttentionConfig
+from utils.dhsa import dhsa_attention, dhsa_select
+from utils.dhsa_math import chunk_vectors, decode_boundaries, max_pooled_chunk_scores
+from utils.selection import Selection, full_selection
 
 SHAPES = [  # B, Hq, Hkv, L, D
     (1, 4, 4, 97, 16),    # MHA, L not a multiple of the query chunk
@@ -73,8 +77,8 @@ def test_selection_follows_chunk_scores():
     k = torch.zeros(1, 1, L, D)
     q[..., 0] = 1.0
     k[0, 0, 20:28, 0] = 5.0  # chunk [20, 28) is the only one aligned with the queries
-    sel = dhsa_select(q, k, budget=8, boundaries=[torch.tensor([20, 28, 64])], query_chunk=64,
-                      sink_tokens=0, local_tokens=0)
+    sel = dhsa_select(q, k, budget=8, boundaries=[torch.tensor([20, 28, 64])],
+                      options=DHSAOptions(query_chunk=64, sink_tokens=0, local_tokens=0))
     assert sel.key_index[0, 0, 0].tolist() == list(range(20, 28))
 
 
@@ -89,8 +93,7 @@ def test_length_normalisation_is_eq4():
 
 
 def test_prefix_sums_over_several_slices(monkeypatch):
-    import utils.dhsa as dhsa
-    monkeypatch.setattr(dhsa, "_PREFIX_SLICE", 7)
+    monkeypatch.setattr(dhsa_math, "_PREFIX_SLICE", 7)
     k = torch.randn(3, 50, 4)
     ends = torch.tensor([1, 7, 8, 14, 15, 49, 50])
     starts = torch.cat([torch.tensor([0]), ends[:-1]])
@@ -100,20 +103,20 @@ def test_prefix_sums_over_several_slices(monkeypatch):
 
 def test_variable_chunks_and_tile_groups(monkeypatch):
     """Length-1 chunks, chunks longer than a tile, tiles processed in several groups: same result."""
-    import utils.dhsa as dhsa
     q, k, v = rand_qkv(1, 4, 2, 150, 16, seed=7)
     bounds = [1, 2, 3, 4, 60, 61, 149, 150]
     whole = dhsa_attention(q, k, v, budget=20, query_chunk=8, boundaries=bounds)
-    monkeypatch.setattr(dhsa, "_SCORE_ELEMENTS", 300)  # forces one tile per group
+    monkeypatch.setattr(dhsa_math, "SCORE_ELEMENTS", 300)  # forces one tile per group
     torch.testing.assert_close(dhsa_attention(q, k, v, budget=20, query_chunk=8, boundaries=bounds), whole)
 
 
 def test_share_heads_gives_one_selection_for_all_heads():
     q, k, _ = rand_qkv(1, 4, 2, 80, 16, seed=2)
-    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)], query_chunk=16, share_heads=True)
+    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)],
+                      options=DHSAOptions(query_chunk=16, share_heads=True))
     assert torch.equal(sel.key_index[:, 0], sel.key_index[:, 1])
-    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)], query_chunk=16, sink_tokens=0,
-                      local_tokens=0)
+    sel = dhsa_select(q, k, budget=10, boundaries=[fixed_size_ends(80, 8)],
+                      options=DHSAOptions(query_chunk=16, sink_tokens=0, local_tokens=0))
     assert not torch.equal(sel.key_index[:, 0], sel.key_index[:, 1])
 
 
@@ -141,8 +144,8 @@ def test_decode_step_reads_at_most_budget():
 @pytest.mark.parametrize("head_pooling", ["mean", "none"])
 def test_selection_mask_matches_executor(head_pooling):
     q, k, _ = rand_qkv(2, 4, 2, 70, 16, seed=8)
-    sel = dhsa_select(q, k, budget=12, boundaries=as_boundary_list([5, 9, 30, 70], 2, 70), query_chunk=16,
-                      head_pooling=head_pooling, sink_tokens=2, local_tokens=4)
+    sel = dhsa_select(q, k, budget=12, boundaries=as_boundary_list([5, 9, 30, 70], 2, 70),
+                      options=DHSAOptions(query_chunk=16, head_pooling=head_pooling, sink_tokens=2, local_tokens=4))
     mask = sel.mask(70, 70)  # [B, Hs, Lq, Lk]: Hs = Hkv (one selection per GQA group) or Hq (per query head)
     assert mask.shape[1] == {"mean": 2, "none": 4}[head_pooling]
     eye = torch.eye(70).expand(2, 2, 70, 70).contiguous()
@@ -190,6 +193,24 @@ def test_bad_arguments(kwargs, message):
         dhsa_attention(q, k, v, **kwargs)
 
 
+def test_dhsa_options_are_the_config_fields():
+    """DHSAOptions: the selection's options, taken from SparseAttentionConfig by field name, with its defaults."""
+    import dataclasses
+    assert {f.name for f in dataclasses.fields(DHSAOptions)} <= {f.name for f in dataclasses.fields(SparseAttentionConfig)}
+    assert SparseAttentionConfig().dhsa_options() == DHSAOptions() == DHSAOptions(
+        query_chunk=64, robust_chunk_repr=True, sink_tokens=64, local_tokens=128, share_heads=False,
+        query_pooling="max", head_pooling="none", center_keys=True)
+    config = SparseAttentionConfig(query_chunk=16, robust_chunk_repr=False, sink_tokens=1, local_tokens=2,
+                                   share_heads=True, query_pooling="mean", head_pooling="max", center_keys=False)
+    assert dataclasses.asdict(config.dhsa_options()) == {name: getattr(config, name)
+                                                         for name in dataclasses.asdict(DHSAOptions())}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DHSAOptions().sink_tokens = 0
+    for bad in (dict(query_pooling="median"), dict(head_pooling="sum"), dict(query_chunk=0), dict(sink_tokens=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DHSAOptions(**bad)
+
+
 def test_bad_shapes():
     q, k, v = rand_qkv(1, 3, 2, 40, 8)
     with pytest.raises(ValueError, match="multiple"):
@@ -222,14 +243,12 @@ def test_sliding_window_attention_is_exact(L, window, softcap):
 
 
 def test_max_pooled_chunk_scores_brute_force(monkeypatch):
-    import utils.dhsa as dhsa
-    from utils.dhsa import max_pooled_chunk_scores
     q = torch.randn(4, 70, 8)              # Hq = 4, Lq = 70 (last tile partial)
     chunk_k = torch.randn(2, 9, 8)         # Hkv = 2
     group_q = q.view(2, 2, 70, 8).sum(1)   # queries of a GQA group are pooled first
     want = torch.stack([(group_q[:, t:t + 16] @ chunk_k.transpose(1, 2)).amax(1) for t in range(0, 70, 16)], 1)
     torch.testing.assert_close(max_pooled_chunk_scores(q, chunk_k, 16), want)
-    monkeypatch.setattr(dhsa, "_SCORE_ELEMENTS", 10)  # one tile per slice
+    monkeypatch.setattr(dhsa_math, "SCORE_ELEMENTS", 10)  # one tile per slice
     torch.testing.assert_close(max_pooled_chunk_scores(q, chunk_k, 16), want)
 
 
@@ -243,9 +262,11 @@ def test_max_pooling_keeps_what_one_query_needs():
     q[0, 0, 95, 0] = 4.0                # the last query alone asks for direction 0 ...
     k[0, 0, 8:16, 0] = 1.0              # ... held by the distant chunk [8, 16)
     ends = [torch.tensor([8, 16, 64, 80, 96])]
-    kw = dict(budget=8, boundaries=ends, query_chunk=32, sink_tokens=0, local_tokens=0)
-    assert dhsa_select(q, k, query_pooling="max", **kw).key_index[0, 0, -1].tolist() == list(range(8, 16))
-    assert dhsa_select(q, k, query_pooling="mean", **kw).key_index[0, 0, -1].tolist() != list(range(8, 16))
+    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0)
+    kept = {pooling: dhsa_select(q, k, budget=8, boundaries=ends, options=options.replace(query_pooling=pooling))
+            .key_index[0, 0, -1].tolist() for pooling in ("max", "mean")}
+    assert kept["max"] == list(range(8, 16))
+    assert kept["mean"] != list(range(8, 16))
 
 
 @pytest.mark.parametrize("query_pooling", ["max", "mean"])
@@ -262,12 +283,14 @@ def test_head_max_pooling_keeps_what_one_gqa_head_needs(query_pooling, tile):
     q[0, 0, :, 0] = 10.0                    # head 0 (retrieval head) asks for the needle
     q[0, 1, :, 0] = -9.0                    # head 1 points away from it ...
     q[0, 1, :, 1] = 2.0                     # ... and weakly at the distractor
-    kw = dict(budget=4, boundaries=[torch.tensor([4, 8, 12, 16])], query_chunk=tile, sink_tokens=0,
-              local_tokens=0, query_pooling=query_pooling)
-    assert dhsa_select(q, k, head_pooling="max", **kw).key_index[0, 0, -1].tolist() == [4, 5, 6, 7]
-    assert dhsa_select(q, k, head_pooling="mean", **kw).key_index[0, 0, -1].tolist() == [8, 9, 10, 11]
-    with pytest.raises(ValueError):
-        dhsa_select(q, k, head_pooling="median", **kw)
+    options = DHSAOptions(query_chunk=tile, sink_tokens=0, local_tokens=0, query_pooling=query_pooling)
+    kept = {pooling: dhsa_select(q, k, budget=4, boundaries=[torch.tensor([4, 8, 12, 16])],
+                                 options=options.replace(head_pooling=pooling)).key_index[0, 0, -1].tolist()
+            for pooling in ("max", "mean")}
+    assert kept["max"] == [4, 5, 6, 7]
+    assert kept["mean"] == [8, 9, 10, 11]
+    with pytest.raises(ValueError, match="head_pooling"):
+        options.replace(head_pooling="median")
 
 
 def test_center_keys_removes_the_chunk_length_bias():
@@ -286,7 +309,8 @@ def test_center_keys_removes_the_chunk_length_bias():
     ends = torch.tensor([4, 100, 119, 121, 199, 200])  # long chunks around a 2-key chunk holding the target
     kept = {}
     for center in (False, True):
-        sel = dhsa_select(q, k, budget=8, boundaries=[ends], query_chunk=1, sink_tokens=1, center_keys=center)
+        sel = dhsa_select(q, k, budget=8, boundaries=[ends],
+                          options=DHSAOptions(query_chunk=1, sink_tokens=1, center_keys=center))
         kept[center] = set(sel.key_index[0, 0, 0].tolist())
     assert target in kept[True]
     assert target not in kept[False]

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from utils import kernels
-from utils.attention import Selection, full_selection, sparse_attention
+from utils.attention import sparse_attention
 from utils.boundaries import as_boundary_list, fixed_size_ends
+from utils.config import DHSAOptions
 from utils.dhsa import dhsa_attention, dhsa_select
+from utils.selection import Selection, block_selection_to_tokens, blocks_from_token_selection, full_selection
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -86,8 +88,8 @@ def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, so
     q, k, v = (rand(B, h, L, D, device=device, dtype=dtype, seed=i) for i, h in enumerate((Hq, Hkv, Hkv)))
     ends = as_boundary_list(fixed_size_ends(L, 7), B, L, device=device)
     with kernels.disabled():
-        sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends, query_chunk=T, sink_tokens=4,
-                          local_tokens=8, head_pooling="mean")  # one list per KV head (GQA group)
+        sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends,  # one list per KV head (GQA group)
+                          options=DHSAOptions(query_chunk=T, sink_tokens=4, local_tokens=8, head_pooling="mean"))
         if per_query_head:  # one list per query head (e.g. baselines that select per head)
             sel = Selection(sel.key_index.repeat_interleave(Hq // Hkv, 1), T, sel.q_offset)
         ref = sparse_attention(q.float(), k.float(), v.float(), sel, softcap=softcap)
@@ -104,11 +106,11 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
 
     q, k = rand(B, Hq, L, 16, device=device, seed=1), rand(B, Hkv, L, 16, device=device, seed=2)
     ends = as_boundary_list(bounds or fixed_size_ends(L, 7, device=device), B, L, device=device)
-    opts = dict(budget=budget, boundaries=ends, query_chunk=T, sink_tokens=sink, local_tokens=local,
-                share_heads=share_heads)
+    options = DHSAOptions(query_chunk=T, sink_tokens=sink, local_tokens=local, share_heads=share_heads,
+                          head_pooling="mean")  # the fused kernel scores summed GQA queries
     with kernels.disabled():
-        ref = dhsa_select(q, k, head_pooling="mean", **opts)  # the fused kernel scores summed GQA queries
-    got = dhsa_select_fused(q, k, **opts)
+        ref = dhsa_select(q, k, budget=budget, boundaries=ends, options=options)
+    got = dhsa_select_fused(q, k, budget=budget, boundaries=ends, options=options)
     assert got.key_index.shape == ref.key_index.shape
     assert torch.equal(got.counts.long(), (ref.key_index >= 0).sum(-1))
     idx = got.key_index
@@ -119,9 +121,9 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
 
 
 def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
-    """The kernel's max-pooled S_c vs utils.dhsa.max_pooled_chunk_scores (fp32, same queries); and per (head,
+    """The kernel's max-pooled S_c vs utils.dhsa_math.max_pooled_chunk_scores (fp32, same queries); and per (head,
     tile) the same top-K chunks wherever the reference's K-th and (K+1)-th scores are clearly apart."""
-    from utils.dhsa import max_pooled_chunk_scores
+    from utils.dhsa_math import max_pooled_chunk_scores, tile_key_means
     from utils.kernels.select import max_pooled_chunk_scores_gpu
 
     q = rand(Hq, L, D, device=device, dtype=dtype, seed=3)
@@ -146,7 +148,6 @@ def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     visible = (starts[None, :] < tile_end[:, None]).expand_as(ref)
     # centring (center_keys): per-query shift by the tile's mean key, as the reference
-    from utils.dhsa import tile_key_means
     centring = tile_key_means(chunk_k, ends, tile_end, robust=True)
     got_c = max_pooled_chunk_scores_gpu(q, chunk_k, T, centring=centring, config=config)
     ref_c = max_pooled_chunk_scores(q.float(), chunk_k, T, centring=centring)
@@ -179,7 +180,7 @@ def test_sliding_window_reference_path_equals_dense(Lq, Lk, window, T):
 
 def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
     """Block-aligned DHSA by plain PyTorch: snapped chunks, scores upsampled to blocks, forced blocks, top-K."""
-    from utils.dhsa import chunk_vectors, forced_key_counts, query_tile_vectors
+    from utils.dhsa_math import chunk_vectors, forced_key_counts, query_tile_vectors
     from utils.kernels.select import snap_to_blocks
 
     B, Hq, L, D = q.shape
@@ -204,11 +205,12 @@ def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
 
 
 def check_block_path(device, dtype, B, Hq, Hkv, L, D, bs, budget):
-    from utils.kernels.select import block_selection_to_tokens, dhsa_block_select
+    from utils.kernels.select import dhsa_block_select
 
     q, k, v = (rand(B, h, L, D, device=device, dtype=dtype, seed=i + 5) for i, h in enumerate((Hq, Hkv, Hkv)))
     ends = as_boundary_list(fixed_size_ends(L, 11, device=device), B, L, device=device)
-    sel = dhsa_block_select(q, k, budget=budget, boundaries=ends, block_size=bs, sink_tokens=bs, local_tokens=bs)
+    sel = dhsa_block_select(q, k, budget=budget, boundaries=ends, block_size=bs,
+                            options=DHSAOptions(sink_tokens=bs, local_tokens=bs))
     ref_blocks = block_reference(q.float().cpu(), k.float().cpu(), [e.cpu() for e in ends], budget, bs, 1, 1)
     got = torch.where(torch.arange(sel.key_index.shape[-1], device=device) < sel.counts[..., None], sel.key_index, -1)
     assert torch.equal(got.cpu().sort(-1).values, ref_blocks.sort(-1).values)
@@ -228,7 +230,6 @@ def _block_kernel(q, k, v, sel):
 
 def check_block_sparse_baseline(device, dtype, L):
     from utils.baselines.block_sparse import block_sparse_select
-    from utils.kernels.select import blocks_from_token_selection
 
     q, k, v = rand(1, 4, L, 16, device=device, dtype=dtype), rand(1, 2, L, 16, device=device, dtype=dtype, seed=1), \
         rand(1, 2, L, 16, device=device, dtype=dtype, seed=2)
@@ -248,7 +249,6 @@ def check_peer_baselines(device, dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
     form through the block kernel equal the PyTorch executor on the token lists (per query head, Hs = Hq)."""
     from utils.baselines.flexprefill import flexprefill_select
     from utils.baselines.xattention import xattention_select
-    from utils.kernels.select import block_selection_to_tokens
     from utils.kernels.sparse_prefill import sparse_prefill
 
     q = rand(B, Hq, Lq, D, device=device, dtype=dtype, seed=7)
@@ -285,6 +285,19 @@ def test_cpu_tensors_never_reach_the_kernels(monkeypatch):
         assert not kernels.enabled()
         torch.testing.assert_close(dhsa_attention(q, k, v, budget=20, query_chunk=16), out)
     assert kernels.enabled() == (os.environ.get("DHSA_KERNELS", "1") != "0")
+
+
+def test_executor_reads_block_selections_on_the_cpu():
+    """A block-mode KernelSelection (block numbers, for the block kernel) given to sparse_attention on the CPU runs
+    as its token lists: the same output as the token selection it was made from."""
+    from utils.baselines.block_sparse import block_sparse_select
+
+    q, k, v = rand(1, 4, 96, 16), rand(1, 2, 96, 16, seed=1), rand(1, 2, 96, 16, seed=2)
+    tokens = block_sparse_select(q, k, budget=48, block_size=16)
+    blocks = blocks_from_token_selection(tokens, 16, 96)
+    assert blocks is not None and blocks.block_size == 16
+    torch.testing.assert_close(sparse_attention(q, k, v, blocks), sparse_attention(q, k, v, tokens))
+    assert torch.equal(block_selection_to_tokens(blocks, 96).mask(96, 96), tokens.mask(96, 96))
 
 
 def test_selection_counts_is_one_past_the_last_used_slot():
@@ -390,13 +403,14 @@ def test_interp_block_path_and_flex():
 @pytest.mark.parametrize("Lq", [1, 20])
 def test_interp_queries_after_a_prefix(Lq):
     """Decode (Algorithm 2 boundaries) and a chunk of queries after cached keys: q_offset > 0."""
-    from utils.dhsa import decode_boundaries
+    from utils.dhsa_math import decode_boundaries
     from utils.kernels.select import dhsa_select_fused
     from utils.kernels.sparse_prefill import sparse_prefill
     q, k, v = rand(1, 4, Lq, 16), rand(1, 2, 120, 16, seed=1), rand(1, 2, 120, 16, seed=2)
     ends = [decode_boundaries(fixed_size_ends(110, 8), 110, 120)] if Lq == 1 else [fixed_size_ends(120, 8)]
-    opts = dict(budget=30, boundaries=ends, query_chunk=16, sink_tokens=4, local_tokens=4)
-    ref, got = dhsa_select(q, k, head_pooling="mean", **opts), dhsa_select_fused(q, k, **opts)
+    opts = dict(budget=30, boundaries=ends, options=DHSAOptions(query_chunk=16, sink_tokens=4, local_tokens=4,
+                                                                 head_pooling="mean"))
+    ref, got = dhsa_select(q, k, **opts), dhsa_select_fused(q, k, **opts)
     assert torch.equal(per_chunk_counts(got.key_index[0], ends[0]), per_chunk_counts(ref.key_index[0], ends[0]))
     out = sparse_prefill(q, k, v, got.key_index, got.counts, query_chunk=16, q_offset=got.q_offset, sorted_keys=True,
                          config=dict(rows=16, block_n=16))
@@ -410,8 +424,10 @@ def test_interp_sorted_lists_skip_the_mask_safely():
     from utils.kernels.sparse_prefill import sparse_prefill
     q, k, v = rand(1, 4, 300, 16), rand(1, 2, 300, 16, seed=1), rand(1, 2, 300, 16, seed=2)
     ends = [fixed_size_ends(300, 7)]
-    sel = dhsa_select_fused(q, k, budget=64, boundaries=ends, query_chunk=32, sink_tokens=8, local_tokens=8)
-    blocks = dhsa_block_select(q, k, budget=64, boundaries=ends, block_size=16, sink_tokens=16, local_tokens=16)
+    sel = dhsa_select_fused(q, k, budget=64, boundaries=ends,
+                            options=DHSAOptions(query_chunk=32, sink_tokens=8, local_tokens=8))
+    blocks = dhsa_block_select(q, k, budget=64, boundaries=ends, block_size=16,
+                               options=DHSAOptions(sink_tokens=16, local_tokens=16))
     for s, bs in ((sel, None), (blocks, 16)):
         outs = [sparse_prefill(q, k, v, s.key_index, s.counts, query_chunk=s.query_chunk, block_size=bs,
                                sorted_keys=flag, config=dict(rows=16, block_n=16)) for flag in (False, True)]
@@ -515,14 +531,15 @@ def test_cuda_block_path_baseline_and_flex(dtype):
 def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
     """Block mode on K/V laid out as transformers keeps them ([B, L, H, D] viewed as [B, H, L, D]) and a length
     that is no multiple of the key step: TMA descriptors (Hopper) and plain loads give the reference output."""
-    from utils.kernels.select import block_selection_to_tokens, dhsa_block_select
+    from utils.kernels.select import dhsa_block_select
     from utils.kernels.sparse_prefill import sparse_prefill
 
     B, Hq, Hkv, L, D, bs = 2, 8, 2, 1000, 128, 128
     q = rand(B, L, Hq, D, device="cuda", dtype=torch.bfloat16, seed=1).transpose(1, 2)
     k, v = (rand(B, L, Hkv, D, device="cuda", dtype=torch.bfloat16, seed=s).transpose(1, 2) for s in (2, 3))
     ends = as_boundary_list(fixed_size_ends(L, 16, device="cuda"), B, L, device="cuda")
-    sel = dhsa_block_select(q, k, budget=384, boundaries=ends, block_size=bs, sink_tokens=bs, local_tokens=bs)
+    sel = dhsa_block_select(q, k, budget=384, boundaries=ends, block_size=bs,
+                            options=DHSAOptions(sink_tokens=bs, local_tokens=bs))
     out = sparse_prefill(q, k, v, sel.key_index, sel.counts, query_chunk=sel.query_chunk, block_size=bs,
                          sorted_keys=True, config=dict(tma=tma))
     with kernels.disabled():

@@ -15,12 +15,12 @@ import torch
 import run_latency_test
 from utils import kernels
 from utils.attention import sparse_attention
-from utils.config import SparseAttentionConfig
+from utils.config import DHSAOptions, SparseAttentionConfig
 from utils.dhsa import dhsa_select
-from utils.kernels.types import KernelSelection
 from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, fixed_boundaries, layer_contexts,
                                    reference)
-from utils.registry import METHODS, LayerContext
+from utils.methods import METHODS, LayerContext
+from utils.selection import KernelSelection
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,10 +52,11 @@ def test_dhsa_selects_as_the_model_does_and_as_before():
     got = LAYER_METHODS["dhsa"].select(q, k, v, config, first)
     again = LAYER_METHODS["dhsa"].select(q, k, v, config, later())  # a later layer reuses the boundaries
     model = METHODS["dhsa"].select(q, k, config, LayerContext())
+    options = DHSAOptions(query_chunk=config.query_chunk, query_pooling=config.query_pooling,
+                          robust_chunk_repr=config.robust_chunk_repr, sink_tokens=config.sink_tokens,
+                          local_tokens=config.local_tokens, share_heads=config.share_heads)
     before = dhsa_select(q, k, budget=config.resolve_budget(300), boundaries=fixed_boundaries(k, config),
-                         query_chunk=config.query_chunk, query_pooling=config.query_pooling,
-                         robust=config.robust_chunk_repr, sink_tokens=config.sink_tokens,
-                         local_tokens=config.local_tokens, share_heads=config.share_heads)
+                         options=options)
     assert torch.equal(got.key_index, model.key_index) and torch.equal(got.key_index, before.key_index)
     assert torch.equal(again.key_index, got.key_index)
 
@@ -131,7 +132,7 @@ _INTERPRETER_CHECK = """
 import torch
 from utils.kernels._interpreter import fix_interpreter
 fix_interpreter()
-from utils.config import SparseAttentionConfig
+from utils.config import DHSAOptions, SparseAttentionConfig
 from utils.kernels.select import dhsa_block_select
 from utils.latency_methods import LAYER_METHODS, fixed_boundaries, plan_selection, reference
 
@@ -139,8 +140,8 @@ g = torch.Generator().manual_seed(0)
 q, k, v = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g), \\
     torch.randn(1, 2, 256, 16, generator=g)
 config = SparseAttentionConfig(density=0.25, block_size=32, sink_tokens=32, local_tokens=32)
-direct = dhsa_block_select(q, k, budget=64, boundaries=fixed_boundaries(k, config), block_size=32, sink_tokens=32,
-                           local_tokens=32)
+direct = dhsa_block_select(q, k, budget=64, boundaries=fixed_boundaries(k, config), block_size=32,
+                           options=DHSAOptions(sink_tokens=32, local_tokens=32))
 for name in ("dhsa_block", "dhsa_block_flex"):
     method = LAYER_METHODS[name]
     plan = method.select(q, k, v, config, None)

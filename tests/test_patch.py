@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from utils.methods import get_method
 from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import attention_layers, patch_model, sparse_layer_indices
-from utils.registry import get_method
 
 from test_baselines import masked_attention
 

@@ -14,8 +14,8 @@ from utils.baselines.blocks import (REACHED, BlockGrid, block_selection, cover_m
 from utils.baselines.flexprefill import flexprefill_blocks, last_query_attention, sqrt_js_divergence
 from utils.baselines.xattention import antidiagonal_block_scores, xattention_blocks
 from utils.config import SparseAttentionConfig
-from utils.kernels.select import block_selection_to_tokens
-from utils.registry import METHODS, LayerContext
+from utils.methods import METHODS, LayerContext
+from utils.selection import block_selection_to_tokens
 
 PEERS = ["flexprefill", "xattention"]
 
@@ -322,7 +322,7 @@ def test_no_length_squared_memory(rss_growth_mib):
         "import torch\n"
         "from utils.attention import sparse_attention\n"
         "from utils.config import SparseAttentionConfig\n"
-        "from utils.registry import METHODS, LayerContext\n"
+        "from utils.methods import METHODS, LayerContext\n"
         "q = torch.randn(1, 2, 16384, 16); k = torch.randn(1, 1, 16384, 16); v = torch.randn(1, 1, 16384, 16)",
         "for name in ('flexprefill', 'xattention'):\n"
         "    for budget in (64, 1024):\n"

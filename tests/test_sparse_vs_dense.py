@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from utils.attention import Selection, dense_attention, sparse_attention
+from utils.attention import dense_attention, sparse_attention
+from utils.methods import METHODS, LayerContext, run_method
 from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import patch_model
-from utils.registry import METHODS, LayerContext, run_method
+from utils.selection import Selection
 
 from test_baselines import (DENSE_AT_FULL_BUDGET, NOT_DENSE_AT_FULL_BUDGET, SHAPES, SPARSE, dense_reference,
                             rand_qkv, select, small_config)

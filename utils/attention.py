@@ -1,10 +1,11 @@
-"""Attention kernels shared by every method: exact dense attention, and sparse attention over a `Selection`.
+"""Attention executors shared by every method: exact dense attention, and sparse attention over a `Selection`.
 
-A sparse method only decides *which keys each query may read*; this module runs the attention on those keys.
-The decision is a `Selection`: the queries are cut into tiles of `query_chunk` consecutive queries, and every
-tile lists the keys it may read (shared by the tile's queries, so K/V are gathered once per tile, as in the
-paper's SDPA kernel, App. D). On top of that list each query also obeys causality and, optionally, a per-query
-rule (a sliding window, a dilation pattern, ...). So each query reads at most `key_index.shape[-1]` keys.
+A sparse method only decides *which keys each query may read* (a `Selection`, utils/selection.py); this module
+runs the attention on those keys. Each query reads at most `key_index.shape[-1]` keys, always causally.
+
+Where it runs: `sparse_attention` is the one place that chooses between the Triton kernel (utils/kernels, CUDA
+tensors, when `kernels.try_sparse_attention` accepts the inputs) and the PyTorch path written out here. The
+kernel computes the same attention (tests/test_kernels.py), so results never depend on whether Triton is there.
 
 Shapes: q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D] with Hq a multiple of Hkv (grouped-query attention, GQA).
 Queries sit at absolute positions `q_offset + arange(Lq)` (q_offset = Lk - Lq when a KV cache holds the past).
@@ -14,65 +15,15 @@ K and V are never repeated per query head: heads of a GQA group are stacked alon
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-# A per-query rule: keep(q_pos, k_pos) -> bool, broadcasting q_pos [..., T, 1] against k_pos [..., 1, K].
-KeepRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from . import kernels
+from .selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
-
-
-@dataclass
-class Selection:
-    """The keys each query may read.
-
-    key_index: [B, Hs, n_tiles, K] int64. Row t lists, ascending, the keys that query tile t (queries
-        t*T .. t*T+T-1) may read; -1 marks an unused slot. Hs is Hkv (the heads of a GQA group share one list)
-        or Hq (one list per query head).
-    query_chunk: T, the number of queries per tile (1 for per-query selections).
-    q_offset: absolute position of query 0.
-    keep: optional extra per-query rule keep(q_pos, k_pos) -> bool, applied on top of causality. q_pos and
-        k_pos are absolute positions; k_pos has the shape of the gathered keys [B, Hs, g, 1, K] so a rule may
-        depend on the head; q_pos is [g, T, 1].
-    window: optional sliding window: keys with q_pos - k_pos >= window are dropped too (Gemma-2/3 local
-        layers). Unlike `keep`, the GPU kernel applies it, so windowed layers run on the kernel.
-    """
-
-    key_index: torch.Tensor
-    query_chunk: int
-    q_offset: int = 0
-    keep: KeepRule | None = None
-    window: int | None = None
-
-    @property
-    def max_keys(self) -> int:
-        return self.key_index.shape[-1]
-
-    def mask(self, num_queries: int, num_keys: int) -> torch.Tensor:
-        """Dense boolean mask [B, Hs, Lq, Lk] of the (query, key) pairs read. For tests and plots (small L only)."""
-        B, Hs, n_tiles, K = self.key_index.shape
-        T = self.query_chunk
-        if n_tiles != math.ceil(num_queries / T):
-            raise ValueError(f"selection has {n_tiles} tiles, {num_queries} queries need {math.ceil(num_queries / T)}")
-        idx = self.key_index
-        tile_mask = torch.zeros(B, Hs, n_tiles, num_keys + 1, dtype=torch.bool, device=idx.device)
-        tile_mask.scatter_(-1, torch.where(idx < 0, num_keys, idx), True)
-        tile_mask = tile_mask[..., :num_keys]
-        mask = tile_mask.repeat_interleave(T, dim=2)[:, :, :num_queries]  # [B, Hs, Lq, Lk]
-        q_pos = self.q_offset + torch.arange(num_queries, device=idx.device)
-        k_pos = torch.arange(num_keys, device=idx.device)
-        mask &= (k_pos[None, :] <= q_pos[:, None])
-        if self.keep is not None:
-            rule = self.keep(q_pos.view(1, num_queries, 1), k_pos.expand(B, Hs, 1, 1, num_keys))
-            mask &= rule.reshape(rule.shape[:-3] + (num_queries, num_keys)) if rule.dim() == 5 else rule
-        if self.window is not None:
-            mask &= (q_pos[:, None] - k_pos[None, :] < self.window)
-        return mask
 
 
 def _split_heads(q: torch.Tensor, k: torch.Tensor, heads: int) -> tuple[int, int]:
@@ -120,15 +71,16 @@ def sparse_attention(
 ) -> torch.Tensor:
     """Attention of each query on its selected keys only, exact within that set.
 
-    q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; returns [B, Hq, Lq, Dv] in q's dtype. Causality is always enforced
-    (key position <= query position). Memory: the tiles are processed in groups so that the temporaries stay
-    O(T * K) per tile, never O(Lq * Lk).
+    q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; returns [B, Hq, Lq, Dv] in q's dtype. Causality is
+    always enforced (key position <= query position). The Triton kernel runs where it applies; on the PyTorch path
+    the tiles are processed in groups so that the temporaries stay O(T * K) per tile, never O(Lq * Lk).
     """
     if q.is_cuda:  # Triton kernel that reads the selected keys in place (utils/kernels); None = not applicable
-        from .kernels import try_sparse_attention
-        out = try_sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
+        out = kernels.try_sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
         if out is not None:
             return out
+    if getattr(selection, "block_size", None):  # a block-mode KernelSelection: the PyTorch path reads key positions
+        selection = block_selection_to_tokens(selection, k.shape[2])
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     idx = selection.key_index
@@ -274,16 +226,4 @@ def sliding_window_attention(
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
-def full_selection(batch: int, heads: int, num_queries: int, num_keys: int, query_chunk: int,
-                   device=None) -> Selection:
-    """A selection that lists every causally visible key for each tile (equals dense attention)."""
-    n_tiles = math.ceil(num_queries / query_chunk)
-    q_offset = num_keys - num_queries
-    ends = q_offset + torch.clamp(torch.arange(1, n_tiles + 1, device=device) * query_chunk, max=num_queries)
-    idx = torch.arange(num_keys, device=device).expand(n_tiles, num_keys)
-    idx = torch.where(idx < ends[:, None], idx, -1)
-    return Selection(idx.expand(batch, heads, n_tiles, num_keys).clone(), query_chunk, q_offset)
-
-
-__all__ = ["Selection", "KeepRule", "sparse_attention", "dense_attention", "sliding_window_attention",
-           "full_selection"]
+__all__ = ["sparse_attention", "dense_attention", "sliding_window_attention"]

@@ -114,10 +114,45 @@ class SparseAttentionConfig:
             return max(1, min(self.max_chunks, num_keys))
         return max(1, math.ceil(num_keys / self.chunk_size))
 
+    def dhsa_options(self) -> "DHSAOptions":
+        """The DHSA selection options of this config (the fields of DHSAOptions, by name)."""
+        return DHSAOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DHSAOptions)})
+
     def replace(self, **changes) -> "SparseAttentionConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(config_field_names())}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DHSAOptions:
+    """The options of DHSA's key selection (utils/dhsa.py `dhsa_select` and its GPU kernel), as one value.
+
+    Every field is the SparseAttentionConfig field of the same name, with the same default and meaning (see
+    there); build it from a config with `config.dhsa_options()`. The budget N_b and the chunk boundaries depend
+    on the sequence, so they are arguments of the selection, not options.
+    """
+
+    query_chunk: int = SparseAttentionConfig.query_chunk
+    robust_chunk_repr: bool = SparseAttentionConfig.robust_chunk_repr
+    sink_tokens: int = SparseAttentionConfig.sink_tokens
+    local_tokens: int = SparseAttentionConfig.local_tokens
+    share_heads: bool = SparseAttentionConfig.share_heads
+    query_pooling: str = SparseAttentionConfig.query_pooling
+    head_pooling: str = SparseAttentionConfig.head_pooling
+    center_keys: bool = SparseAttentionConfig.center_keys
+
+    def __post_init__(self) -> None:
+        if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
+            raise ValueError(f"query_chunk must be >= 1, sink_tokens and local_tokens >= 0; got {self.query_chunk}, "
+                             f"{self.sink_tokens}, {self.local_tokens}")
+        if self.query_pooling not in ("max", "mean"):
+            raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.head_pooling not in ("max", "mean", "none"):
+            raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
+
+    def replace(self, **changes) -> "DHSAOptions":
         return dataclasses.replace(self, **changes)
 
 
@@ -157,4 +192,4 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
     return SparseAttentionConfig(**values)
 
 
-__all__ = ["SparseAttentionConfig", "add_config_args", "config_from_args", "config_field_names"]
+__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names"]

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .attention import Selection, dense_attention, sparse_attention
+from .attention import dense_attention, sparse_attention
 from .boundaries import FixedSizeBoundaries
 from .config import SparseAttentionConfig
-from .kernels.types import KernelSelection
 from .latency import sdpa_backend
-from .registry import METHODS, LayerContext
+from .methods import METHODS, LayerContext
+from .selection import KernelSelection, Selection, blocks_from_token_selection
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,16 @@ def plan_selection(plan) -> Selection:
     return plan.selection if isinstance(plan, FlexPlan) else plan
 
 
-def attend_selection(q, k, v, selection: Selection, scale=None, softcap=None) -> torch.Tensor:
-    """sparse_attention on a token or block selection. On the GPU it dispatches the block kernel itself; on the CPU
-    (tests) a block selection is first written out as token lists, since the executor reads key positions."""
-    if not q.is_cuda and getattr(selection, "block_size", None):
-        from .kernels.select import block_selection_to_tokens
-        selection = block_selection_to_tokens(selection, k.shape[2])
-    return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
-
-
 def reference(q, k, v, plan, scale=None, softcap=None) -> torch.Tensor:
     """The PyTorch executor's output on the plan's selection (kernels off): what every sparse output must equal."""
     with kernels.disabled():
-        return attend_selection(q, k, v, plan_selection(plan), scale, softcap)
+        return sparse_attention(q, k, v, plan_selection(plan), scale=scale, softcap=softcap)
 
 
 def _attend(q, k, v, plan, scale, softcap):
-    return attend_selection(q, k, v, plan, scale, softcap)
+    """sparse_attention on a token or block selection: the Triton kernel on the GPU (the block kernel for a block
+    selection), the PyTorch executor on the CPU."""
+    return sparse_attention(q, k, v, plan, scale=scale, softcap=softcap)
 
 
 # --------------------------------------------------------------------------------------------- dense SDPA
@@ -136,7 +129,6 @@ def _registry_select(name: str, to_blocks: bool = False):
     def select(q, k, v, config: SparseAttentionConfig, context: LayerContext):
         selection = method.select(q, k, config.replace(method=name), context)
         if to_blocks:  # whole aligned blocks: the block-mode form runs through the block kernel
-            from .kernels.select import blocks_from_token_selection
             selection = blocks_from_token_selection(selection, config.block_size, k.shape[2]) or selection
         return selection
     return select
@@ -149,11 +141,9 @@ def fixed_boundaries(k: torch.Tensor, config: SparseAttentionConfig) -> list[tor
 
 
 def _dhsa_block_select(q, k, v, config: SparseAttentionConfig, context=None) -> KernelSelection:
-    from .kernels.select import dhsa_block_select
+    from .kernels.select import dhsa_block_select  # Triton
     return dhsa_block_select(q, k, budget=config.resolve_budget(k.shape[2]), boundaries=fixed_boundaries(k, config),
-                             block_size=config.block_size, robust=config.robust_chunk_repr,
-                             sink_tokens=config.sink_tokens, local_tokens=config.local_tokens,
-                             share_heads=config.share_heads)
+                             block_size=config.block_size, options=config.dhsa_options())
 
 
 def _flex_select(q, k, v, config: SparseAttentionConfig, context=None) -> FlexPlan:
@@ -216,4 +206,4 @@ KERNEL_DEFAULTS = ("sdpa_flash", "sdpa_cudnn", "sdpa_default", "dhsa", "dhsa_blo
 CPU_DEFAULTS = ("sdpa", "dhsa")
 
 __all__ = ["LayerMethod", "FlexPlan", "LAYER_METHODS", "KERNEL_DEFAULTS", "CPU_DEFAULTS", "kernel_config_variants",
-           "attend_selection", "reference", "plan_selection", "fixed_boundaries", "layer_contexts"]
+           "reference", "plan_selection", "fixed_boundaries", "layer_contexts"]

@@ -1,4 +1,7 @@
-"""The one list of attention methods. Runners, benchmarks and tests iterate over `METHODS`.
+"""The one table of attention methods: `METHODS`, filled by `register`. Runners, benchmarks and tests iterate over it.
+
+Importing this module gives the table with "dense" only; `utils.methods` imports every module that registers a
+method (utils/dhsa_method.py, utils/baselines/), so read the table through `utils.methods`.
 
 A method is a *selection rule*: `select(q, k, config, context) -> Selection` says which keys each query may
 read; `utils.attention.sparse_attention` then runs the attention. `select=None` means dense attention.
@@ -15,10 +18,9 @@ from typing import Callable
 
 import torch
 
-from .attention import Selection, dense_attention, sparse_attention
-from .boundaries import FixedSizeBoundaries, as_boundary_list
+from .attention import dense_attention, sparse_attention
 from .config import SparseAttentionConfig
-from .dhsa import decode_boundaries, dhsa_select
+from .selection import Selection
 
 
 @dataclass
@@ -54,7 +56,8 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> AttentionMethod:
     if name not in METHODS:
-        raise ValueError(f"unknown attention method {name!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"unknown attention method {name!r}; choose one of: {', '.join(METHODS)} "
+                         "(import utils.methods to register them all)")
     return METHODS[name]
 
 
@@ -71,63 +74,6 @@ def run_method(method: AttentionMethod, q, k, v, config: SparseAttentionConfig, 
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
-# --------------------------------------------------------------------------------------------------- DHSA
-
-def _prompt_boundaries(keys, config: SparseAttentionConfig, context: LayerContext, dynamic: bool):
-    """Chunk ends for a prefill; with share_boundaries the first sparse layer of a forward computes them and
-    the later layers of the same forward reuse them (the layers run in increasing index order)."""
-    L = keys.shape[2]
-    source = context.boundary_source if dynamic and context.boundary_source is not None else None
-    if source is None:
-        source = FixedSizeBoundaries(None if config.max_chunks is not None else config.chunk_size)
-    shared = context.shared.get("boundaries")
-    if config.share_boundaries and shared is not None and shared[0] < context.layer_idx and shared[1] == L \
-            and shared[2] == keys.shape[0]:
-        return shared[3]
-    ends = as_boundary_list(source(keys, config.num_chunks(L), context.shared.get("input_ids")),
-                            keys.shape[0], L, device=keys.device)
-    if config.share_boundaries:
-        context.shared["boundaries"] = (context.layer_idx, L, keys.shape[0], ends)
-    return ends
-
-
-def _dhsa(robust: bool, dynamic: bool):
-    def select(q, k, config: SparseAttentionConfig, context: LayerContext) -> Selection:
-        Lq, Lk = q.shape[2], k.shape[2]
-        state = context.state.get("dhsa")
-        if Lq == 1 and Lk > 1:  # decode step, Algorithm 2
-            if state is None or state["prompt_len"] >= Lk or state["batch"] != k.shape[0]:
-                ends = _prompt_boundaries(k[:, :, : Lk - 1], config, context, dynamic)
-                state = {"prompt_len": Lk - 1, "ends": ends, "batch": k.shape[0]}
-                context.state["dhsa"] = state
-            ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
-            # Every decode step reads the tokens generated so far (the current one included) and the local window
-            # before them, as always-kept keys (capped at half of N_b like every forced key).
-            local = max(config.local_tokens, Lk - state["prompt_len"])
-        else:
-            local = config.local_tokens
-            ends = _prompt_boundaries(k, config, context, dynamic)
-            context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
-        return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends,
-                           query_chunk=config.query_chunk, robust=robust, sink_tokens=config.sink_tokens,
-                           local_tokens=local, share_heads=config.share_heads,
-                           query_pooling=config.query_pooling, head_pooling=config.head_pooling,
-                           center_keys=config.center_keys)
-    return select
-
-
-def _dhsa_from_config(q, k, config, context):
-    return _dhsa(config.robust_chunk_repr, True)(q, k, config, context)
-
-
 register(AttentionMethod("dense", "exact causal attention (SDPA)", None))
-register(AttentionMethod("dhsa", "DHSA: dynamic chunks, length-normalised chunk scores, token top-N_b per query chunk",
-                         _dhsa_from_config))
-register(AttentionMethod("dhsa_no_robust_repr", "DHSA ablation: plain mean chunk vectors (Table 4)",
-                         _dhsa(robust=False, dynamic=True)))
-register(AttentionMethod("dhsa_fixed_chunks", "DHSA ablation: uniform chunks instead of learned boundaries (Table 4)",
-                         _dhsa(robust=True, dynamic=False)))
-
-from . import baselines  # noqa: E402,F401  (each baseline module registers its methods)
 
 __all__ = ["METHODS", "AttentionMethod", "LayerContext", "register", "method_names", "get_method", "run_method"]

@@ -11,7 +11,7 @@ smaller than a block, blocks of N_b tokens are used so that no query reads more 
 Relation to DHSA. This is DHSA without its two contributions (paper §4, Table 4): uniform chunks of
 `block_size` instead of learned boundaries, and plain means instead of the length-normalised chunk vectors.
 With query_chunk = block_size and N_b a multiple of block_size of at least 3 blocks, DHSA's always-kept keys
-(128 sink tokens, 128 local tokens; utils/dhsa.py `forced_key_counts`) are exactly the first and the diagonal
+(128 sink tokens, 128 local tokens; utils/dhsa_math.py `forced_key_counts`) are exactly the first and the diagonal
 block, and `dhsa_no_robust_repr` with fixed chunks of block_size selects the same keys as `block_sparse`
 (tests/test_baselines.py checks it on random inputs).
 
@@ -28,9 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 
 _BIG = 1e30  # priority of always-kept blocks, above any real score
 

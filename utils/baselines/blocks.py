@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.types import KernelSelection
+from ..selection import KernelSelection
 
 REACHED = "reached"  # LayerContext.state key: {"keys_read", "density", "causal_fraction"} (0-d tensors) of the
 #                      layer's last prefill: mean keys read per query and query head, keys_read / Lk (comparable

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import Selection
+from ..selection import Selection
 
 _BUILD_ELEMENTS = 1 << 24  # elements of the temporaries of one step when building per-query selections
 _NONE = torch.iinfo(torch.long).max

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 from .block_sparse import block_means
 from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
 from .oracle import query_key_scores

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 from .common import per_query_selection
 
 

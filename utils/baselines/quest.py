@@ -21,9 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 from .common import per_query_selection
 
 

@@ -25,9 +25,9 @@ import math
 
 import torch
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 from .common import expand_heads, pack_keys
 
 DILATION_INTERVAL = 1  # keys skipped between two kept keys of a dilated window (paper: interval 1)

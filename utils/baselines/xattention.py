@@ -37,9 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention import Selection
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
+from ..selection import Selection
 from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
 
 _STEP_ELEMENTS = 1 << 24  # elements of the group-score temporaries of one step (4x on a GPU: fewer, larger steps)

@@ -1,14 +1,18 @@
 """GPU fast paths for DHSA prefill (Triton): attention that reads the selected keys in place, and the fused
-top-N_b selection. `utils.attention.sparse_attention` and `utils.dhsa.dhsa_select` call `try_sparse_attention`
-and `try_dhsa_select` first on CUDA tensors; each returns None when its kernel does not apply (then the PyTorch
-reference path runs), so results never depend on whether Triton is installed.
+top-N_b selection. `utils.attention.sparse_attention` and `utils.dhsa.dhsa_select` (the only callers) ask
+`try_sparse_attention` and `try_dhsa_select` first on CUDA tensors; each returns None when its kernel does not
+apply (then the PyTorch path runs), so results never depend on whether Triton is installed. The conditions under
+which a kernel applies are written here and nowhere else.
 
 Switch off with the environment variable DHSA_KERNELS=0, or `with kernels.disabled(): ...` (tests use it to get
-the reference path on the same inputs).
+the PyTorch path on the same inputs).
 
     sparse_prefill.py   attention kernel (token lists, or whole key blocks for the block-aligned path)
     select.py           fused DHSA selection (token and block-aligned)
-    types.py            KernelSelection: a Selection plus per-tile counts (and block mode)
+    flex.py             block-aligned attention through PyTorch FlexAttention (latency comparison)
+
+Imports: utils.selection, utils.dhsa_math and utils.config only (never the PyTorch executors that call it).
+Triton itself is imported inside the functions, so this package loads without it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import os
 
 import torch
 
-from .types import KernelSelection
+from ..config import DHSAOptions
+from ..selection import KernelSelection
 
 _state = {"enabled": os.environ.get("DHSA_KERNELS", "1") != "0"}
 
@@ -63,19 +68,12 @@ def selection_counts(key_index: torch.Tensor) -> torch.Tensor:
 def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
     """The Triton kernel's output for `sparse_attention(q, k, v, selection, ...)`, or None where it does not
     apply (CPU tensors, fp32, per-query rules, decode steps, unsupported head dims)."""
-    block_size = selection.block_size if isinstance(selection, KernelSelection) else None
     D = q.shape[-1]
     Hq, Hkv, Hs = q.shape[1], k.shape[1], selection.key_index.shape[1]
     applies = (_usable(q) and selection.keep is None and q.dtype in (torch.float16, torch.bfloat16)
                and k.dtype == q.dtype and v.dtype == q.dtype and D in (16, 32, 64, 128, 256) and v.shape[-1] == D
                and q.shape[2] >= 16 and Hq % Hs == 0 and Hs % Hkv == 0)
     if not applies:
-        if block_size is not None:  # the reference executor reads token lists
-            from ..attention import sparse_attention
-            from .select import block_selection_to_tokens
-            with disabled():
-                return sparse_attention(q, k, v, block_selection_to_tokens(selection, k.shape[2]), scale=scale,
-                                        softcap=softcap)
         return None
     from .sparse_prefill import sparse_prefill
 
@@ -83,21 +81,20 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
     if counts is None:
         counts = selection_counts(selection.key_index)
     return sparse_prefill(q, k, v, selection.key_index, counts, query_chunk=selection.query_chunk,
-                          q_offset=selection.q_offset, scale=scale, softcap=softcap, block_size=block_size,
+                          q_offset=selection.q_offset, scale=scale, softcap=softcap,
+                          block_size=getattr(selection, "block_size", None),
                           sorted_keys=isinstance(selection, KernelSelection), window=selection.window)
 
 
-def try_dhsa_select(q, k, *, budget, boundaries, query_chunk, robust, sink_tokens, local_tokens, share_heads,
-                    query_pooling="max", center_keys=True):
-    """The fused selection for `utils.dhsa.dhsa_select` (same arguments), or None where it does not apply."""
+def try_dhsa_select(q, k, *, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions):
+    """The fused selection for `utils.dhsa.dhsa_select` (same arguments), or None where it does not apply: it
+    scores summed GQA groups (head_pooling "mean"), and holds at most MAX_CHUNKS chunk scores per tile."""
     from .select import MAX_CHUNKS, dhsa_select_fused
 
-    if not _usable(q) or max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
+    if not _usable(q) or options.head_pooling != "mean" or max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
         return None
-    return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, query_chunk=query_chunk, robust=robust,
-                             sink_tokens=sink_tokens, local_tokens=local_tokens, share_heads=share_heads,
-                             query_pooling=query_pooling, center_keys=center_keys)
+    return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, options=options)
 
 
 __all__ = ["try_sparse_attention", "try_dhsa_select", "enabled", "set_enabled", "disabled", "triton_available",
-           "selection_counts", "KernelSelection"]
+           "selection_counts"]

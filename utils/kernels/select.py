@@ -4,7 +4,7 @@ program per (tile, head) instead of a top-k over L upsampled token scores.
 Why it is the same selection. After upsampling, every key of a chunk carries its chunk's score, so the token
 top-N_b of Algorithm 1 keeps whole chunks in descending score order until the budget is filled, and part of the
 next chunk (which of its keys is a tie-break). Keys outside the tile's causal range are never candidates, and
-the always-kept sink/local keys (utils.dhsa.forced_key_counts) are taken first; the candidates left in a chunk
+the always-kept sink/local keys (utils.dhsa_math.forced_key_counts) are taken first; the candidates left in a chunk
 then form one interval, [max(chunk start, sink), min(chunk end, tile end - local)). So per tile:
 
     R = tile budget - sink - local
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import Selection
-from ..dhsa import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
-from .types import KernelSelection
+from ..config import DHSAOptions
+from ..dhsa_math import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
+from ..selection import KernelSelection
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
 
@@ -46,7 +46,7 @@ def _dhsa_pick_kernel(
     tile = tl.program_id(0)
     head = tl.program_id(1)
     end = q_offset + tl.minimum((tile + 1) * T, Lq)  # keys visible to the tile's last query
-    # forced_key_counts (utils/dhsa.py), per tile
+    # forced_key_counts (utils/dhsa_math.py), per tile
     tile_budget = tl.minimum(end, budget)
     local = tl.minimum(tile_budget // 2, local_tokens)
     sink = tl.minimum((tile_budget - local) // 2, sink_tokens)
@@ -157,7 +157,7 @@ def _chunk_sum_kernel(K, Ends, Out, stride_kh, stride_kl, stride_oh, stride_oc,
 def _tile_sum_kernel(Q, Out, stride_qh, stride_ql, stride_oh, stride_ot, Lq, G, T,
                      ROBUST: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     """Query-tile vector for one (tile, KV head): mean over the tile's queries and the GQA group, times
-    sqrt(tile length) if robust (as utils.dhsa.query_tile_vectors)."""
+    sqrt(tile length) if robust (as utils.dhsa_math.query_tile_vectors)."""
     t = tl.program_id(0)
     h = tl.program_id(1)
     q0 = t * T
@@ -179,7 +179,7 @@ def _tile_sum_kernel(Q, Out, stride_qh, stride_ql, stride_oh, stride_ot, Lq, G, 
 
 def chunk_vectors_gpu(keys: torch.Tensor, ends: torch.Tensor, robust: bool = True, rows: int | None = None
                       ) -> torch.Tensor:
-    """utils.dhsa.chunk_vectors by direct sums: keys [H, L, D], ends [Nc] -> [H, Nc, D] fp32. rows: keys summed
+    """utils.dhsa_math.chunk_vectors by direct sums: keys [H, L, D], ends [Nc] -> [H, Nc, D] fp32. rows: keys summed
     per step (default: the mean chunk length rounded up to a power of two, 16..64)."""
     H, L, D = keys.shape
     if rows is None:
@@ -194,7 +194,7 @@ def chunk_vectors_gpu(keys: torch.Tensor, ends: torch.Tensor, robust: bool = Tru
 
 def tile_vectors_gpu(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True,
                      rows: int | None = None) -> torch.Tensor:
-    """utils.dhsa.query_tile_vectors for one sequence: q [Hq, L, D] -> [Hkv, n_tiles, D] fp32. rows: queries
+    """utils.dhsa_math.query_tile_vectors for one sequence: q [Hq, L, D] -> [Hkv, n_tiles, D] fp32. rows: queries
     summed per step (default: the tile length, 16..128)."""
     Hq, L, D = q.shape
     rows = rows or min(128, max(16, triton.next_power_of_2(query_chunk)))
@@ -218,7 +218,7 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, KeyMean, Weight, stride_qh, st
     done in slices of TILE_ROWS queries; later slices take the max with what the earlier ones wrote. Chunks at
     or past Visible[last tile of the program] start after every query of the program and are skipped (causal:
     half the work); their scores stay as the caller initialised them. CENTER: scores drop
-    Weight[c] * (q . KeyMean[tile]) (utils.dhsa.tile_key_means), per query before the max."""
+    Weight[c] * (q . KeyMean[tile]) (utils.dhsa_math.tile_key_means), per query before the max."""
     t0 = tl.program_id(0) * TILES
     visible = tl.load(Visible + tl.minimum(t0 + TILES, n_tiles) - 1)
     h = tl.program_id(1)
@@ -266,14 +266,14 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, KeyMean, Weight, stride_qh, st
 def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,
                                 ends: torch.Tensor | None = None, q_offset: int = 0, centring=None,
                                 config: dict | None = None) -> torch.Tensor:
-    """utils.dhsa.max_pooled_chunk_scores by one Triton kernel: q [Hq, Lq, D], chunk_k [H, Nc, D] (H = Hkv, or 1
+    """utils.dhsa_math.max_pooled_chunk_scores by one Triton kernel: q [Hq, Lq, D], chunk_k [H, Nc, D] (H = Hkv, or 1
     for one selection shared by all heads) -> [H, n_tiles, Nc] fp32, the best dot product over each tile's
     queries (the queries of a GQA group summed first).
 
     ends (the chunk ends, [Nc]) and q_offset (position of the first query) make it causal: a chunk that starts
     at or after a tile's last visible key is never a candidate of that tile (pick_keys gives it no keys), so it
     is not scored and reads -inf. Without `ends` every chunk is scored. centring: (key_mean [H, n_tiles, D],
-    weight [Nc]) from utils.dhsa.tile_key_means, applied per query as the reference does.
+    weight [Nc]) from utils.dhsa_math.tile_key_means, applied per query as the reference does.
 
     16-bit q: the group sum is taken in fp32 and rounded once to bf16, chunk_k is rounded to bf16, and the dot
     products accumulate in fp32 on the tensor cores: scores carry bf16 input rounding (~0.4% of |q||k|), enough
@@ -352,17 +352,16 @@ def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: 
 
 
 def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
-                      query_chunk: int = 256, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
-                      share_heads: bool = False, query_pooling: str = "max",
-                      center_keys: bool = True) -> KernelSelection:
-    """Same contract and result as utils.dhsa.dhsa_select (up to ties), on the GPU. q: [B, Hq, Lq, D],
+                      options: DHSAOptions) -> KernelSelection:
+    """Same contract and result as utils.dhsa.dhsa_select with head_pooling "mean" (up to ties), on the GPU: the
+    queries of a GQA group are summed before scoring, whatever options.head_pooling says. q: [B, Hq, Lq, D],
     k: [B, Hkv, Lk, D]; returns key_index [B, Hkv, n_tiles, min(budget, Lk)] plus counts."""
+    T, robust, share_heads = options.query_chunk, options.robust_chunk_repr, options.share_heads
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    T = query_chunk
     n_tiles = math.ceil(Lq / T)
     K = min(budget, Lk)
-    if query_pooling == "mean":
+    if options.query_pooling == "mean":
         q_vec = _tile_vectors(q, Hkv, T, robust)
         if share_heads:
             q_vec = q_vec.mean(dim=1, keepdim=True)
@@ -373,16 +372,16 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     for b in range(B):
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
         chunk_k = _chunk_vectors(keys, boundaries[b], robust)
-        centring = tile_key_means(chunk_k, boundaries[b], tile_end, robust) if center_keys else None
-        if query_pooling == "mean":
+        centring = tile_key_means(chunk_k, boundaries[b], tile_end, robust) if options.center_keys else None
+        if options.query_pooling == "mean":
             scores = torch.bmm(q_vec[b], chunk_k.transpose(1, 2))
             if centring is not None:
                 scores -= (q_vec[b] * centring[0]).sum(-1, keepdim=True) * centring[1]
         else:
             scores = _max_pooled_scores(q[b], chunk_k, T, boundaries[b], Lk - Lq, centring)
         key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
-                                            query_chunk=T, sink_tokens=sink_tokens, local_tokens=local_tokens,
-                                            num_slots=K)
+                                            query_chunk=T, sink_tokens=options.sink_tokens,
+                                            local_tokens=options.local_tokens, num_slots=K)
     if share_heads:
         key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
     return KernelSelection(key_index, T, Lk - Lq, counts=counts)
@@ -399,13 +398,14 @@ def snap_to_blocks(ends: torch.Tensor, num_keys: int, block_size: int) -> torch.
 
 
 def dhsa_block_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
-                      block_size: int = 128, robust: bool = True, sink_tokens: int = 128, local_tokens: int = 128,
-                      share_heads: bool = False) -> KernelSelection:
+                      block_size: int, options: DHSAOptions) -> KernelSelection:
     """Block-aligned DHSA (App. D 2)): chunk boundaries snapped to `block_size`, chunk scores upsampled to
     blocks, top-K blocks per query block with K = max(1, N_b // block_size); the first and the diagonal blocks
-    are always kept (sink/local, rounded up to blocks). Query tiles are one block long.
+    are always kept (sink/local, rounded up to blocks). Query tiles are one block long, scored by their mean
+    query: of the options, robust_chunk_repr, sink_tokens, local_tokens and share_heads apply.
 
     Returns a KernelSelection in block mode: key_index [B, Hkv, n_qblocks, K] lists block numbers."""
+    robust, share_heads = options.robust_chunk_repr, options.share_heads
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if (Lk - Lq) % block_size:
@@ -427,49 +427,13 @@ def dhsa_block_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
         scores = _chunk_scores(q_vec[b], keys, token_ends, robust)
         key_index[b], counts[b] = pick_keys(
             scores, block_ends, num_queries=n_tiles, q_offset=(Lk - Lq) // block_size, budget=K, query_chunk=1,
-            sink_tokens=math.ceil(sink_tokens / block_size), local_tokens=math.ceil(local_tokens / block_size),
+            sink_tokens=math.ceil(options.sink_tokens / block_size),
+            local_tokens=math.ceil(options.local_tokens / block_size),
             num_slots=K)
     if share_heads:
         key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
     return KernelSelection(key_index, block_size, Lk - Lq, counts=counts, block_size=block_size)
 
 
-def block_selection_to_tokens(selection: KernelSelection, num_keys: int) -> Selection:
-    """Token lists of a block-mode selection (for the reference executor and tests). Small L only."""
-    bs = selection.block_size
-    idx = selection.key_index
-    slots = torch.arange(idx.shape[-1], device=idx.device)
-    valid = (idx >= 0) & (slots < selection.counts[..., None])
-    tokens = (idx.clamp(min=0)[..., None] * bs + torch.arange(bs, device=idx.device)).flatten(-2)
-    tokens = torch.where(valid.repeat_interleave(bs, -1) & (tokens < num_keys), tokens, -1)
-    return Selection(tokens, selection.query_chunk, selection.q_offset)
-
-
-def blocks_from_token_selection(selection: Selection, block_size: int, num_keys: int) -> KernelSelection | None:
-    """The block-mode form of a token selection made of whole aligned blocks (e.g. the block_sparse baseline),
-    so that it runs through the block kernel; None if some listed run is not a whole aligned block."""
-    idx = selection.key_index
-    K = idx.shape[-1]
-    if selection.keep is not None or K % block_size or selection.query_chunk % block_size:
-        return None
-    runs = idx.view(*idx.shape[:-1], K // block_size, block_size)
-    first = runs[..., :1]
-    expected = first + torch.arange(block_size, device=idx.device)
-    # A -1 inside a run is fine only where the block kernel's causal mask drops that key anyway.
-    tile_last = selection.q_offset + (torch.arange(idx.shape[2], device=idx.device) + 1) * selection.query_chunk - 1
-    hidden = (runs < 0) & ((expected > tile_last[:, None, None]) | (expected >= num_keys))
-    whole = (first >= 0) & (first % block_size == 0) & ((runs == expected) | hidden).all(-1, keepdim=True)
-    unused = (runs < 0).all(-1, keepdim=True)
-    if not bool((whole | unused).all()):
-        return None
-    big = torch.iinfo(torch.long).max
-    blocks = torch.where(unused[..., 0], big, first[..., 0] // block_size).sort(dim=-1).values
-    blocks = torch.where(blocks == big, -1, blocks)  # ascending, unused slots last
-    counts = (blocks >= 0).sum(-1, dtype=torch.int32)
-    return KernelSelection(blocks.contiguous(), selection.query_chunk, selection.q_offset, counts=counts,
-                           block_size=block_size)
-
-
-__all__ = ["KernelSelection", "blocks_from_token_selection", "chunk_vectors_gpu", "tile_vectors_gpu",
-           "max_pooled_chunk_scores_gpu", "pick_keys", "dhsa_select_fused", "dhsa_block_select", "snap_to_blocks",
-           "block_selection_to_tokens", "MAX_CHUNKS"]
+__all__ = ["chunk_vectors_gpu", "tile_vectors_gpu", "max_pooled_chunk_scores_gpu", "pick_keys", "dhsa_select_fused",
+           "dhsa_block_select", "snap_to_blocks", "MAX_CHUNKS"]

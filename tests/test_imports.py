@@ -1,0 +1,115 @@
+"""No import cycles among the project's own modules (issue 18).
+
+The graph is built from the source, not by importing it: every `import` and `from ... import` statement of every
+project file, including those inside functions (a function-level import is a cycle that is only hidden until the
+function runs), resolved to project modules. `from package import name` counts as an import of `package.name` when
+that is a module. A package's own `__init__` is not an implicit import of its submodules, nor the reverse.
+
+    python tests/test_imports.py     prints the cycles (one per strongly connected group of modules)
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SKIPPED_DIRS = {".venv", ".git", "__pycache__", "results_latency", "results_longbench", "results_needle",
+                "results_recall"}
+
+
+def project_modules(root: Path = REPO_ROOT) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the repository (outside virtualenvs and result folders)."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(p in SKIPPED_DIRS or p.startswith(".") for p in parts[:-1]):
+            continue
+        names = list(parts[:-1]) + ([] if path.name == "__init__.py" else [path.stem])
+        if names:
+            modules[".".join(names)] = path
+    return modules
+
+
+def _is_package(name: str, modules: dict[str, Path]) -> bool:
+    return modules[name].name == "__init__.py"
+
+
+def _imported_names(node: ast.AST, module: str, modules: dict[str, Path]) -> list[str]:
+    """The dotted names one import statement asks for (before resolution to project modules)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level:  # relative: the package of `module`, then `level - 1` packages up
+        package = module.split(".") if _is_package(module, modules) else module.split(".")[:-1]
+        base = package[: len(package) - (node.level - 1)]
+        prefix = ".".join(base + ([node.module] if node.module else []))
+    else:
+        prefix = node.module or ""
+    return [prefix] + [f"{prefix}.{alias.name}" if prefix else alias.name for alias in node.names]
+
+
+def import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its source."""
+    modules = project_modules() if modules is None else modules
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets.update(name for name in _imported_names(node, module, modules) if name in modules)
+        targets.discard(module)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]], most: int = 100) -> list[list[str]]:
+    """Every elementary cycle (up to `most`), each as [a, b, ..., a] starting at its alphabetically first module.
+
+    A depth-first walk from each module `start` that only visits modules after `start`, so that each cycle is
+    found once, from its first module. Exponential in the worst case; the project graph has ~100 modules.
+    """
+    cycles: list[list[str]] = []
+
+    def walk(start: str, path: list[str]) -> None:
+        for nxt in sorted(graph[path[-1]]):
+            if len(cycles) >= most:
+                return
+            if nxt == start:
+                cycles.append(path + [start])
+            elif nxt > start and nxt not in path:
+                walk(start, path + [nxt])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    return cycles
+
+
+def describe(cycles: list[list[str]]) -> str:
+    return "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_graph_sees_function_level_and_relative_imports(tmp_path):
+    """The parser itself: a function-level relative import closes a cycle that module-level imports alone do not."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from . import a\n    return a\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    graph = import_graph(project_modules(tmp_path))
+    assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg", "pkg.a"} and graph["pkg.c"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert {"utils.dhsa", "utils.registry", "utils.attention"} <= set(graph)  # the walk found the package
+    cycles = import_cycles(graph)
+    assert not cycles, f"{len(cycles)} import cycle(s) among the project's modules:\n{describe(cycles)}"
+
+
+if __name__ == "__main__":
+    found = import_cycles(import_graph())
+    print(describe(found) if found else "no import cycles")
+    sys.exit(1 if found else 0)

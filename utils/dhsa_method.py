@@ -1,0 +1,71 @@
+"""DHSA as a registry method: what a patched model's attention layer adds to `utils.dhsa.dhsa_select`.
+
+Registers "dhsa" and the two ablations of Table 4: "dhsa_no_robust_repr" (plain mean chunk vectors) and
+"dhsa_fixed_chunks" (uniform chunks instead of learned boundaries). Per layer call:
+  * prefill: chunk boundaries from the model's boundary source (the learned predictor, else uniform chunks); with
+    share_boundaries the first sparse layer of a forward computes them and the later layers reuse them;
+  * decode step (one query, Algorithm 2): the prompt's chunks are remembered in the layer's `context.state`, the
+    tokens generated so far form one more chunk and the current token its own, and the generated tokens are kept
+    without scoring. Only reached with `decode="sparse"`; with "dense" `run_method` runs decode steps dense.
+The selection options come from the config in one piece, `config.dhsa_options()`.
+"""
+
+from __future__ import annotations
+
+from .boundaries import FixedSizeBoundaries, as_boundary_list
+from .config import SparseAttentionConfig
+from .dhsa import dhsa_select
+from .dhsa_math import decode_boundaries
+from .registry import AttentionMethod, LayerContext, register
+from .selection import Selection
+
+
+def _prompt_boundaries(keys, config: SparseAttentionConfig, context: LayerContext, dynamic: bool):
+    """Chunk ends for a prefill; with share_boundaries the first sparse layer of a forward computes them and
+    the later layers of the same forward reuse them (the layers run in increasing index order)."""
+    L = keys.shape[2]
+    source = context.boundary_source if dynamic and context.boundary_source is not None else None
+    if source is None:
+        source = FixedSizeBoundaries(None if config.max_chunks is not None else config.chunk_size)
+    shared = context.shared.get("boundaries")
+    if config.share_boundaries and shared is not None and shared[0] < context.layer_idx and shared[1] == L \
+            and shared[2] == keys.shape[0]:
+        return shared[3]
+    ends = as_boundary_list(source(keys, config.num_chunks(L), context.shared.get("input_ids")),
+                            keys.shape[0], L, device=keys.device)
+    if config.share_boundaries:
+        context.shared["boundaries"] = (context.layer_idx, L, keys.shape[0], ends)
+    return ends
+
+
+def _dhsa(robust: bool | None, dynamic: bool):
+    """The selection rule of a DHSA variant. robust: None follows config.robust_chunk_repr, True/False forces it;
+    dynamic: False ignores the model's boundary source (uniform chunks of config.chunk_size)."""
+    def select(q, k, config: SparseAttentionConfig, context: LayerContext) -> Selection:
+        options = config.dhsa_options()
+        if robust is not None:
+            options = options.replace(robust_chunk_repr=robust)
+        Lq, Lk = q.shape[2], k.shape[2]
+        state = context.state.get("dhsa")
+        if Lq == 1 and Lk > 1:  # decode step, Algorithm 2
+            if state is None or state["prompt_len"] >= Lk or state["batch"] != k.shape[0]:
+                ends = _prompt_boundaries(k[:, :, : Lk - 1], config, context, dynamic)
+                state = {"prompt_len": Lk - 1, "ends": ends, "batch": k.shape[0]}
+                context.state["dhsa"] = state
+            ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
+            # Every decode step reads the tokens generated so far (the current one included) and the local window
+            # before them, as always-kept keys (capped at half of N_b like every forced key).
+            options = options.replace(local_tokens=max(options.local_tokens, Lk - state["prompt_len"]))
+        else:
+            ends = _prompt_boundaries(k, config, context, dynamic)
+            context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
+        return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options)
+    return select
+
+
+register(AttentionMethod("dhsa", "DHSA: dynamic chunks, length-normalised chunk scores, token top-N_b per query chunk",
+                         _dhsa(robust=None, dynamic=True)))
+register(AttentionMethod("dhsa_no_robust_repr", "DHSA ablation: plain mean chunk vectors (Table 4)",
+                         _dhsa(robust=False, dynamic=True)))
+register(AttentionMethod("dhsa_fixed_chunks", "DHSA ablation: uniform chunks instead of learned boundaries (Table 4)",
+                         _dhsa(robust=True, dynamic=False)))
