@@ -119,6 +119,16 @@ def test_config_is_longbench_v1():
     assert lb.build_prompt("repobench-p", sample) == "Please complete the code given below. \nC {x}QNext line of code:\n"
 
 
+def test_offline_default_is_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path))
+    assert lb.cache_data_dir() == tmp_path / "data" / "LongBench"
+    assert lb.default_data_dir() is None                 # nothing there: the Hub
+    lb.cache_data_dir().mkdir(parents=True)
+    assert lb.default_data_dir() is None                 # an empty folder is not data
+    (lb.cache_data_dir() / "multi_news.jsonl").write_text("{}\n")
+    assert lb.default_data_dir() == tmp_path / "data" / "LongBench"
+
+
 def test_offline_data_slice():
     data_dir = SHARED_LONGBENCH
     if not data_dir.is_dir():
