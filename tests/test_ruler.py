@@ -387,6 +387,18 @@ def test_runner_writes_resumes_and_tabulates(fake_wheels, tokenizer, tmp_path, m
     assert rows[0] == "model,run,method,density,decode,task,length,score,samples" and len(rows) == 1 + 2 * 3
 
 
+def test_every_registry_method_runs(fake_wheels, tokenizer, tmp_path):
+    from utils.registry import method_names
+
+    args = run_ruler.parse_args(["--model", "tiny", "--methods", *method_names(), "--density", "0.25", "--tasks",
+                                 "qa_1", "--lengths", "1K", "--num-samples", "1", "--output-dir", str(tmp_path)])
+    summaries = run_ruler.run(tiny_model("llama"), tokenizer, args)
+    assert [s["records"][0]["method"] for s in summaries] == method_names()
+    assert all(0 <= s["records"][0]["score"] <= 100 for s in summaries)
+    overview = run_ruler.write_tables(tmp_path / "tiny")[0].read_text()
+    assert all(f"## {s['name']}" in overview for s in summaries)
+
+
 def test_runner_bad_flags(fake_wheels, tmp_path, capsys):
     for flags, message in ((["--tasks", "niah_single_9"], "unknown RULER task"),
                            (["--methods", "nope"], "unknown method"), (["--num-samples", "0"], "--num-samples"),
