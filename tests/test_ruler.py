@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import re
 import zipfile
@@ -53,8 +52,9 @@ def squad() -> dict:
 def hotpotqa() -> list[dict]:
     rows = []
     for q in range(60):
-        context = [[f"Title {WORDS[q * 10 + k]}", [f"{WORDS[q * 10 + k]} was founded by {WORDS[(200 + q * 10 + k) % 600]}.",
-                                                   f" It is known for {WORDS[(400 + q * 10 + k) % 600]}."]] for k in range(4)]
+        names = [q * 10 + k for k in range(4)]
+        context = [[f"Title {WORDS[n]}", [f"{WORDS[n]} was founded by {WORDS[(200 + n) % 600]}.",
+                                          f" It is known for {WORDS[(400 + n) % 600]}."]] for n in names]
         rows.append({"_id": str(q), "question": f"Who founded {WORDS[q * 10]}?", "answer": WORDS[(200 + q * 10) % 600],
                      "context": context})
     return rows
@@ -65,10 +65,14 @@ TASKS_YAML = {
     **{name: {"task": "niah", "args": dict(type_haystack=h, type_needle_k=k, type_needle_v=v, num_needle_k=nk,
                                            num_needle_v=nv, num_needle_q=nq)}
        for name, h, k, v, nk, nv, nq in [
-           ("niah_single_1", "repeat", "words", "numbers", 1, 1, 1), ("niah_single_2", "essay", "words", "numbers", 1, 1, 1),
-           ("niah_single_3", "essay", "words", "uuids", 1, 1, 1), ("niah_multikey_1", "essay", "words", "numbers", 4, 1, 1),
-           ("niah_multikey_2", "needle", "words", "numbers", 1, 1, 1), ("niah_multikey_3", "needle", "uuids", "uuids", 1, 1, 1),
-           ("niah_multivalue", "essay", "words", "numbers", 1, 4, 1), ("niah_multiquery", "essay", "words", "numbers", 1, 1, 4)]},
+           ("niah_single_1", "repeat", "words", "numbers", 1, 1, 1),
+           ("niah_single_2", "essay", "words", "numbers", 1, 1, 1),
+           ("niah_single_3", "essay", "words", "uuids", 1, 1, 1),
+           ("niah_multikey_1", "essay", "words", "numbers", 4, 1, 1),
+           ("niah_multikey_2", "needle", "words", "numbers", 1, 1, 1),
+           ("niah_multikey_3", "needle", "uuids", "uuids", 1, 1, 1),
+           ("niah_multivalue", "essay", "words", "numbers", 1, 4, 1),
+           ("niah_multiquery", "essay", "words", "numbers", 1, 1, 4)]},
     "vt": {"task": "variable_tracking", "args": {"num_chains": 1, "num_hops": 4}},
     "cwe": {"task": "common_words_extraction", "args": {"freq_cw": 30, "freq_ucw": 3, "num_cw": 10}},
     "fwe": {"task": "freq_words_extraction", "args": {"alpha": 2.0}},
@@ -238,7 +242,8 @@ def _needles(prompt: str) -> list[tuple[str, str]]:
 
 def test_niah_needles_query_and_wording(word_generator):
     single = word_generator.sample("niah_single_2", 2048, 0)
-    assert "A special magic number is hidden" in single.prompt and "What is the special magic number for" in single.prompt
+    assert "A special magic number is hidden" in single.prompt
+    assert "What is the special magic number for" in single.prompt
     assert single.prompt.endswith("mentioned in the provided text is")
     (key, value), = _needles(single.prompt)
     assert single.answers == [value] and re.fullmatch(r"\d{7}", value) and f"for {key} mentioned" in single.prompt
@@ -399,7 +404,7 @@ def test_every_registry_method_runs(fake_wheels, tokenizer, tmp_path):
     assert all(f"## {s['name']}" in overview for s in summaries)
 
 
-def test_runner_bad_flags(fake_wheels, tmp_path, capsys):
+def test_runner_bad_flags(fake_wheels, tmp_path):
     for flags, message in ((["--tasks", "niah_single_9"], "unknown RULER task"),
                            (["--methods", "nope"], "unknown method"), (["--num-samples", "0"], "--num-samples"),
                            (["--tables-only"], "no results")):
