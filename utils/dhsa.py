@@ -7,7 +7,7 @@ each chunk by the best-matching query of the tile (`query_pooling="max"`), or by
 applied to the tile (`"mean"`, the authors' code). The chunk similarity S_c is upsampled to tokens (every key
 inherits its chunk's score) and each tile keeps its top-N_b keys among those it may see causally. Always
 kept: the first `sink_tokens` keys (attention sinks) and the `local_tokens` keys just before the tile's end;
-together they take at most half of N_b. Attention then runs only on the kept keys, with an exact causal mask,
+the local window takes at most half of N_b and the sinks at most half of the rest. Attention then runs only on the kept keys, with an exact causal mask,
 so no query reads more than N_b keys.
 
 Why max pooling and small tiles by default: a tile's mean query averages the logits of all its queries, so
@@ -157,8 +157,9 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
 
 
 def forced_key_counts(budget_per_tile: torch.Tensor, sink_tokens: int, local_tokens: int):
-    """Sink and local keys kept without scoring, per tile: at most half of the tile's budget together, except
-    that key 0 is always kept when sinks are on, so that every query of a tile reads at least one key."""
+    """Sink and local keys kept without scoring, per tile: the local window takes at most half of the tile's
+    budget and the sinks at most half of the rest, so at least a quarter of N_b is always chosen by the chunk
+    scores; key 0 is kept whenever sinks are on, so that every query of a tile reads at least one key."""
     local = torch.clamp(budget_per_tile // 2, max=local_tokens)
     sink = torch.clamp((budget_per_tile - local) // 2, max=sink_tokens)
     if sink_tokens > 0:

@@ -102,7 +102,7 @@ def _dhsa(robust: bool, dynamic: bool):
                 context.state["dhsa"] = state
             ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
             # Every decode step reads the tokens generated so far (the current one included) and the local window
-            # before them, as always-kept keys (capped at half of N_b like every forced key).
+            # before them, as always-kept keys (capped at half of N_b like every local window).
             local = max(config.local_tokens, Lk - state["prompt_len"])
         else:
             local = config.local_tokens
