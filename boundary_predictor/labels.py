@@ -1,6 +1,6 @@
 """Generate and cache boundary labels: one LLM forward per sample labels all chosen layers (App. B.3-B.4).
 
-    python -m boundary_predictor.labels --model smollm2-135m --data-dir ../shared/data/PaulGrahamEssays \
+    python -m boundary_predictor.labels --model smollm2-135m --data-dir .cache/data/PaulGrahamEssays \
         --max-length 2048 --max-docs 8
 
 Only the labels (attention-mass ratios, eq. 7) and the token ids are stored, never embeddings; the trainer
@@ -79,10 +79,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def check_data_args(args) -> None:
     """Fail fast, before loading the model, on missing data."""
     if not args.data_dir and not args.hf_dataset:
-        raise SystemExit("no data: give --data-dir FOLDER (e.g. ../shared/data/PaulGrahamEssays) or --hf-dataset NAME")
+        raise SystemExit("no data: give --data-dir FOLDER (e.g. .cache/data/PaulGrahamEssays) or --hf-dataset NAME")
     for folder in args.data_dir:
         if not Path(folder).is_dir():
-            raise SystemExit(f"--data-dir {folder}: no such folder (the offline data is in ../shared/data)")
+            raise SystemExit(f"--data-dir {folder}: no such folder (a folder of .txt / .jsonl documents; see "
+                             "boundary_predictor/README.md for the essays and LongBench files)")
 
 
 def model_layers(model, args) -> list[int]:

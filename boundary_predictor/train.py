@@ -1,7 +1,7 @@
 """Train the boundary predictor of one LLM (paper App. B.4); CPU or CUDA, resumable, seeded.
 
     python -m boundary_predictor.train --model smollm2-135m \
-        --data-dir ../shared/data/PaulGrahamEssays --data-dir ../shared/data/LongBench \
+        --data-dir .cache/data/PaulGrahamEssays --data-dir .cache/data/LongBench \
         --max-length 8192 --epochs 8 --out boundary_predictor/weights/smollm2-135m.pt
 
 Steps: (1) label every sample missing from the label cache (one forward per sample, all layers at once, see

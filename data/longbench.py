@@ -10,7 +10,8 @@ Everything here follows THUDM/LongBench `pred.py` (v1):
   lsht, lcc, repobench-p), where LongBench feeds the raw prompt because chat models do better without it.
 
 Data come from a folder of the official jsonl files (`<name>.jsonl`, `<name>_e.jsonl` for LongBench-E, as in
-LongBench's `data.zip`) or, with a network, from the Hugging Face Hub (`THUDM/LongBench`).
+LongBench's `data.zip`; by default `<cache>/data/LongBench` when it holds them) or, with a network, from the
+Hugging Face Hub (`THUDM/LongBench`).
 """
 
 from __future__ import annotations
@@ -56,10 +57,18 @@ PROMPTS: dict[str, str] = _CONFIG["dataset2prompt"]
 MAX_NEW_TOKENS: dict[str, int] = _CONFIG["dataset2maxlen"]
 
 
+def cache_data_dir() -> Path:
+    """Where an offline copy of LongBench is looked for by default: `<cache>/data/LongBench` ($DHSA_CACHE)."""
+    from utils.models import cache_dir
+
+    return cache_dir() / "data" / "LongBench"
+
+
 def default_data_dir() -> Path | None:
-    """The offline copy `../shared/data/LongBench` next to the repository, if it is there."""
-    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "LongBench"
-    return folder if folder.is_dir() else None
+    """`cache_data_dir()` when it holds LongBench jsonl files (unzip LongBench's data.zip there), else None
+    (then the data come from the Hugging Face Hub)."""
+    folder = cache_data_dir()
+    return folder if folder.is_dir() and any(folder.glob("*.jsonl")) else None
 
 
 def file_name(dataset: str, longbench_e: bool = False) -> str:
@@ -116,7 +125,8 @@ def _load_from_hub(config_name: str, hub_repo: str) -> list[dict]:
         except Exception as download_error:
             raise RuntimeError(
                 f"could not load {hub_repo}/{config_name} ({script_error}; {download_error}); download "
-                f"https://huggingface.co/datasets/{hub_repo}/resolve/main/data.zip, unzip it and pass "
+                f"https://huggingface.co/datasets/{hub_repo}/resolve/main/data.zip on a machine with a network, "
+                f"unzip its jsonl files into {cache_data_dir()} (used by default) or pass their folder as "
                 f"--data-dir") from download_error
         with zipfile.ZipFile(archive) as zf:
             member = next((m for m in zf.namelist() if m.endswith(f"/{config_name}.jsonl")
@@ -213,7 +223,7 @@ def build_input(tokenizer, dataset: str, sample: dict, max_length: int, *, chat_
 
 __all__ = [
     "ENGLISH_DATASETS", "CHINESE_DATASETS", "LONGBENCH_E_DATASETS", "ALL_DATASETS", "GROUPS", "NO_CHAT_TEMPLATE",
-    "PROMPTS", "MAX_NEW_TOKENS", "default_data_dir", "file_name", "check_dataset", "datasets_in_folder",
+    "PROMPTS", "MAX_NEW_TOKENS", "cache_data_dir", "default_data_dir", "file_name", "check_dataset", "datasets_in_folder",
     "read_jsonl", "load_samples", "build_prompt", "middle_cut", "truncate_prompt", "uses_chat_template",
     "encode_input", "chat_overhead", "build_input",
 ]

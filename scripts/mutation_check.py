@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/test_dhsa.py", "tests/test_baselines.py", "tests/test_patch.py", "tests/test_sparse_vs_dense.py"]
+TESTS = ["tests/test_forced_keys.py", "tests/test_decode.py", "tests/test_dhsa.py", "tests/test_baselines.py",
+         "tests/test_patch.py", "tests/test_sparse_vs_dense.py"]
 
 
 @dataclass(frozen=True)

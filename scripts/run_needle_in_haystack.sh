@@ -5,19 +5,24 @@
 #   MODELS=gemma-3-270m METHODS="dense dhsa" bash scripts/run_needle_in_haystack.sh --lengths 1K 2K 4K
 # Defaults follow the paper (App. D): density 6.25%, 512 keys at least (the paper keeps 512 keys at 1K),
 # lengths from 1K doubling up to the model's maximum, depths 0..100% in steps of 10%. The full sweep wants CUDA.
+# DECODES: the decode protocols to run (dense = sparse prefill + dense decode, the default; sparse = Algorithm 2);
+# dense attention runs once whatever the protocol.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}"
-MODELS="${MODELS:-gemma-3-270m smollm2-135m}"
-METHODS="${METHODS:-dense dhsa streaming streaming_dilated streaming_strided vertical_slash block_sparse}"
+MODELS="${MODELS:-qwen2.5-coder-1.5b-instruct gemma-3-270m smollm2-135m}"
+METHODS="${METHODS:-dense dhsa oracle_topk streaming streaming_dilated streaming_strided vertical_slash block_sparse flexprefill xattention}"
+DECODES="${DECODES:-dense sparse}"
 DENSITIES="${DENSITIES:-0.0625}"
 MIN_BUDGET="${MIN_BUDGET:-512}"
 OUTPUT_DIR="${OUTPUT_DIR:-results_needle}"
 
 for model in ${MODELS}; do
-    echo "== ${model}: ${METHODS} at density ${DENSITIES}"
-    # shellcheck disable=SC2086  # word splitting of the lists is intended
-    "${PYTHON}" run_needle_in_haystack.py --model "${model}" --methods ${METHODS} --densities ${DENSITIES} \
-        --min-budget "${MIN_BUDGET}" --output-dir "${OUTPUT_DIR}" "$@"
+    for decode in ${DECODES}; do
+        echo "== ${model}: ${METHODS} at density ${DENSITIES}, ${decode} decode"
+        # shellcheck disable=SC2086  # word splitting of the lists is intended
+        "${PYTHON}" run_needle_in_haystack.py --model "${model}" --methods ${METHODS} --densities ${DENSITIES} \
+            --min-budget "${MIN_BUDGET}" --decode "${decode}" --output-dir "${OUTPUT_DIR}" "$@"
+    done
 done

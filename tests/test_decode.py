@@ -119,3 +119,4 @@ def test_decode_option_is_checked():
     with pytest.raises(ValueError, match="decode must be dense or sparse"):
         SparseAttentionConfig(decode="fast")
     assert SparseAttentionConfig(method="quest").decode == "sparse"  # Quest acts only at decode
+    assert SparseAttentionConfig(method="dense", density=None, decode="sparse").decode == "dense"  # one dense run

@@ -89,6 +89,25 @@ def describe(cycles: list[list[str]]) -> str:
     return "\n".join(" -> ".join(cycle) for cycle in cycles)
 
 
+TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.registry
+
+
+def registry_table_reads(modules: dict[str, Path] | None = None) -> list[str]:
+    """Modules that read the method table from utils.registry, where only "dense" is registered, instead of from
+    utils.methods, which imports every method module first (returns "module: names")."""
+    modules = project_modules() if modules is None else modules
+    found = []
+    for module, path in modules.items():
+        if module == "utils.methods":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and _imported_names(node, module, modules)[0] == "utils.registry":
+                names = sorted(TABLE_READERS & {alias.name for alias in node.names})
+                if names:
+                    found.append(f"{module}: {', '.join(names)}")
+    return found
+
+
 def test_graph_sees_function_level_and_relative_imports(tmp_path):
     """The parser itself: a function-level relative import closes a cycle that module-level imports alone do not."""
     pkg = tmp_path / "pkg"
@@ -107,6 +126,12 @@ def test_no_import_cycles():
     assert {"utils.dhsa", "utils.registry", "utils.attention"} <= set(graph)  # the walk found the package
     cycles = import_cycles(graph)
     assert not cycles, f"{len(cycles)} import cycle(s) among the project's modules:\n{describe(cycles)}"
+
+
+def test_method_table_is_read_through_utils_methods():
+    """`from utils.registry import METHODS` would silently see "dense" only (nothing imports the method modules)."""
+    readers = registry_table_reads()
+    assert not readers, "read the method table from utils.methods, not utils.registry:\n" + "\n".join(readers)
 
 
 if __name__ == "__main__":

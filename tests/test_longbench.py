@@ -2,6 +2,7 @@
 middle truncation, resume, and the run -> eval pipeline on a tiny random model (CPU, no network)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from data import longbench as lb
 from utils import models
 from utils.patch import patch_model
 
+# Test fixture only (the product never reads it): LongBench's multi_news etc. in ../shared beside the repository.
+SHARED_LONGBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "LongBench"
 
 # (metric, prediction, reference, all_classes, score from THUDM/LongBench metrics.py with rouge 1.0.1,
 #  fuzzywuzzy 0.18.0 (no python-Levenshtein) and jieba 0.42.1)
@@ -116,9 +119,19 @@ def test_config_is_longbench_v1():
     assert lb.build_prompt("repobench-p", sample) == "Please complete the code given below. \nC {x}QNext line of code:\n"
 
 
+def test_offline_default_is_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path))
+    assert lb.cache_data_dir() == tmp_path / "data" / "LongBench"
+    assert lb.default_data_dir() is None                 # nothing there: the Hub
+    lb.cache_data_dir().mkdir(parents=True)
+    assert lb.default_data_dir() is None                 # an empty folder is not data
+    (lb.cache_data_dir() / "multi_news.jsonl").write_text("{}\n")
+    assert lb.default_data_dir() == tmp_path / "data" / "LongBench"
+
+
 def test_offline_data_slice():
-    data_dir = lb.default_data_dir()
-    if data_dir is None:
+    data_dir = SHARED_LONGBENCH
+    if not data_dir.is_dir():
         pytest.skip("no ../shared/data/LongBench next to the repository")
     assert lb.datasets_in_folder(data_dir) == ["multi_news"]
     rows = lb.load_samples("multi_news", data_dir)
@@ -308,11 +321,11 @@ def test_hub_fallback_reads_data_zip(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_model_on_offline_multi_news(tmp_path):
     """SmolLM2-135M-Instruct (offline default) on one real multi_news sample, dense, then scored."""
-    if lb.default_data_dir() is None:
+    if not SHARED_LONGBENCH.is_dir():
         pytest.skip("no ../shared/data/LongBench next to the repository")
     out = tmp_path / "results"
     rl.main(["--model", "smollm2-135m", "--method", "dense", "--datasets", "multi_news", "--max-samples", "1",
-             "--max-length", "1024", "--output-dir", str(out)])
+             "--max-length", "1024", "--output-dir", str(out), "--data-dir", str(SHARED_LONGBENCH)])
     record = json.loads((out / "smollm2-135m" / "dense" / "multi_news.jsonl").read_text())
     assert record["pred"].strip() and record["truncated"] and record["input_tokens"] <= 1024 + 40
     ev.main(["--results-dir", str(out)])

@@ -84,6 +84,8 @@ class SparseAttentionConfig:
             raise ValueError(f"decode must be dense or sparse, got {self.decode!r}; e.g. --decode sparse")
         if self.method == "quest":  # Quest acts only at decode (prefill stays dense): its decode is always sparse
             self.decode = "sparse"
+        if self.method == "dense":  # nothing is sparse: one protocol, so dense runs are shared by both
+            self.decode = "dense"
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):

@@ -7,8 +7,8 @@ each chunk by the best-matching query of the tile (`query_pooling="max"`), or by
 applied to the tile (`"mean"`, the authors' code). The chunk similarity S_c is upsampled to tokens (every key
 inherits its chunk's score) and each tile keeps its top-N_b keys among those it may see causally. Always
 kept: the first `sink_tokens` keys (attention sinks) and the `local_tokens` keys just before the tile's end;
-together they take at most half of N_b. Attention then runs only on the kept keys, with an exact causal mask,
-so no query reads more than N_b keys.
+the local window takes at most half of N_b and the sinks at most half of the rest. Attention then runs only on
+the kept keys, with an exact causal mask, so no query reads more than N_b keys.
 
 Why max pooling and small tiles by default: a tile's mean query averages the logits of all its queries, so
 the few queries that need a distant span (a question about a needle) are outvoted by the rest. On

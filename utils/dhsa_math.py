@@ -120,8 +120,9 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
 
 
 def forced_key_counts(budget_per_tile: torch.Tensor, sink_tokens: int, local_tokens: int):
-    """Sink and local keys kept without scoring, per tile: at most half of the tile's budget together, except
-    that key 0 is always kept when sinks are on, so that every query of a tile reads at least one key."""
+    """Sink and local keys kept without scoring, per tile: the local window takes at most half of the tile's
+    budget and the sinks at most half of the rest, so at least a quarter of N_b is always chosen by the chunk
+    scores; key 0 is kept whenever sinks are on, so that every query of a tile reads at least one key."""
     local = torch.clamp(budget_per_tile // 2, max=local_tokens)
     sink = torch.clamp((budget_per_tile - local) // 2, max=sink_tokens)
     if sink_tokens > 0:

@@ -54,7 +54,7 @@ def _dhsa(robust: bool | None, dynamic: bool):
                 context.state["dhsa"] = state
             ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
             # Every decode step reads the tokens generated so far (the current one included) and the local window
-            # before them, as always-kept keys (capped at half of N_b like every forced key).
+            # before them, as always-kept keys (capped at half of N_b like every local window).
             options = options.replace(local_tokens=max(options.local_tokens, Lk - state["prompt_len"]))
         else:
             ends = _prompt_boundaries(k, config, context, dynamic)
