@@ -64,6 +64,11 @@ class FixedSizeBoundaries:
     def __init__(self, chunk_len: int | None = None):
         self.chunk_len = chunk_len
 
+    @classmethod
+    def from_config(cls, config) -> "FixedSizeBoundaries":
+        """The config's uniform chunks: `chunk_size` keys each, or `max_chunks` equal chunks when that is set."""
+        return cls(None if config.max_chunks is not None else config.chunk_size)
+
     def __call__(self, keys, max_chunks, input_ids=None):
         L = keys.shape[2]
         chunk_len = self.chunk_len or max(1, math.ceil(L / max_chunks))

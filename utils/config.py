@@ -2,6 +2,8 @@
 
 Command-line flags map onto the fields one to one (`--query-chunk 256` sets `query_chunk`), through
 `add_config_args` and `config_from_args`, so every runner exposes the same options under the same names.
+`DHSAOptions` is the part of the config that DHSA's key selection reads, as one frozen value
+(`config.dhsa_options()`), so that the selection, its GPU kernel and the latency benchmark take one argument.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def dhsa_attention(
     config = SparseAttentionConfig(method="dhsa", budget=budget, density=density, query_chunk=query_chunk, **options)
     Lk = k.shape[2]
     if boundaries is None:
-        ends = FixedSizeBoundaries(config.chunk_size if config.max_chunks is None else None)(k, config.num_chunks(Lk))
+        ends = FixedSizeBoundaries.from_config(config)(k, config.num_chunks(Lk))
     else:
         ends = as_boundary_list(boundaries, k.shape[0], Lk, device=k.device)
     selection = dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=config.dhsa_options())

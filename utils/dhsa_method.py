@@ -26,7 +26,7 @@ def _prompt_boundaries(keys, config: SparseAttentionConfig, context: LayerContex
     L = keys.shape[2]
     source = context.boundary_source if dynamic and context.boundary_source is not None else None
     if source is None:
-        source = FixedSizeBoundaries(None if config.max_chunks is not None else config.chunk_size)
+        source = FixedSizeBoundaries.from_config(config)
     shared = context.shared.get("boundaries")
     if config.share_boundaries and shared is not None and shared[0] < context.layer_idx and shared[1] == L \
             and shared[2] == keys.shape[0]:

@@ -137,7 +137,8 @@ def _registry_select(name: str, to_blocks: bool = False):
 # --------------------------------------------------------------------------------------------- DHSA kernel variants
 
 def fixed_boundaries(k: torch.Tensor, config: SparseAttentionConfig) -> list[torch.Tensor]:
-    return FixedSizeBoundaries(config.chunk_size)(k, config.num_chunks(k.shape[2]))
+    """The config's uniform chunk ends for keys k [B, Hkv, L, D] (the block variants take no learned boundaries)."""
+    return FixedSizeBoundaries.from_config(config)(k, config.num_chunks(k.shape[2]))
 
 
 def _dhsa_block_select(q, k, v, config: SparseAttentionConfig, context=None) -> KernelSelection:

@@ -45,30 +45,7 @@ from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
 from .block_sparse import block_means
 from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
-from .oracle import query_key_scores
-
-
-def last_query_attention(q: torch.Tensor, k: torch.Tensor, num_last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and slash distributions of the last `num_last` queries' attention.
-
-    q: [B, Hq, Lq, D] at positions Lk - Lq .. Lk - 1; k: [B, Hkv, Lk, D]. Returns vertical [B, Hq, Lk] (mean
-    attention each key gets) and slash [B, Hq, Lk] (mean attention at each distance q_pos - k_pos); both sum to 1.
-    """
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G, m = Hq // Hkv, min(num_last, Lq)
-    q_pos = Lk - m + torch.arange(m, device=q.device)
-    distance = q_pos[:, None] - torch.arange(Lk, device=q.device)[None, :]            # [m, Lk]
-    vertical = torch.empty(B, Hq, Lk, device=q.device)
-    slash = torch.zeros(B, Hq, Lk, device=q.device)
-    index = distance.clamp(min=0).reshape(1, 1, m * Lk).expand(B, G, m * Lk)
-    for h in range(Hkv):  # one KV group at a time bounds the [B, G, m, Lk] probabilities
-        heads = slice(h * G, (h + 1) * G)
-        scores = query_key_scores(q[:, heads, Lq - m:], k[:, h:h + 1]) * D ** -0.5
-        probs = torch.softmax(scores.masked_fill(distance < 0, float("-inf")), dim=-1) / m
-        vertical[:, heads] = probs.sum(dim=2)
-        slash[:, heads] = slash[:, heads].scatter_add(-1, index, probs.reshape(B, G, m * Lk))
-    return vertical, slash
+from .vertical_slash import last_query_attention
 
 
 def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -172,8 +149,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig, con
 register(AttentionMethod("flexprefill", "FlexPrefill: per head vertical-slash or query-aware 128-blocks, sized to "
                                         "cover gamma of the attention (capped at N_b per query)", _select))
 
-__all__ = ["flexprefill_select", "flexprefill_blocks", "head_patterns", "last_query_attention",
-           "sqrt_js_divergence"]
+__all__ = ["flexprefill_select", "flexprefill_blocks", "head_patterns", "sqrt_js_divergence"]
 
 
 if __name__ == "__main__":
