@@ -35,6 +35,10 @@ the authors' evaluation) decode steps read every key and only the prefill is spa
 
 Memory. Chunk sums are prefix sums taken in slices (fp32); token scores exist for a group of query tiles at a
 time; the selection is [B, H, L/T, N_b] indices. Nothing of size L x L is ever built.
+
+Where the parts live: the chunk and score arithmetic in utils/dhsa_math.py (shared with the fused GPU selection,
+utils/kernels/select.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched
+model (boundaries per forward, decode state) in utils/dhsa_method.py.
 """
 
 from __future__ import annotations
