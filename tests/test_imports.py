@@ -89,6 +89,25 @@ def describe(cycles: list[list[str]]) -> str:
     return "\n".join(" -> ".join(cycle) for cycle in cycles)
 
 
+def missing_modules(modules: dict[str, Path] | None = None) -> list[str]:
+    """Imports of project modules that do not exist ("module: name"), e.g. one left behind by a move, which the
+    graph would otherwise pass over. A name counts as a project module when its first part is a project package."""
+    modules = project_modules() if modules is None else modules
+    roots = {name.split(".")[0] for name in modules}
+    found = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                wanted = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                wanted = [_imported_names(node, module, modules)[0]]
+            else:
+                continue
+            found += [f"{module}: {name}" for name in wanted
+                      if name.split(".")[0] in roots and name not in modules]
+    return found
+
+
 TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.registry
 
 
@@ -119,6 +138,8 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path):
     graph = import_graph(project_modules(tmp_path))
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg", "pkg.a"} and graph["pkg.c"] == {"pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+    (pkg / "d.py").write_text("from .gone import x\nimport pkg.c\nimport os\n")
+    assert missing_modules(project_modules(tmp_path)) == ["pkg.d: pkg.gone"]
 
 
 def test_no_import_cycles():
@@ -126,6 +147,11 @@ def test_no_import_cycles():
     assert {"utils.dhsa", "utils.registry", "utils.attention"} <= set(graph)  # the walk found the package
     cycles = import_cycles(graph)
     assert not cycles, f"{len(cycles)} import cycle(s) among the project's modules:\n{describe(cycles)}"
+
+
+def test_every_project_import_exists():
+    missing = missing_modules()
+    assert not missing, "imports of project modules that do not exist:\n" + "\n".join(missing)
 
 
 def test_method_table_is_read_through_utils_methods():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .types import KernelSelection
+from ..selection import KernelSelection
 
 _compiled = {}
 
