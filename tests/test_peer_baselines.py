@@ -12,7 +12,7 @@ from utils.attention import sparse_attention
 from utils.baselines.blocks import (REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached,
                                     reached_density, token_selection)
 from utils.baselines.flexprefill import flexprefill_blocks, sqrt_js_divergence
-from utils.baselines.vertical_slash import last_query_attention
+from utils.baselines.oracle import last_query_attention
 from utils.baselines.xattention import antidiagonal_block_scores, xattention_blocks
 from utils.config import SparseAttentionConfig
 from utils.methods import METHODS, LayerContext

@@ -45,7 +45,7 @@ from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
 from .block_sparse import block_means
 from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
-from .vertical_slash import last_query_attention
+from .oracle import last_query_attention
 
 
 def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -28,37 +28,10 @@ from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
 from .common import per_query_selection
-from .oracle import query_key_scores
+from .oracle import last_query_attention
 
 SINK_COLUMNS = 30       # MInference: the first columns are always vertical lines
 LOCAL_DIAGONALS = 100   # MInference: the nearest diagonals are always slash lines
-
-
-def last_query_attention(q: torch.Tensor, k: torch.Tensor, num_last: int, mean: bool = True
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical and slash attention of the last `num_last` queries (true attention: causal softmax of q . k / sqrt(D)).
-
-    q: [B, Hq, Lq, D] at positions Lk - Lq .. Lk - 1; k: [B, Hkv, Lk, D]. Returns vertical [B, Hq, Lk] (attention
-    each key gets) and slash [B, Hq, Lk] (attention at each distance q_pos - k_pos), averaged over the queries
-    (mean=True: both sum to 1, FlexPrefill's distributions) or summed (mean=False: MInference's ranking).
-    """
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G, m = Hq // Hkv, min(num_last, Lq)
-    q_pos = Lk - m + torch.arange(m, device=q.device)
-    distance = q_pos[:, None] - torch.arange(Lk, device=q.device)[None, :]            # [m, Lk]
-    vertical = torch.empty(B, Hq, Lk, device=q.device)
-    slash = torch.zeros(B, Hq, Lk, device=q.device)
-    index = distance.clamp(min=0).reshape(1, 1, m * Lk).expand(B, G, m * Lk)
-    for h in range(Hkv):  # one KV group at a time bounds the [B, G, m, Lk] probabilities
-        heads = slice(h * G, (h + 1) * G)
-        scores = query_key_scores(q[:, heads, Lq - m:], k[:, h:h + 1]) * D ** -0.5
-        probs = torch.softmax(scores.masked_fill(distance < 0, float("-inf")), dim=-1)
-        if mean:
-            probs = probs / m
-        vertical[:, heads] = probs.sum(dim=2)
-        slash[:, heads] = slash[:, heads].scatter_add(-1, index, probs.reshape(B, G, m * Lk))
-    return vertical, slash
 
 
 def estimate_pattern(q: torch.Tensor, k: torch.Tensor, num_vertical: int, num_slash: int, last_q: int = 64
@@ -113,7 +86,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig, con
 register(AttentionMethod("vertical_slash", "MInference Vertical-Slash: last 64 queries pick 50% vertical lines "
                                            "(key columns) + 50% slash lines (diagonals) per head", _select))
 
-__all__ = ["estimate_pattern", "last_query_attention", "vertical_slash_keys", "SINK_COLUMNS", "LOCAL_DIAGONALS"]
+__all__ = ["estimate_pattern", "vertical_slash_keys", "SINK_COLUMNS", "LOCAL_DIAGONALS"]
 
 
 if __name__ == "__main__":
