@@ -1,11 +1,12 @@
-"""No import cycles among the project's own modules (issue 18).
+"""The project's imports, read from the source (issue 18): no import cycles, no import of a module that does not exist,
+and the method table read through utils.methods.
 
-The graph is built from the source, not by importing it: every `import` and `from ... import` statement of every
-project file, including those inside functions (a function-level import is a cycle that is only hidden until the
-function runs), resolved to project modules. `from package import name` counts as an import of `package.name` when
-that is a module. A package's own `__init__` is not an implicit import of its submodules, nor the reverse.
+The graph is built by parsing, not by importing: every `import` and `from ... import` statement of every project
+file, including those inside functions (a function-level import is a cycle that is only hidden until the function
+runs), resolved to project modules. `from package import name` counts as an import of `package.name` when that is
+a module. A package's own `__init__` is not an implicit import of its submodules, nor the reverse.
 
-    python tests/test_imports.py     prints the cycles (one per strongly connected group of modules)
+    python tests/test_imports.py     prints every cycle (each elementary cycle once)
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _is_package(name: str, modules: dict[str, Path]) -> bool:
 
 
 def _imported_names(node: ast.AST, module: str, modules: dict[str, Path]) -> list[str]:
-    """The dotted names one import statement asks for (before resolution to project modules)."""
+    """The dotted names one import statement asks for (before resolution to project modules): `import a.b, c` ->
+    [a.b, c]; `from a import b, c` -> [a, a.b, a.c] (a.b counts where it is a module)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     if node.level:  # relative: the package of `module`, then `level - 1` packages up
@@ -49,17 +51,20 @@ def _imported_names(node: ast.AST, module: str, modules: dict[str, Path]) -> lis
     return [prefix] + [f"{prefix}.{alias.name}" if prefix else alias.name for alias in node.names]
 
 
+def import_statements(modules: dict[str, Path]):
+    """(module, the dotted names one of its import statements asks for, the statement), for every statement."""
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield module, _imported_names(node, module, modules), node
+
+
 def import_graph(modules: dict[str, Path] | None = None) -> dict[str, set[str]]:
     """Module -> the project modules it imports anywhere in its source."""
     modules = project_modules() if modules is None else modules
-    graph: dict[str, set[str]] = {}
-    for module, path in modules.items():
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                targets.update(name for name in _imported_names(node, module, modules) if name in modules)
-        targets.discard(module)
-        graph[module] = targets
+    graph: dict[str, set[str]] = {module: set() for module in modules}
+    for module, names, _ in import_statements(modules):
+        graph[module].update(name for name in names if name in modules and name != module)
     return graph
 
 
@@ -95,16 +100,9 @@ def missing_modules(modules: dict[str, Path] | None = None) -> list[str]:
     modules = project_modules() if modules is None else modules
     roots = {name.split(".")[0] for name in modules}
     found = []
-    for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Import):
-                wanted = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                wanted = [_imported_names(node, module, modules)[0]]
-            else:
-                continue
-            found += [f"{module}: {name}" for name in wanted
-                      if name.split(".")[0] in roots and name not in modules]
+    for module, names, node in import_statements(modules):
+        wanted = names if isinstance(node, ast.Import) else names[:1]  # `import a.b`: a.b; `from a import b`: a
+        found += [f"{module}: {name}" for name in wanted if name.split(".")[0] in roots and name not in modules]
     return found
 
 
@@ -116,14 +114,11 @@ def registry_table_reads(modules: dict[str, Path] | None = None) -> list[str]:
     utils.methods, which imports every method module first (returns "module: names")."""
     modules = project_modules() if modules is None else modules
     found = []
-    for module, path in modules.items():
-        if module == "utils.methods":
-            continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.ImportFrom) and _imported_names(node, module, modules)[0] == "utils.registry":
-                names = sorted(TABLE_READERS & {alias.name for alias in node.names})
-                if names:
-                    found.append(f"{module}: {', '.join(names)}")
+    for module, names, node in import_statements(modules):
+        if module != "utils.methods" and isinstance(node, ast.ImportFrom) and names[0] == "utils.registry":
+            taken = sorted(TABLE_READERS & {alias.name for alias in node.names})
+            if taken:
+                found.append(f"{module}: {', '.join(taken)}")
     return found
 
 
