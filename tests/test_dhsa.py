@@ -196,7 +196,8 @@ def test_bad_arguments(kwargs, message):
 def test_dhsa_options_are_the_config_fields():
     """DHSAOptions: the selection's options, taken from SparseAttentionConfig by field name, with its defaults."""
     import dataclasses
-    assert {f.name for f in dataclasses.fields(DHSAOptions)} <= {f.name for f in dataclasses.fields(SparseAttentionConfig)}
+    config_fields = {f.name for f in dataclasses.fields(SparseAttentionConfig)}
+    assert {f.name for f in dataclasses.fields(DHSAOptions)} <= config_fields
     assert SparseAttentionConfig().dhsa_options() == DHSAOptions() == DHSAOptions(
         query_chunk=64, robust_chunk_repr=True, sink_tokens=64, local_tokens=128, share_heads=False,
         query_pooling="max", head_pooling="none", center_keys=True)
