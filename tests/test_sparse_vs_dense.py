@@ -100,6 +100,9 @@ def test_future_values_never_reach_earlier_queries(name, decode):
 # tiny models (initializer_range 0.05, 192-token prompt, 3 decode steps), the largest values over families were
 # 1.1e-2 / 4.1e-4 (prefill 50% / 90%) and 2.6e-2 / 3.9e-3 (decode); the bounds leave about 2-4x room. Dilated and
 # strided windows skip keys by design even at high density, so at 90% they get the 50% bounds.
+# FlexPrefill stops adding blocks once they hold gamma (0.9) of a query's estimated attention mass, so a 90% density
+# is only its cap; it is held to the 50% bounds, like methods that skip keys by design.
+CAPPED_BY_OWN_THRESHOLD = {"flexprefill"}
 KL_BOUND = {("prefill", 0.5): 2e-2, ("prefill", 0.9): 1.5e-3, ("decode", 0.5): 6e-2, ("decode", 0.9): 1e-2}
 PROMPT, STEPS = 192, 3
 OPTIONS = dict(query_chunk=16, block_size=16, page_size=4, last_q=16, chunk_size=8, boundary_source="fixed",
@@ -139,7 +142,7 @@ def test_every_method_stays_close_to_dense_on_tiny_models(family):
                 if name in DENSE_AT_FULL_BUDGET:
                     torch.testing.assert_close(logprobs, reference, atol=1e-4, rtol=0, msg=f"{name} at full density")
                 continue
-            bound_density = 0.5 if name in NOT_DENSE_AT_FULL_BUDGET else density
+            bound_density = 0.5 if name in NOT_DENSE_AT_FULL_BUDGET | CAPPED_BY_OWN_THRESHOLD else density
             for phase, kl in kl_from_dense(reference, logprobs).items():
                 if not kl <= KL_BOUND[phase, bound_density]:
                     failures.append(f"{name} {phase} at {density:.0%}: KL {kl:.2e} > {KL_BOUND[phase, bound_density]}")
