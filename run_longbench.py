@@ -4,6 +4,9 @@
     python run_longbench.py --method dense --datasets multi_news --max-samples 2
     python run_longbench.py --model meta-llama/Llama-3.1-8B-Instruct --max-length 49152 --method dhsa --density 0.0625
     python run_longbench.py --longbench-e --hub                         # LongBench-E from the Hugging Face Hub
+    python run_longbench.py --model qwen2.5-coder-1.5b-instruct --chinese --data-dir DIR \
+        --methods dense dhsa block_sparse --densities 0.125             # several runs, one model load
+    python -m torch.distributed.run --standalone --nproc-per-node 2 run_longbench.py ...   # 2 GPUs share the work
 
 Inputs are built as LongBench's pred.py builds them (data/longbench.py): LongBench's prompt and generation
 length per dataset, the middle of over-long prompts cut out, the chat template (when the tokenizer has one)
@@ -14,7 +17,10 @@ Predictions go to <output-dir>/<model>/<run>/<dataset>.jsonl (<dataset>_e.jsonl 
 <run> is the run name of utils/runs.py (`dense`, `<method>_<density>`, `<method>_budget<N_b>`, ...; a folder
 named the older way, `<method>_b<N_b>`, is still resumed); run_config.json beside them records the settings.
 Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it stopped (a
-line cut off by a crash is dropped and that sample redone). Score with eval_longbench.py.
+line cut off by a crash is dropped and that sample redone). Samples go in order, each with every requested
+method in turn, so that an interrupted sweep has all methods on the same samples. Under torchrun each process
+takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/sharding.py), all appending to the same files.
+Score with eval_longbench.py (scripts/run_longbench.sh runs the paper's sweep and scores it).
 """
 
 from __future__ import annotations
@@ -167,35 +173,32 @@ def prompt_cap(max_length: int | None, model_max: int, max_new_tokens: int, over
     return room if max_length is None else min(max_length, room)
 
 
-def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
-                    chat_template: bool | None = None, keep_head: int | None = None, decode: str | None = None,
-                    desc: str | None = None) -> int:
-    """Write one prediction per sample not yet in `out_path`; returns how many were written.
-
-    Each line: {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens"
-    (before the cut), "input_tokens" (fed to the model), "truncated", "decode" (the decode protocol of the
-    attention config; default: the patched model's)}.
-    """
-    done = finished_ids(out_path)
-    todo = [s for s in samples if str(s["_id"]) not in done]
-    max_new = MAX_NEW_TOKENS[dataset]
+def predict(model, tokenizer, dataset: str, sample: dict, built: dict, decode: str | None) -> dict:
+    """The prediction record of one sample, from its model input `built` (data/longbench.py build_input):
+    {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens" (before the cut),
+    "input_tokens" (fed to the model), "truncated", "decode" (the decode protocol of the attention config)}."""
     stops = stop_token_ids(model, tokenizer, dataset)
     min_new = 1 if dataset == "samsum" else 0  # LongBench: min_length=context_length+1 on samsum
+    new_ids = greedy_generate(model, built["input_ids"], MAX_NEW_TOKENS[dataset], stops, min_new_tokens=min_new)
+    return {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
+            "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+            "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
+            "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
+            "truncated": built["truncated"], "decode": decode}
+
+
+def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
+                    chat_template: bool | None = None, keep_head: int | None = None, decode: str | None = None) -> int:
+    """Write one prediction (`predict`) per sample not yet in `out_path`, with the model as patched now; returns
+    how many were written. `decode` defaults to the patched model's decode protocol."""
+    done = finished_ids(out_path)
+    todo = [s for s in samples if str(s["_id"]) not in done]
     if decode is None:
         decode = _patched_decode(model)
-    written = 0
-    for sample in tqdm(todo, desc=desc or dataset, initial=len(samples) - len(todo), total=len(samples)):
-        built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template,
-                            keep_head=keep_head)
-        new_ids = greedy_generate(model, built["input_ids"], max_new, stops, min_new_tokens=min_new)
-        record = {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
-                  "answers": sample["answers"], "all_classes": sample.get("all_classes"),
-                  "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
-                  "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
-                  "truncated": built["truncated"], "decode": decode}
-        append_jsonl(out_path, record)
-        written += 1
-    return written
+    for sample in tqdm(todo, desc=dataset, initial=len(samples) - len(todo), total=len(samples)):
+        built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template, keep_head=keep_head)
+        append_jsonl(out_path, predict(model, tokenizer, dataset, sample, built, decode))
+    return len(todo)
 
 
 def _patched_decode(model) -> str | None:
@@ -285,24 +288,29 @@ def main(argv=None) -> None:
                 sys.exit(f"error: {err}")
             run_dirs.append(run_dir)
 
-        # this rank's share of the (run, dataset, sample) items; each file skips what it already holds
-        mine = shard.take([(i, d, k) for i in range(len(configs)) for d in datasets for k in range(len(samples[d]))])
-        for i, (config, run_dir) in enumerate(zip(configs, run_dirs)):
-            patched = False
-            for dataset in datasets:
-                todo = [samples[dataset][k] for j, d, k in mine if j == i and d == dataset]
-                out_path = run_dir / file_name(dataset, args.longbench_e)
-                try:
-                    if not todo or not {str(s["_id"]) for s in todo} - finished_ids(out_path):
-                        continue
-                    if not patched:
-                        patch_model(model, config=config, tokenizer=tokenizer)
-                        patched = True
-                    predict_dataset(model, tokenizer, dataset, todo, out_path, max_length=caps[dataset],
-                                    chat_template=args.chat_template, keep_head=args.keep_head,
-                                    decode=config.decode, desc=shard.label(f"{run_dir.name} {dataset}"))
-                except ValueError as err:  # a results file that is not a prediction file, or edited by hand
-                    sys.exit(f"error: {err}")
+        # this rank's samples (every N-th), each run with every method in turn: at any moment all runs hold the
+        # same samples; what a file already holds is skipped
+        try:
+            done = {(i, d): finished_ids(run_dir / file_name(d, args.longbench_e))
+                    for i, run_dir in enumerate(run_dirs) for d in datasets}
+        except ValueError as err:  # a results file that is not a prediction file, or edited by hand
+            sys.exit(f"error: {err}")
+        mine = shard.take([(d, k) for d in datasets for k in range(len(samples[d]))])
+        todo = [(d, k, i) for d, k in mine for i in range(len(configs)) if str(samples[d][k]["_id"]) not in done[i, d]]
+        built_key, patched = None, None
+        bar = tqdm(todo, desc=shard.label(model_folder_name(args.model)), unit="prediction")
+        for dataset, k, i in bar:
+            sample = samples[dataset][k]
+            if patched != i:
+                patch_model(model, config=configs[i], tokenizer=tokenizer)
+                patched = i
+            if built_key != (dataset, k):  # the same input for every method
+                built = build_input(tokenizer, dataset, sample, caps[dataset], chat_template=args.chat_template,
+                                    keep_head=args.keep_head)
+                built_key = (dataset, k)
+            record = predict(model, tokenizer, dataset, sample, built, configs[i].decode)
+            append_jsonl(run_dirs[i] / file_name(dataset, args.longbench_e), record)
+            bar.set_postfix(run=run_dirs[i].name, dataset=dataset)
         shard.barrier()  # every rank's predictions are in the files now
 
     if shard.is_main:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.haystack import (
-    NEEDLE_SETS, PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
+    NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
@@ -162,8 +162,9 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
     """Run the test for every requested method/density on a loaded model; returns one summary per run:
     {"method", "density", "name", "path", "records"} (records of the requested lengths and depths only).
 
-    Under torchrun, this rank does its share (utils/sharding.py) of the (run, length, depth) tests; the summaries,
-    read back from the files once every rank has finished, hold the tests of all ranks."""
+    Tests go in (length, depth) order, each with every run in turn, so that an interrupted sweep has all runs on
+    the same tests. Under torchrun, this rank takes every N-th test (utils/sharding.py); the summaries, read back
+    from the files once every rank has finished, hold the tests of all ranks."""
     from utils.patch import patch_model
 
     shard = Shard.from_env() if shard is None else shard
@@ -190,43 +191,42 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         if done and shard.is_main:
             print(f"{run_name(config)}: resuming {path}, {len(done & set(tests))} tests already done")
         runs.append((config, path, settings, done))
-    mine = shard.take([(i, test) for i in range(len(runs)) for test in tests])
+    # this rank's tests, each run with every method in turn: at any moment all runs hold the same tests
+    todo = [(test, i) for test in shard.take(tests) for i, run in enumerate(runs) if test not in run[3]]
 
     haystack = Haystack(read_essays(args.haystack_dir), tokenizer)
-    samples: dict[tuple[int, float], NeedleSample] = {}  # the same prompts for every method
     device = next(model.parameters()).device
-    for i, (config, path, settings, done) in enumerate(runs):
-        pending = [test for j, test in mine if j == i and test not in done]
-        if not pending:
-            continue
-        patch_model(model, config=config, tokenizer=tokenizer)
-        density = 1.0 if config.method == "dense" else config.density
-        bar = tqdm(pending, desc=shard.label(run_name(config)), unit="test")
-        for length, depth in bar:
-            if (length, depth) not in samples:
-                # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
-                limit = min(length, model_max - args.max_new_tokens)
-                samples[length, depth] = make_sample(haystack, limit, depth, style, needle=needle, question=question)
-            sample = samples[length, depth]
-            sync(device)
-            start = time.perf_counter()
-            answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
-            sync(device)
-            seconds = time.perf_counter() - start
-            scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
-            prompt_tokens = len(sample.input_ids)
-            record = {
-                "method": config.method, "density": density, "decode": config.decode, "length": length,
-                "depth": depth,
-                "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
-                "score_full_needle": round(scores["score_full_needle"], 2),
-                "exact_match": scores["exact_match"], "answer": answer,
-                "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
-                "needle_depth": round(sample.needle_depth, 2),
-                "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
-            }
-            append_jsonl(path, record)
-            bar.set_postfix(length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
+    sample_key, patched = None, None
+    bar = tqdm(todo, desc=shard.label(Path(model_name).name), unit="test")
+    for (length, depth), i in bar:
+        config, path, settings, _ = runs[i]
+        if patched != i:
+            patch_model(model, config=config, tokenizer=tokenizer)
+            patched = i
+        if sample_key != (length, depth):  # the same prompt for every method
+            # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
+            limit = min(length, model_max - args.max_new_tokens)
+            sample = make_sample(haystack, limit, depth, style, needle=needle, question=question)
+            sample_key = (length, depth)
+        sync(device)
+        start = time.perf_counter()
+        answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
+        sync(device)
+        seconds = time.perf_counter() - start
+        scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
+        prompt_tokens = len(sample.input_ids)
+        record = {
+            "method": config.method, "density": 1.0 if config.method == "dense" else config.density,
+            "decode": config.decode, "length": length, "depth": depth,
+            "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
+            "score_full_needle": round(scores["score_full_needle"], 2),
+            "exact_match": scores["exact_match"], "answer": answer,
+            "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
+            "needle_depth": round(sample.needle_depth, 2),
+            "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
+        }
+        append_jsonl(path, record)
+        bar.set_postfix(run=run_name(config), length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
 
     shard.barrier()  # every rank's tests are in the files now
     summaries = []

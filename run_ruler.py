@@ -133,7 +133,8 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
     """Run every requested method/density on a loaded model; returns one summary per run:
     {"name", "path", "records"} (the records of the requested tasks, lengths and samples).
 
-    Under torchrun, this rank does its share (utils/sharding.py) of the (run, task, length, sample) items; the
+    Samples go in (task, length, index) order, each with every run in turn, so that an interrupted sweep has all
+    runs on the same samples. Under torchrun, this rank takes every N-th sample (utils/sharding.py); the
     summaries, read back from the files once every rank has finished, hold the records of all ranks."""
     from utils.models import model_max_length
     from utils.patch import patch_model
@@ -155,28 +156,29 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
         if done and shard.is_main:
             print(f"{run_name(config)}: resuming {path}, {len(done & set(wanted))} samples already done")
         runs.append((config, path, settings, done))
-    mine = shard.take([(j, key) for j in range(len(runs)) for key in wanted])
-
-    for j, (config, path, settings, done) in enumerate(runs):
-        pending = [key for k, key in mine if k == j and key not in done]
-        if not pending:
-            continue
-        patch_model(model, config=config, tokenizer=tokenizer)
-        bar = tqdm(pending, desc=shard.label(run_name(config)), unit="sample")
-        for task, length, index in bar:
-            sample = generator.sample(task, length, index)
-            start = time.perf_counter()
-            prediction = _generate(model, tokenizer, sample.input_ids, sample.max_new_tokens)
-            seconds = time.perf_counter() - start
-            record = {
-                "task": task, "length": length, "index": index, "method": config.method,
-                "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
-                "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
-                "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
-                "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
-            }
-            append_jsonl(path, record)
-            bar.set_postfix(task=task, length=length, score=f"{record['score']:.0f}")
+    # this rank's samples, each run with every method in turn: at any moment all runs hold the same samples
+    todo = [(key, j) for key in shard.take(wanted) for j, run in enumerate(runs) if key not in run[3]]
+    sample_key, patched = None, None
+    bar = tqdm(todo, desc=shard.label(Path(args.model.rstrip("/")).name), unit="sample")
+    for (task, length, index), j in bar:
+        config, path, settings, _ = runs[j]
+        if patched != j:
+            patch_model(model, config=config, tokenizer=tokenizer)
+            patched = j
+        if sample_key != (task, length, index):
+            sample, sample_key = generator.sample(task, length, index), (task, length, index)
+        start = time.perf_counter()
+        prediction = _generate(model, tokenizer, sample.input_ids, sample.max_new_tokens)
+        seconds = time.perf_counter() - start
+        record = {
+            "task": task, "length": length, "index": index, "method": config.method,
+            "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
+            "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
+            "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
+            "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
+        }
+        append_jsonl(path, record)
+        bar.set_postfix(run=run_name(config), task=task, length=length, score=f"{record['score']:.0f}")
 
     shard.barrier()  # every rank's samples are in the files now
     keys = set(wanted)
