@@ -283,8 +283,9 @@ def main(argv=None) -> None:
                         "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
             run_dir = model_dir / args.run_name if args.run_name else run_dir_for(model_dir, config, settings)
             try:
+                patch_model(model, config=config, tokenizer=tokenizer)  # a config the model cannot take fails now
                 prepare_run_dir(run_dir, settings)
-            except ValueError as err:
+            except (ValueError, FileNotFoundError) as err:
                 sys.exit(f"error: {err}")
             run_dirs.append(run_dir)
 
@@ -297,7 +298,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: {err}")
         mine = shard.take([(d, k) for d in datasets for k in range(len(samples[d]))])
         todo = [(d, k, i) for d, k in mine for i in range(len(configs)) if str(samples[d][k]["_id"]) not in done[i, d]]
-        built_key, patched = None, None
+        built_key, patched = None, len(configs) - 1  # patched with the last config above
         bar = tqdm(todo, desc=shard.label(model_folder_name(args.model)), unit="prediction")
         for dataset, k, i in bar:
             sample = samples[dataset][k]

@@ -110,3 +110,42 @@ def test_concurrent_appends_keep_every_record_whole(tmp_path):
     assert data.endswith(b"\n") and sorted((r["writer"], r["i"]) for r in records) == \
         [(w, i) for w in range(3) for i in range(n)]
     assert all(len(r["text"]) == 100_000 + 997 * r["i"] for r in records)
+
+
+# ---- the sweep scripts ----------------------------------------------------------------------------------
+
+def script_calls(tmp_path, script: str, env: dict, *args) -> list[str]:
+    """The python command lines a sweep script runs, with a stand-in PYTHON that only logs its arguments."""
+    log, fake = tmp_path / "calls.log", tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake), **env})
+    assert result.returncode == 0, result.stderr
+    return log.read_text().splitlines()
+
+
+def test_longbench_sweep_is_the_papers_runs(tmp_path):
+    calls = script_calls(tmp_path, "run_longbench.sh", {}, "--data-dir", "D")
+    table_2_4 = ("dense dhsa dhsa_no_robust_repr dhsa_fixed_chunks block_sparse streaming streaming_dilated "
+                 "streaming_strided vertical_slash flexprefill xattention")
+    common = "--decode dense --output-dir results_longbench --chinese --data-dir D"
+    assert calls == [
+        f"run_longbench.py --model qwen2.5-coder-1.5b-instruct --methods {table_2_4} --densities 0.125 {common}",
+        f"run_longbench.py --model qwen2.5-coder-1.5b-instruct --methods dhsa --densities 0.0625 0.25 {common}",
+        "eval_longbench.py --results-dir results_longbench"]
+
+
+@pytest.mark.parametrize("script", ["run_longbench.sh", "run_needle_in_haystack.sh", "run_ruler.sh"])
+def test_sweeps_launch_torchrun_when_nproc_is_above_one(tmp_path, script):
+    one = script_calls(tmp_path, script, {"MODELS": "m", "NPROC": "1"})
+    (tmp_path / "calls.log").unlink()
+    two = script_calls(tmp_path, script, {"MODELS": "m", "NPROC": "2"})
+    runner = script.removeprefix("run_").removesuffix(".sh")
+    torchrun = "-m torch.distributed.run --standalone --nproc-per-node 2 "
+    assert one and all(c.startswith(("run_", "eval_")) for c in one)
+    assert two == [torchrun + c if c.startswith("run_") else c for c in one]
+    assert all(f"run_{runner}.py --model m" in c for c in two if c.startswith(torchrun))
+    bad = subprocess.run(["bash", str(REPO / "scripts" / script)], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": "false", "NPROC": "two"})
+    assert bad.returncode == 2 and "NPROC must be a positive whole number" in bad.stderr
