@@ -249,7 +249,7 @@ def find_runs(results_dir: Path) -> list[Path]:
 
 def describe_run(run_dir: Path) -> dict:
     """Model, method, density, budget and decode protocol of a run, from its run_config.json (else from the folder
-    names)."""
+    names). The decode protocol is "unrecorded" for runs whose run_config.json predates it."""
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
@@ -259,7 +259,8 @@ def describe_run(run_dir: Path) -> dict:
         return {"model": config.get("model_name", run_dir.parent.name), "method": method,
                 "density": None if dense else attention.get("density"),
                 "budget": None if dense else attention.get("budget"),
-                "decode": "dense" if dense else attention.get("decode", "dense"), "run": str(run_dir)}
+                # runs older than the decode field did not record it (they may have decoded sparsely)
+                "decode": "dense" if dense else attention.get("decode", "unrecorded"), "run": str(run_dir)}
     # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048, dhsa_0.125_decode-sparse (older
     # runs: dhsa_b2048)
     decode = re.search(r"_decode-([a-z]+)$", run_dir.name)
@@ -417,8 +418,9 @@ def tables_markdown(rows: list[dict]) -> str:
           "Groups here: " + "; ".join(f"{g} = {', '.join(ds)}" for g, ds in groups_used.items() if ds) + ". "
           "`Datasets` says which datasets (with their number of scored samples) each row covers; `% of dense` is "
           "the Average relative to the same model's dense run, given only when both cover the same samples "
-          "(compare partial runs with `eval_longbench.py --common-samples`). Written by eval_longbench.py from "
-          "results.csv's rows.", ""]
+          "(compare partial runs with `eval_longbench.py --common-samples`). `Decode`: dense = sparse prefill, "
+          "dense decode steps; sparse = every step reads at most N_b keys (Algorithm 2); unrecorded = a run older "
+          "than the setting. Written by eval_longbench.py from results.csv's rows.", ""]
 
     def at_density(row, density):
         return row["method"] != "dense" and row["budget"] is None and row["density"] == density

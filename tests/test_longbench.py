@@ -381,13 +381,18 @@ def test_describe_run_from_folder_names_without_run_config(tmp_path):
     assert described("dhsa_b2048") == ("dhsa", None, 2048, "dense")                  # older LongBench folders
     assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None, "sparse")
     assert described("my_run") == ("my_run", None, None, "dense")
+    (tmp_path / "m" / "old").mkdir()                                        # a run_config.json without decode
+    (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
+                                                                                      "density": 0.125}}))
+    assert described("old") == ("dhsa", 0.125, None, "unrecorded")
 
 
 def write_predictions(run_dir: Path, dataset: str, right: list[bool], config: dict | None = None) -> None:
     """A run folder's predictions for `dataset`: sample i right or wrong (answer "段落1" / "summary words ...")."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if config is not None:
-        (run_dir / "run_config.json").write_text(json.dumps({"model_name": run_dir.parent.name, "attention": config}))
+        (run_dir / "run_config.json").write_text(json.dumps({"model_name": run_dir.parent.name,
+                                                             "attention": {"decode": "dense", **config}}))
     answer = {"passage_retrieval_zh": "段落1", "multifieldqa_zh": "北京", "multi_news": "police arrested protesters"}
     wrong = {"passage_retrieval_zh": "段落2", "multifieldqa_zh": "上海", "multi_news": "sunny weather today"}
     with open(run_dir / f"{dataset}.jsonl", "w", encoding="utf-8") as f:
