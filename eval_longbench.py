@@ -6,8 +6,15 @@
 A run folder (written by run_longbench.py) holds `<dataset>.jsonl` (LongBench) and `<dataset>_e.jsonl`
 (LongBench-E) files of predictions. Each dataset gets LongBench's metric (below), the best score over the
 sample's reference answers, and the mean over samples x 100 rounded to 2 decimals; LongBench-E files are
-also split by input length (0-4k, 4-8k, 8k+ words). Writes `result.json` into each run folder and
-`results.md` / `results.csv` (and `results_e.*` for LongBench-E) into the output folder.
+also split by input length (0-4k, 4-8k, 8k+ words). Writes `result.json` into each run folder and, into the
+output folder:
+- `results.csv`: one row per run (model, method, density or budget, decode protocol) with the task groups, the
+  Average (mean over the datasets present, English and Chinese in one table), and for every LongBench dataset a
+  score column and an `n_<dataset>` column (samples scored);
+- `results.md`: the paper's Tables 2-4 from those rows (Table 2: methods at 12.5% by task group; Table 3: the
+  density sweep; Table 4: the ablations), then every run by dataset;
+- `density.png`: Table 3 as a figure, the Average against density per method;
+- `results_e.md` / `results_e.csv` for LongBench-E runs.
 
 The metrics reproduce THUDM/LongBench `metrics.py` (v1) with the libraries it uses: `rouge` (not
 `rouge-score`) for ROUGE-L, `jieba` for Chinese words, and `fuzzywuzzy`'s `fuzz.ratio` for code, which in
@@ -29,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.longbench import ALL_DATASETS, CHINESE_DATASETS, ENGLISH_DATASETS, GROUPS, LONGBENCH_E_DATASETS
+from data.longbench import ALL_DATASETS, GROUPS, LONGBENCH_E_DATASETS
 from utils.cli import HelpFormatter
 from utils.runs import read_jsonl
 
@@ -241,7 +248,8 @@ def find_runs(results_dir: Path) -> list[Path]:
 
 
 def describe_run(run_dir: Path) -> dict:
-    """Model, method and density of a run, from its run_config.json (else from the folder names)."""
+    """Model, method, density, budget and decode protocol of a run, from its run_config.json (else from the folder
+    names). The decode protocol is "unrecorded" for runs whose run_config.json predates it."""
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
@@ -250,16 +258,22 @@ def describe_run(run_dir: Path) -> dict:
         dense = method == "dense"
         return {"model": config.get("model_name", run_dir.parent.name), "method": method,
                 "density": None if dense else attention.get("density"),
-                "budget": None if dense else attention.get("budget"), "run": str(run_dir)}
-    # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048 (older runs: dhsa_b2048)
+                "budget": None if dense else attention.get("budget"),
+                # runs older than the decode field did not record it (they may have decoded sparsely)
+                "decode": "dense" if dense else attention.get("decode", "unrecorded"), "run": str(run_dir)}
+    # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048, dhsa_0.125_decode-sparse (older
+    # runs: dhsa_b2048)
+    decode = re.search(r"_decode-([a-z]+)$", run_dir.name)
+    decode = decode[1] if decode else "dense"
     found = re.fullmatch(r"(?P<method>.+?)_(?:(?P<density>[0-9.e-]+)|b(?:udget)?(?P<budget>[0-9]+))(?:_.*)?",
                          run_dir.name)
     if found is None or (found["density"] is not None and not _is_number(found["density"])):
         return {"model": run_dir.parent.name, "method": run_dir.name, "density": None, "budget": None,
-                "run": str(run_dir)}
+                "decode": decode, "run": str(run_dir)}
     return {"model": run_dir.parent.name, "method": found["method"],
             "density": float(found["density"]) if found["density"] is not None else None,
-            "budget": int(found["budget"]) if found["budget"] is not None else None, "run": str(run_dir)}
+            "budget": int(found["budget"]) if found["budget"] is not None else None, "decode": decode,
+            "run": str(run_dir)}
 
 
 def _is_number(text: str) -> bool:
@@ -307,8 +321,13 @@ def summarize(scores: dict[str, float], datasets: list[str]) -> dict[str, float 
     return row
 
 
-LANGUAGES = {"English": ENGLISH_DATASETS, "Chinese": CHINESE_DATASETS + ["lcc", "repobench-p"]}
 GROUP_COLUMNS = list(GROUPS) + ["Average"]
+TABLE_DENSITY = 0.125  # the paper's Tables 2 and 4
+# Table 4 (ablations at 12.5%): the method of each row, as the paper names it. Without both robust chunk vectors and
+# dynamic chunks, DHSA is block-sparse attention.
+ABLATIONS = {"dhsa": "DHSA", "dhsa_no_robust_repr": "DHSA w/o robust chunk repr.",
+             "dhsa_fixed_chunks": "DHSA w/o dynamic chunking",
+             "block_sparse": "Block Sparse (DHSA w/o robust chunk repr. & dynamic chunking)"}
 
 
 def _fmt(value) -> str:
@@ -328,32 +347,122 @@ def _coverage(scored: dict, datasets: list[str]) -> str:
     return f"{len(parts)}/{len(datasets)} ({', '.join(parts)})"
 
 
+def _method_order(method: str) -> tuple:
+    """dense first, then DHSA and its ablations, then the other methods by name."""
+    return method != "dense", not method.startswith("dhsa"), method != "dhsa", method
+
+
+def result_rows(runs: list[dict]) -> list[dict]:
+    """One row per run (model, method, density or budget, decode): the task groups and Average (mean over the
+    datasets present, English and Chinese alike), which datasets it covers, and for every LongBench dataset its
+    score and number of scored samples (empty where the run has none)."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r["model"], r["decode"], _method_order(r["method"]),
+                                           r.get("density") or 0, r.get("budget") or 0, r["run"])):
+        scored = run["scores"]["longbench"]
+        if not scored:
+            continue
+        row = {"model": run["model"], "method": run["method"], "density": run.get("density"),
+               "budget": run.get("budget"), "decode": run["decode"], "run": run["run"]}
+        row.update(summarize({d: s for d, (s, _) in scored.items()}, ALL_DATASETS))
+        row["datasets"] = _coverage(scored, ALL_DATASETS)
+        row.update({d: scored[d][0] if d in scored else None for d in ALL_DATASETS})
+        row.update({f"n_{d}": scored[d][1] if d in scored else None for d in ALL_DATASETS})
+        rows.append(row)
+    return rows
+
+
+def _same_samples(row: dict, other: dict) -> bool:
+    return all(row[f"n_{d}"] == other[f"n_{d}"] for d in ALL_DATASETS)
+
+
+def _dense_row(rows: list[dict], row: dict) -> dict | None:
+    """The dense run of the same model (dense runs serve every decode protocol)."""
+    return next((r for r in rows if r["model"] == row["model"] and r["method"] == "dense"), None)
+
+
+def _relative(rows: list[dict], row: dict) -> str:
+    """Average as a percentage of dense's, when both are scored on the same samples (else –: compare partial runs
+    with --common-samples)."""
+    dense = _dense_row(rows, row)
+    if dense is None or not dense["Average"] or not _same_samples(row, dense):
+        return "–"
+    return f"{100 * row['Average'] / dense['Average']:.1f}%"
+
+
+def _labels(rows: list[dict]) -> dict[int, str]:
+    """Method cell of each row: the method, plus the run folder when two runs share model, method, density and
+    decode (other settings)."""
+    keys = [(r["model"], r["method"], r["density"], r["budget"], r["decode"]) for r in rows]
+    return {id(r): r["method"] + (f" ({Path(r['run']).name})" if keys.count(k) > 1 else "")
+            for r, k in zip(rows, keys)}
+
+
+def _group_table(rows: list[dict], all_rows: list[dict], first: list[str], cells) -> str:
+    """A table of `rows`: the `first` columns (cells(row) gives them), the task groups any row has, Average, % of
+    dense and the datasets covered."""
+    groups = [g for g in GROUPS if any(r[g] is not None for r in rows)]
+    lines = [cells(r) + [_fmt(r[g]) for g in groups] + [_fmt(r["Average"]), _relative(all_rows, r), r["datasets"]]
+             for r in rows]
+    return _md_table(first + groups + ["Average", "% of dense", "Datasets"], lines)
+
+
+def tables_markdown(rows: list[dict]) -> str:
+    """results.md: Tables 2-4 of the paper from the rows of results.csv, then every run by dataset."""
+    label = _labels(rows)
+    present = [d for d in ALL_DATASETS if any(r[d] is not None for r in rows)]
+    groups_used = {g: [d for d in members if d in present] for g, members in GROUPS.items()}
+    md = ["# LongBench results", "",
+          "Scores x100 as LongBench's eval.py computes them. A task group is the mean of its datasets that have "
+          "predictions, Average the mean over those datasets (as the paper's Table 2), English and Chinese alike. "
+          "Groups here: " + "; ".join(f"{g} = {', '.join(ds)}" for g, ds in groups_used.items() if ds) + ". "
+          "`Datasets` says which datasets (with their number of scored samples) each row covers; `% of dense` is "
+          "the Average relative to the same model's dense run, given only when both cover the same samples "
+          "(compare partial runs with `eval_longbench.py --common-samples`). `Decode`: dense = sparse prefill, "
+          "dense decode steps; sparse = every step reads at most N_b keys (Algorithm 2); unrecorded = a run older "
+          "than the setting. Written by eval_longbench.py from results.csv's rows.", ""]
+
+    def at_density(row, density):
+        return row["method"] != "dense" and row["budget"] is None and row["density"] == density
+
+    dense = [r for r in rows if r["method"] == "dense"]
+    table2 = [r for r in rows if r in dense or at_density(r, TABLE_DENSITY)]
+    if table2:
+        md += [f"## Table 2: methods at density {TABLE_DENSITY:.1%}", "",
+               _group_table(table2, rows, ["Model", "Method", "Decode"],
+                            lambda r: [r["model"], label[id(r)], r["decode"]]), ""]
+
+    swept = {(r["model"], r["method"], r["decode"]) for r in rows if r["method"] != "dense" and r["budget"] is None
+             and r["density"] is not None}
+    swept = {key for key in swept if sum(1 for r in rows if (r["model"], r["method"], r["decode"]) == key
+                                         and r["budget"] is None and r["density"] is not None) > 1}
+    table3 = [r for r in rows if r in dense or (r["model"], r["method"], r["decode"]) in swept and r["budget"] is None]
+    table3.sort(key=lambda r: (r["model"], r["method"] != "dense", r["density"] or 0, _method_order(r["method"]),
+                               r["decode"]))
+    if len(table3) > len(dense):
+        md += ["## Table 3: density sweep", "",
+               "Every method run at more than one density (dense for reference); also plotted in density.png.", "",
+               _group_table(table3, rows, ["Model", "Density", "Method", "Decode"],
+                            lambda r: [r["model"], _density_text(r), label[id(r)], r["decode"]]), ""]
+
+    table4 = [r for r in rows if r["method"] in ABLATIONS and at_density(r, TABLE_DENSITY)]
+    table4.sort(key=lambda r: (r["model"], r["decode"], list(ABLATIONS).index(r["method"])))
+    if table4:
+        md += [f"## Table 4: ablations at density {TABLE_DENSITY:.1%}", "",
+               _group_table(table4, rows, ["Model", "Variant", "Method", "Decode"],
+                            lambda r: [r["model"], ABLATIONS[r["method"]], label[id(r)], r["decode"]]), ""]
+
+    lines = [[r["model"], label[id(r)], _density_text(r), r["decode"]] + [_fmt(r[d]) for d in present]
+             + [_fmt(r["Average"]), " ".join(str(r[f"n_{d}"] or 0) for d in present)] for r in rows]
+    md += ["## Every run, by dataset", "",
+           _md_table(["Model", "Method", "Density", "Decode"] + present + ["Average", "Samples"], lines), ""]
+    return "\n".join(md)
+
+
 def build_tables(runs: list[dict]) -> tuple[str, list[dict], str, list[dict]]:
     """Markdown and CSV rows for LongBench and LongBench-E from scored runs (each run: describe_run + scores)."""
-    md = ["# LongBench results", "",
-          "Scores x100 as LongBench's eval.py computes them. A group is the mean of its datasets that have "
-          "predictions; Average is the mean over those datasets (as the paper's Table 2). `Datasets` says "
-          "which datasets (with their number of scored samples) each row covers.", ""]
-    rows: list[dict] = []
-    for language, datasets in LANGUAGES.items():
-        lines = []
-        for run in runs:
-            scored = run["scores"]["longbench"]
-            own = ENGLISH_DATASETS if language == "English" else CHINESE_DATASETS  # code alone is no Chinese row
-            if not any(d in scored for d in own):
-                continue
-            summary = summarize({d: s for d, (s, _) in scored.items()}, datasets)
-            lines.append([run["model"], run["method"], _density_text(run)] + [_fmt(summary[c]) for c in GROUP_COLUMNS]
-                         + [_coverage(scored, datasets)])
-            row = {"language": language, "model": run["model"], "method": run["method"],
-                   "density": run.get("density"), "budget": run.get("budget"), "run": run["run"]}
-            row.update(summary)
-            row["datasets"] = _coverage(scored, datasets)
-            row.update({d: scored[d][0] if d in scored else None for d in datasets})
-            row.update({f"n_{d}": scored[d][1] if d in scored else None for d in datasets})
-            rows.append(row)
-        if lines:
-            md += [f"## {language}", "", _md_table(["Model", "Method", "Density"] + GROUP_COLUMNS + ["Datasets"], lines), ""]
+    rows = result_rows(runs)
+    md = tables_markdown(rows) if rows else ""
     md_e = ["# LongBench-E results", "",
             "Scores x100 per input-length bucket (LongBench's `length`, in words), as LongBench's eval.py --e. "
             "Groups and Average as in results.md.", ""]
@@ -366,17 +475,61 @@ def build_tables(runs: list[dict]) -> tuple[str, list[dict], str, list[dict]]:
         for bucket in LENGTH_BUCKETS:
             per_dataset = {d: s[bucket] for d, (s, _) in scored.items() if s[bucket] is not None}
             summary = summarize(per_dataset, LONGBENCH_E_DATASETS)
-            lines_e.append([run["model"], run["method"], _density_text(run), bucket]
+            lines_e.append([run["model"], run["method"], _density_text(run), run["decode"], bucket]
                            + [_fmt(summary[c]) for c in GROUP_COLUMNS] + [_coverage(scored, LONGBENCH_E_DATASETS)])
             row = {"model": run["model"], "method": run["method"], "density": run.get("density"),
-                   "budget": run.get("budget"), "run": run["run"], "length": bucket}
+                   "budget": run.get("budget"), "decode": run["decode"], "run": run["run"], "length": bucket}
             row.update(summary)
             row["datasets"] = _coverage(scored, LONGBENCH_E_DATASETS)
             row.update({d: per_dataset.get(d) for d in LONGBENCH_E_DATASETS})
             rows_e.append(row)
     if lines_e:
-        md_e.append(_md_table(["Model", "Method", "Density", "Length"] + GROUP_COLUMNS + ["Datasets"], lines_e))
-    return "\n".join(md) + "\n", rows, "\n".join(md_e) + "\n", rows_e
+        md_e.append(_md_table(["Model", "Method", "Density", "Decode", "Length"] + GROUP_COLUMNS + ["Datasets"],
+                              lines_e))
+    return md, rows, "\n".join(md_e) + "\n", rows_e
+
+
+def plot_density(rows: list[dict], path: Path) -> Path | None:
+    """Table 3 as a figure: LongBench Average against token density, one line per method (a single marker for a
+    method run at one density), dense as a dashed line; one panel per model and decode protocol. None when no
+    run has a density."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    sparse = [r for r in rows if r["method"] != "dense" and r["budget"] is None and r["density"] is not None
+              and r["Average"] is not None]
+    panels = sorted({(r["model"], r["decode"]) for r in sparse})
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    for ax, (model, decode) in zip(axes[0], panels):
+        mine = [r for r in sparse if (r["model"], r["decode"]) == (model, decode)]
+        colors, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>"  # a dozen methods stay apart
+        for n, method in enumerate(sorted({r["method"] for r in mine}, key=_method_order)):
+            points = sorted((r["density"], r["Average"]) for r in mine if r["method"] == method)
+            style = dict(linewidth=2.5, zorder=3) if method == "dhsa" else dict(linewidth=1.2)
+            ax.plot([100 * x for x, _ in points], [y for _, y in points], marker=markers[n % len(markers)],
+                    color=colors[n % len(colors)], label=method, **style)
+        dense = _dense_row(rows, {"model": model})
+        if dense is not None and dense["Average"] is not None:
+            ax.axhline(dense["Average"], color="black", linestyle="--", linewidth=1, label="dense")
+        densities = sorted({100 * r["density"] for r in mine})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(densities, [f"{d:g}%" for d in densities])
+        ax.minorticks_off()
+        ax.set_xlabel("token density N_b / L")
+        ax.set_ylabel("LongBench average (x100)")
+        ax.set_title(f"{model}, {decode} decode", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    covered = sorted({d for r in sparse for d in ALL_DATASETS if r[d] is not None}, key=ALL_DATASETS.index)
+    figure.suptitle(f"LongBench score vs density ({', '.join(covered)})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+    return path
 
 
 def _md_table(header: list[str], lines: list[list[str]]) -> str:
@@ -467,6 +620,9 @@ def main(argv=None) -> None:
         (output_dir / f"results{suffix}.md").write_text(md, encoding="utf-8")
         write_csv(output_dir / f"results{suffix}.csv", rows)
         print(f"wrote {output_dir / f'results{suffix}.md'} and {output_dir / f'results{suffix}.csv'}")
+        plot = plot_density(rows, output_dir / f"density{suffix}.png")
+        if plot is not None:
+            print(f"wrote {plot}")
     if rows_e:
         (output_dir / "results_e.md").write_text(md_e, encoding="utf-8")
         write_csv(output_dir / "results_e.csv", rows_e)

@@ -4,6 +4,9 @@
     python run_longbench.py --method dense --datasets multi_news --max-samples 2
     python run_longbench.py --model meta-llama/Llama-3.1-8B-Instruct --max-length 49152 --method dhsa --density 0.0625
     python run_longbench.py --longbench-e --hub                         # LongBench-E from the Hugging Face Hub
+    python run_longbench.py --model qwen2.5-coder-1.5b-instruct --chinese --data-dir DIR \
+        --methods dense dhsa block_sparse --densities 0.125             # several runs, one model load
+    python -m torch.distributed.run --standalone --nproc-per-node 2 run_longbench.py ...   # 2 GPUs share the work
 
 Inputs are built as LongBench's pred.py builds them (data/longbench.py): LongBench's prompt and generation
 length per dataset, the middle of over-long prompts cut out, the chat template (when the tokenizer has one)
@@ -14,7 +17,10 @@ Predictions go to <output-dir>/<model>/<run>/<dataset>.jsonl (<dataset>_e.jsonl 
 <run> is the run name of utils/runs.py (`dense`, `<method>_<density>`, `<method>_budget<N_b>`, ...; a folder
 named the older way, `<method>_b<N_b>`, is still resumed); run_config.json beside them records the settings.
 Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it stopped (a
-line cut off by a crash is dropped and that sample redone). Score with eval_longbench.py.
+line cut off by a crash is dropped and that sample redone). Samples go in order, each with every requested
+method in turn, so that an interrupted sweep has all methods on the same samples. Under torchrun each process
+takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/sharding.py), all appending to the same files.
+Score with eval_longbench.py (scripts/run_longbench.sh runs the paper's sweep and scores it).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBE
 from utils.cli import HelpFormatter
 from utils.config import add_config_args, config_from_args
 from utils.generation import eos_token_ids, greedy_generate
-from utils.runs import append_jsonl, config_dict, read_jsonl, run_name
+from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, write_atomic
+from utils.sharding import Shard, distributed
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -41,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models.py) or path")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="several methods in one invocation (overrides --method); dense runs once")
+    parser.add_argument("--densities", nargs="+", type=float, default=None,
+                        help="several densities (overrides --density)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="LongBench datasets (default: every English one the data source has)")
     parser.add_argument("--chinese", action="store_true", help="also run the five Chinese datasets")
@@ -61,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="wrap prompts in the tokenizer's chat template (default: if it has one)")
     parser.add_argument("--max-samples", type=int, default=None, help="only the first N samples of each dataset")
     parser.add_argument("--output-dir", default="results_longbench")
-    parser.add_argument("--run-name", default=None, help="run folder name (default: from method and density)")
+    parser.add_argument("--run-name", default=None,
+                        help="run folder name (default: from method and density); one method and density only")
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto (cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--load-in-4bit", action="store_true",
@@ -130,7 +142,8 @@ def prepare_run_dir(run_dir: Path, settings: dict) -> None:
                          f"choose another --run-name or --output-dir")
     if not (run_dir / "run_config.json").is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(json.loads(json.dumps(settings)), indent=2) + "\n")
+        # atomic: the other ranks of a sharded run read it at the same time
+        write_atomic(run_dir / "run_config.json", json.dumps(json.loads(json.dumps(settings)), indent=2) + "\n")
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -160,34 +173,32 @@ def prompt_cap(max_length: int | None, model_max: int, max_new_tokens: int, over
     return room if max_length is None else min(max_length, room)
 
 
-def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
-                    chat_template: bool | None = None, keep_head: int | None = None, decode: str | None = None) -> int:
-    """Write one prediction per sample not yet in `out_path`; returns how many were written.
-
-    Each line: {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens"
-    (before the cut), "input_tokens" (fed to the model), "truncated", "decode" (the decode protocol of the
-    attention config; default: the patched model's)}.
-    """
-    done = finished_ids(out_path)
-    todo = [s for s in samples if str(s["_id"]) not in done]
-    max_new = MAX_NEW_TOKENS[dataset]
+def predict(model, tokenizer, dataset: str, sample: dict, built: dict, decode: str | None) -> dict:
+    """The prediction record of one sample, from its model input `built` (data/longbench.py build_input):
+    {"_id", "pred", "answers", "all_classes", "length", "dataset", "language", "prompt_tokens" (before the cut),
+    "input_tokens" (fed to the model), "truncated", "decode" (the decode protocol of the attention config)}."""
     stops = stop_token_ids(model, tokenizer, dataset)
     min_new = 1 if dataset == "samsum" else 0  # LongBench: min_length=context_length+1 on samsum
+    new_ids = greedy_generate(model, built["input_ids"], MAX_NEW_TOKENS[dataset], stops, min_new_tokens=min_new)
+    return {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
+            "answers": sample["answers"], "all_classes": sample.get("all_classes"),
+            "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
+            "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
+            "truncated": built["truncated"], "decode": decode}
+
+
+def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,
+                    chat_template: bool | None = None, keep_head: int | None = None, decode: str | None = None) -> int:
+    """Write one prediction (`predict`) per sample not yet in `out_path`, with the model as patched now; returns
+    how many were written. `decode` defaults to the patched model's decode protocol."""
+    done = finished_ids(out_path)
+    todo = [s for s in samples if str(s["_id"]) not in done]
     if decode is None:
         decode = _patched_decode(model)
-    written = 0
     for sample in tqdm(todo, desc=dataset, initial=len(samples) - len(todo), total=len(samples)):
-        built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template,
-                            keep_head=keep_head)
-        new_ids = greedy_generate(model, built["input_ids"], max_new, stops, min_new_tokens=min_new)
-        record = {"_id": sample["_id"], "pred": tokenizer.decode(new_ids, skip_special_tokens=True),
-                  "answers": sample["answers"], "all_classes": sample.get("all_classes"),
-                  "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
-                  "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
-                  "truncated": built["truncated"], "decode": decode}
-        append_jsonl(out_path, record)
-        written += 1
-    return written
+        built = build_input(tokenizer, dataset, sample, max_length, chat_template=chat_template, keep_head=keep_head)
+        append_jsonl(out_path, predict(model, tokenizer, dataset, sample, built, decode))
+    return len(todo)
 
 
 def _patched_decode(model) -> str | None:
@@ -201,18 +212,36 @@ def _patched_decode(model) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ main
 
+def run_configs(args: argparse.Namespace) -> list:
+    """One attention config per requested run: methods x densities (dense once). Raises ValueError for bad input."""
+    from utils.methods import method_names
+
+    methods = args.methods or [args.method]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose one of: {', '.join(method_names())}")
+    configs = []
+    for method in dict.fromkeys(methods):
+        if method == "dense":
+            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
+            continue
+        for density in dict.fromkeys(args.densities or [args.density]):
+            configs.append(config_from_args(args, method=method, density=density))
+    if args.run_name and len(configs) > 1:
+        raise ValueError("--run-name names one run; with several methods/densities leave it out")
+    return configs
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    shard = Shard.from_env()
     try:
-        config = config_from_args(args)
-        from utils.methods import method_names
-        if config.method not in method_names():
-            raise ValueError(f"unknown method {config.method!r}; choose one of: {', '.join(method_names())}")
+        configs = run_configs(args)
         if args.max_samples is not None and args.max_samples < 1:
             raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
         datasets = pick_datasets(args)
         data_dir = None if args.hub else args.data_dir
-        samples = {d: load_samples(d, data_dir, args.longbench_e)[: args.max_samples] for d in datasets}
+        device = shard.device(args.device)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         sys.exit(f"error: {err}")
 
@@ -222,43 +251,75 @@ def main(argv=None) -> None:
 
     torch.manual_seed(42)  # as LongBench's pred.py (decoding is greedy anyway)
     dtype = None if args.dtype == "auto" else args.dtype
-    try:
-        model, tokenizer = load_model(args.model, device=args.device, dtype=dtype, load_in_4bit=args.load_in_4bit)
-        patch_model(model, config=config, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        sys.exit(f"error: {err}")
-    model.eval()
-    model_max = model_max_length(model)
+    with distributed(shard):
+        with shard.main_first():  # rank 0 downloads the data and converts the model first, into the cache
+            try:
+                samples = {d: load_samples(d, data_dir, args.longbench_e)[: args.max_samples] for d in datasets}
+                model, tokenizer = load_model(args.model, device=device, dtype=dtype, load_in_4bit=args.load_in_4bit)
+            except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+                sys.exit(f"error: {err}")
+        model.eval()
+        model_max = model_max_length(model)
+        caps = {}
+        for dataset in datasets:
+            try:
+                overhead = chat_overhead(tokenizer, uses_chat_template(dataset, args.chat_template, tokenizer))
+                caps[dataset] = prompt_cap(args.max_length, model_max, MAX_NEW_TOKENS[dataset], overhead)
+                if args.keep_head is not None and not 0 <= args.keep_head < caps[dataset]:
+                    raise ValueError(f"--keep-head must be in [0, {caps[dataset]}) for {dataset}, got {args.keep_head}")
+            except ValueError as err:
+                sys.exit(f"error: {err}")
+            if args.max_length is not None and caps[dataset] < args.max_length and shard.is_main:
+                print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
+                      f"{model_max} tokens; keeping {caps[dataset]} prompt tokens")
 
-    settings = {"model": args.model, "model_name": model_folder_name(args.model), "model_max_length": model_max,
-                "max_length": args.max_length, "keep_head": args.keep_head, "chat_template": args.chat_template,
-                "dtype": args.dtype, "load_in_4bit": args.load_in_4bit, "attention": config_dict(config),
-                "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
-    model_dir = Path(args.output_dir) / model_folder_name(args.model)
-    run_dir = model_dir / args.run_name if args.run_name else run_dir_for(model_dir, config, settings)
-    try:
-        prepare_run_dir(run_dir, settings)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+        model_dir = Path(args.output_dir) / model_folder_name(args.model)
+        run_dirs = []  # every run folder is checked before any sample runs
+        for config in configs:
+            settings = {"model": args.model, "model_name": model_folder_name(args.model),
+                        "model_max_length": model_max, "max_length": args.max_length, "keep_head": args.keep_head,
+                        "chat_template": args.chat_template, "dtype": args.dtype, "load_in_4bit": args.load_in_4bit,
+                        "attention": config_dict(config),
+                        "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
+            run_dir = model_dir / args.run_name if args.run_name else run_dir_for(model_dir, config, settings)
+            try:
+                patch_model(model, config=config, tokenizer=tokenizer)  # a config the model cannot take fails now
+                prepare_run_dir(run_dir, settings)
+            except (ValueError, FileNotFoundError) as err:
+                sys.exit(f"error: {err}")
+            run_dirs.append(run_dir)
 
-    for dataset in datasets:
+        # this rank's samples (every N-th), each run with every method in turn: at any moment all runs hold the
+        # same samples; what a file already holds is skipped
         try:
-            overhead = chat_overhead(tokenizer, uses_chat_template(dataset, args.chat_template, tokenizer))
-            cap = prompt_cap(args.max_length, model_max, MAX_NEW_TOKENS[dataset], overhead)
-            if args.keep_head is not None and not 0 <= args.keep_head < cap:
-                raise ValueError(f"--keep-head must be in [0, {cap}) for {dataset}, got {args.keep_head}")
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        if args.max_length is not None and cap < args.max_length:
-            print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
-                  f"{model_max} tokens; keeping {cap} prompt tokens")
-        out_path = run_dir / file_name(dataset, args.longbench_e)
-        try:
-            written = predict_dataset(model, tokenizer, dataset, samples[dataset], out_path, max_length=cap,
-                                      chat_template=args.chat_template, keep_head=args.keep_head, decode=config.decode)
+            done = {(i, d): finished_ids(run_dir / file_name(d, args.longbench_e))
+                    for i, run_dir in enumerate(run_dirs) for d in datasets}
         except ValueError as err:  # a results file that is not a prediction file, or edited by hand
             sys.exit(f"error: {err}")
-        print(f"{dataset}: {written} new predictions -> {out_path}")
+        mine = shard.take([(d, k) for d in datasets for k in range(len(samples[d]))])
+        todo = [(d, k, i) for d, k in mine for i in range(len(configs)) if str(samples[d][k]["_id"]) not in done[i, d]]
+        built_key, patched = None, len(configs) - 1  # patched with the last config above
+        bar = tqdm(todo, desc=shard.label(model_folder_name(args.model)), unit="prediction")
+        for dataset, k, i in bar:
+            sample = samples[dataset][k]
+            if patched != i:
+                patch_model(model, config=configs[i], tokenizer=tokenizer)
+                patched = i
+            if built_key != (dataset, k):  # the same input for every method
+                built = build_input(tokenizer, dataset, sample, caps[dataset], chat_template=args.chat_template,
+                                    keep_head=args.keep_head)
+                built_key = (dataset, k)
+            record = predict(model, tokenizer, dataset, sample, built, configs[i].decode)
+            append_jsonl(run_dirs[i] / file_name(dataset, args.longbench_e), record)
+            bar.set_postfix(run=run_dirs[i].name, dataset=dataset)
+        shard.barrier()  # every rank's predictions are in the files now
+
+    if shard.is_main:
+        for run_dir in run_dirs:
+            for dataset in datasets:
+                out_path = run_dir / file_name(dataset, args.longbench_e)
+                have = len(finished_ids(out_path) & {str(s["_id"]) for s in samples[dataset]})
+                print(f"{run_dir.name} {dataset}: {have}/{len(samples[dataset])} predictions -> {out_path}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ the whole prompt's length in tokens (the haystack is cut to fit; at the model's 
 answer); each record keeps the real `prompt_tokens` and the key budget N_b the method used.
 
 One JSONL record per (length, depth) goes to results_needle/<model>/<run>.jsonl as soon as it is done; a
-rerun skips the pairs already there. Several methods/densities can share one model load:
+rerun skips the pairs already there. Several methods/densities can share one model load, and several GPUs one
+sweep (torchrun: each process takes every N-th test on its own GPU; utils/sharding.py):
 
     python run_needle_in_haystack.py --methods dense dhsa --density 0.0625 --lengths 1K 2K 4K --depths 0 50 100
+    python -m torch.distributed.run --standalone --nproc-per-node 2 run_needle_in_haystack.py --methods dense dhsa
     python visualize_needle_in_haystack.py results_needle
 """
 
@@ -23,12 +25,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.haystack import (
-    NEEDLE_SETS, PROMPT_STYLES, Haystack, NeedleSample, make_sample, read_essays, resolve_prompt_style, score_answer,
+    NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
+from utils.sharding import Shard, distributed
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
@@ -154,11 +157,17 @@ def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int)
 
 # ---- the test -------------------------------------------------------------------------------------------
 
-def run(model, tokenizer, args, model_name: str | None = None, model_max: int | None = None) -> list[dict]:
+def run(model, tokenizer, args, model_name: str | None = None, model_max: int | None = None,
+        shard: Shard | None = None) -> list[dict]:
     """Run the test for every requested method/density on a loaded model; returns one summary per run:
-    {"method", "density", "name", "path", "records"} (records of the requested lengths and depths only)."""
+    {"method", "density", "name", "path", "records"} (records of the requested lengths and depths only).
+
+    Tests go in (length, depth) order, each with every run in turn, so that an interrupted sweep has all runs on
+    the same tests. Under torchrun, this rank takes every N-th test (utils/sharding.py); the summaries, read back
+    from the files once every rank has finished, hold the tests of all ranks."""
     from utils.patch import patch_model
 
+    shard = Shard.from_env() if shard is None else shard
     model_name = model_name or args.model
     configs = check_args(args)
     if model_max is None:
@@ -167,58 +176,65 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
         model_max = model_max_length(model)
     lengths = plan_lengths(args, model_max)
     style = resolve_prompt_style(tokenizer, args.prompt_style)
-    haystack = Haystack(read_essays(args.haystack_dir), tokenizer)
     needle, question, key_phrase = NEEDLE_SETS[args.needle_set]
-    samples: dict[tuple[int, float], NeedleSample] = {}  # the same prompts for every method
-    device = next(model.parameters()).device
+    tests = [(n, d) for n in lengths for d in args.depths]
 
-    summaries = []
+    runs = []  # every results file is checked before any test runs
     for config in configs:
-        patch_model(model, config=config, tokenizer=tokenizer)
         path = output_path(args, model_name, config)
-        density = 1.0 if config.method == "dense" else config.density
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
-                    "needle_set": args.needle_set,
-                    "config": config_dict(config)}
+                    "needle_set": args.needle_set, "config": config_dict(config)}
         with user_errors():  # a broken results file or one made with other options: one line naming the fix
             records = read_jsonl(path)
             check_same_settings(path, records, settings)
         done = {(r["length"], float(r["depth"])) for r in records}
-        pending = [(n, d) for n in lengths for d in args.depths if (n, d) not in done]
-        label = run_name(config)
-        if len(pending) < len(lengths) * len(args.depths):
-            print(f"{label}: resuming {path}, {len(lengths) * len(args.depths) - len(pending)} tests already done")
-        bar = tqdm(pending, desc=label, unit="test")
-        for length, depth in bar:
-            if (length, depth) not in samples:
-                # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
-                limit = min(length, model_max - args.max_new_tokens)
-                samples[length, depth] = make_sample(haystack, limit, depth, style, needle=needle, question=question)
-            sample = samples[length, depth]
-            sync(device)
-            start = time.perf_counter()
-            answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
-            sync(device)
-            seconds = time.perf_counter() - start
-            scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
-            prompt_tokens = len(sample.input_ids)
-            record = {
-                "method": config.method, "density": density, "decode": config.decode, "length": length,
-                "depth": depth,
-                "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
-                "score_full_needle": round(scores["score_full_needle"], 2),
-                "exact_match": scores["exact_match"], "answer": answer,
-                "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
-                "needle_depth": round(sample.needle_depth, 2),
-                "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
-            }
-            append_jsonl(path, record)
-            records.append(record)
-            bar.set_postfix(length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
-        wanted = {(n, d) for n in lengths for d in args.depths}
-        chosen = [r for r in records if (r["length"], float(r["depth"])) in wanted]
-        summaries.append({"method": config.method, "density": density, "name": label, "path": str(path),
-                          "records": chosen})
+        if done and shard.is_main:
+            print(f"{run_name(config)}: resuming {path}, {len(done & set(tests))} tests already done")
+        runs.append((config, path, settings, done))
+    # this rank's tests, each run with every method in turn: at any moment all runs hold the same tests
+    todo = [(test, i) for test in shard.take(tests) for i, run in enumerate(runs) if test not in run[3]]
+
+    haystack = Haystack(read_essays(args.haystack_dir), tokenizer)
+    device = next(model.parameters()).device
+    sample_key, patched = None, None
+    bar = tqdm(todo, desc=shard.label(Path(model_name).name), unit="test")
+    for (length, depth), i in bar:
+        config, path, settings, _ = runs[i]
+        if patched != i:
+            patch_model(model, config=config, tokenizer=tokenizer)
+            patched = i
+        if sample_key != (length, depth):  # the same prompt for every method
+            # the answer must fit too: at the model's maximum the prompt leaves room for max_new_tokens
+            limit = min(length, model_max - args.max_new_tokens)
+            sample = make_sample(haystack, limit, depth, style, needle=needle, question=question)
+            sample_key = (length, depth)
+        sync(device)
+        start = time.perf_counter()
+        answer = generate_answer(model, tokenizer, sample.input_ids, args.max_new_tokens)
+        sync(device)
+        seconds = time.perf_counter() - start
+        scores = score_answer(answer, needle=needle, key_phrase=key_phrase, question=question)
+        prompt_tokens = len(sample.input_ids)
+        record = {
+            "method": config.method, "density": 1.0 if config.method == "dense" else config.density,
+            "decode": config.decode, "length": length, "depth": depth,
+            "score": round(scores["score"], 2), "rougeL": round(scores["rougeL"], 2),
+            "score_full_needle": round(scores["score_full_needle"], 2),
+            "exact_match": scores["exact_match"], "answer": answer,
+            "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
+            "needle_depth": round(sample.needle_depth, 2),
+            "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
+        }
+        append_jsonl(path, record)
+        bar.set_postfix(run=run_name(config), length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")
+
+    shard.barrier()  # every rank's tests are in the files now
+    summaries = []
+    for config, path, _, _ in runs:
+        wanted = set(tests)
+        records = [r for r in read_jsonl(path) if (r["length"], float(r["depth"])) in wanted]
+        summaries.append({"method": config.method, "density": 1.0 if config.method == "dense" else config.density,
+                          "name": run_name(config), "path": str(path), "records": records})
     return summaries
 
 
@@ -255,17 +271,22 @@ def print_report(summaries: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    shard = Shard.from_env()
     with user_errors():  # user errors first, before the model loads
         check_args(args)
-        read_essays(args.haystack_dir)
+        device = shard.device(args.device)
 
     from utils.models import load_model, model_max_length
 
-    with user_errors():
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-        model_max = model_max_length(model)
-        plan_lengths(args, model_max)
-    print_report(run(model, tokenizer, args, model_max=model_max))
+    with distributed(shard):
+        with shard.main_first(), user_errors():  # rank 0 fetches the essays and converts the model first
+            read_essays(args.haystack_dir)
+            model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+            model_max = model_max_length(model)
+            plan_lengths(args, model_max)
+        summaries = run(model, tokenizer, args, model_max=model_max, shard=shard)
+    if shard.is_main:
+        print_report(summaries)
 
 
 if __name__ == "__main__":

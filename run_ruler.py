@@ -12,6 +12,10 @@ table per run (every run file of the model), and the average over tasks per run 
     python run_ruler.py --model gemma-3-270m --methods dense dhsa --density 0.0625 --lengths 4K 8K --num-samples 5
     python run_ruler.py --model qwen2.5-coder-1.5b-instruct --methods dense dhsa --density 0.0625 --device cuda
     python run_ruler.py --model gemma-3-270m --tables-only          # rewrite results.md/.csv from the JSONL files
+    python -m torch.distributed.run --standalone --nproc-per-node 2 run_ruler.py --model qwen2.5-coder-1.5b-instruct
+
+Under torchrun each process takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/sharding.py), all
+appending to the same files; rank 0 writes the tables once every rank has finished.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from utils.cli import HelpFormatter, parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.generation import eos_token_ids, greedy_generate
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
+from utils.sharding import Shard, distributed
 
 DEFAULT_LENGTHS = [4096, 8192, 16384, 32768]
 
@@ -124,48 +129,62 @@ def _generate(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> st
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def run(model, tokenizer, args, model_max: int | None = None) -> list[dict]:
+def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | None = None) -> list[dict]:
     """Run every requested method/density on a loaded model; returns one summary per run:
-    {"name", "path", "records"} (the records of the requested tasks, lengths and samples)."""
+    {"name", "path", "records"} (the records of the requested tasks, lengths and samples).
+
+    Samples go in (task, length, index) order, each with every run in turn, so that an interrupted sweep has all
+    runs on the same samples. Under torchrun, this rank takes every N-th sample (utils/sharding.py); the
+    summaries, read back from the files once every rank has finished, hold the records of all ranks."""
     from utils.models import model_max_length
     from utils.patch import patch_model
 
+    shard = Shard.from_env() if shard is None else shard
     configs = check_args(args)
     check_lengths(args.lengths, model_max or model_max_length(model))
     generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks())
     wanted = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.num_samples)]
-    summaries = []
+
+    runs = []  # every results file is checked before any sample runs
     for config in configs:
-        patch_model(model, config=config, tokenizer=tokenizer)
-        path, label = output_path(args, config), run_name(config)
+        path = output_path(args, config)
         settings = {"model": Path(args.model.rstrip("/")).name, "prompt_style": generator.style, "seed": args.seed,
                     "config": config_dict(config)}
         records = read_jsonl(path)
         check_same_settings(path, records, settings)
         done = {(r["task"], r["length"], r["index"]) for r in records}
-        pending = [key for key in wanted if key not in done]
-        if len(pending) < len(wanted):
-            print(f"{label}: resuming {path}, {len(wanted) - len(pending)} samples already done")
-        bar = tqdm(pending, desc=label, unit="sample")
-        for task, length, index in bar:
-            sample = generator.sample(task, length, index)
-            start = time.perf_counter()
-            prediction = _generate(model, tokenizer, sample.input_ids, sample.max_new_tokens)
-            seconds = time.perf_counter() - start
-            record = {
-                "task": task, "length": length, "index": index, "method": config.method,
-                "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
-                "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
-                "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
-                "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
-            }
-            append_jsonl(path, record)
-            records.append(record)
-            bar.set_postfix(task=task, length=length, score=f"{record['score']:.0f}")
-        keys = set(wanted)
-        summaries.append({"name": label, "path": str(path),
-                          "records": [r for r in records if (r["task"], r["length"], r["index"]) in keys]})
-    return summaries
+        if done and shard.is_main:
+            print(f"{run_name(config)}: resuming {path}, {len(done & set(wanted))} samples already done")
+        runs.append((config, path, settings, done))
+    # this rank's samples, each run with every method in turn: at any moment all runs hold the same samples
+    todo = [(key, j) for key in shard.take(wanted) for j, run in enumerate(runs) if key not in run[3]]
+    sample_key, patched = None, None
+    bar = tqdm(todo, desc=shard.label(Path(args.model.rstrip("/")).name), unit="sample")
+    for (task, length, index), j in bar:
+        config, path, settings, _ = runs[j]
+        if patched != j:
+            patch_model(model, config=config, tokenizer=tokenizer)
+            patched = j
+        if sample_key != (task, length, index):
+            sample, sample_key = generator.sample(task, length, index), (task, length, index)
+        start = time.perf_counter()
+        prediction = _generate(model, tokenizer, sample.input_ids, sample.max_new_tokens)
+        seconds = time.perf_counter() - start
+        record = {
+            "task": task, "length": length, "index": index, "method": config.method,
+            "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
+            "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
+            "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
+            "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
+        }
+        append_jsonl(path, record)
+        bar.set_postfix(run=run_name(config), task=task, length=length, score=f"{record['score']:.0f}")
+
+    shard.barrier()  # every rank's samples are in the files now
+    keys = set(wanted)
+    return [{"name": run_name(config), "path": str(path),
+             "records": [r for r in read_jsonl(path) if (r["task"], r["length"], r["index"]) in keys]}
+            for config, path, _, _ in runs]
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
@@ -242,19 +261,23 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    shard = Shard.from_env()
     with user_errors():  # user errors first, before the data or the model loads
         check_args(args)
-        if not args.tables_only:
-            load_tasks()
+        device = shard.device(args.device)
     if not args.tables_only:
         from utils.models import load_model, model_max_length
 
-        with user_errors():
-            model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-            model_max = model_max_length(model)
-            check_lengths(args.lengths, model_max)
-        with user_errors():
-            run(model, tokenizer, args, model_max=model_max)
+        with distributed(shard):
+            with shard.main_first(), user_errors():  # rank 0 fetches the data and converts the model first
+                load_tasks()
+                model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+                model_max = model_max_length(model)
+                check_lengths(args.lengths, model_max)
+            with user_errors():
+                run(model, tokenizer, args, model_max=model_max, shard=shard)
+    if not shard.is_main:
+        return  # rank 0 writes the tables of all ranks' records
     folder = Path(args.output).parent if args.output else model_dir(args)
     written = write_tables(folder)
     if written is None:

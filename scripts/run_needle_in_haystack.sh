@@ -7,6 +7,8 @@
 # lengths from 1K doubling up to the model's maximum, depths 0..100% in steps of 10%. The full sweep wants CUDA.
 # DECODES: the decode protocols to run (dense = sparse prefill + dense decode, the default; sparse = Algorithm 2);
 # dense attention runs once whatever the protocol.
+# NPROC: processes, one per GPU (default 1); NPROC > 1 launches torchrun, the GPUs sharing each model's tests:
+#   NPROC=2 bash scripts/run_needle_in_haystack.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,12 +19,13 @@ DECODES="${DECODES:-dense sparse}"
 DENSITIES="${DENSITIES:-0.0625}"
 MIN_BUDGET="${MIN_BUDGET:-512}"
 OUTPUT_DIR="${OUTPUT_DIR:-results_needle}"
+source scripts/launch.sh
 
 for model in ${MODELS}; do
     for decode in ${DECODES}; do
         echo "== ${model}: ${METHODS} at density ${DENSITIES}, ${decode} decode"
         # shellcheck disable=SC2086  # word splitting of the lists is intended
-        "${PYTHON}" run_needle_in_haystack.py --model "${model}" --methods ${METHODS} --densities ${DENSITIES} \
+        launch run_needle_in_haystack.py --model "${model}" --methods ${METHODS} --densities ${DENSITIES} \
             --min-budget "${MIN_BUDGET}" --decode "${decode}" --output-dir "${OUTPUT_DIR}" "$@"
     done
 done

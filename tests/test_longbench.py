@@ -285,9 +285,12 @@ def test_run_then_eval_end_to_end(tmp_path, monkeypatch):
     expected = ev.dataset_score("hotpotqa", records)
     assert json.loads((run_dir / "result.json").read_text()) == {"hotpotqa": expected}
     table = (out / "results.md").read_text()
-    assert f"| tiny | dhsa | 0.25 | – | {expected:.2f} | – |" in table and "1/16 (hotpotqa:2)" in table
-    header = (out / "results.csv").read_text().splitlines()[0]
-    assert header.startswith("language,model,method,density,budget,run,Single-Doc QA")
+    assert f"| tiny | dhsa | 0.25 | dense | {expected:.2f} | {expected:.2f} | 2 |" in table   # every run, by dataset
+    assert "## Table 2" not in table                                   # no dense and no 12.5% run: no Table 2
+    (row,) = list(__import__("csv").DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert (row["model"], row["method"], row["density"], row["decode"]) == ("tiny", "dhsa", "0.25", "dense")
+    assert float(row["hotpotqa"]) == expected and row["n_hotpotqa"] == "2" and row["datasets"] == "1/21 (hotpotqa:2)"
+    assert row["multifieldqa_zh"] == row["n_multifieldqa_zh"] == ""
 
 
 def test_eval_errors_are_one_line(tmp_path):
@@ -339,8 +342,8 @@ def test_longbench_e_table(tmp_path):
     (run / "multi_news_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     ev.main(["--results-dir", str(tmp_path)])
     table = (tmp_path / "results_e.md").read_text()
-    assert "| m | dense | – | 0-4k | – | – | 100.00 | – | – | – | 100.00 | 1/13 (multi_news:2) |" in table
-    assert "| m | dense | – | 8k+ | – | – | – | – | – | – | – |" in table
+    assert "| m | dense | – | dense | 0-4k | – | – | 100.00 | – | – | – | 100.00 | 1/13 (multi_news:2) |" in table
+    assert "| m | dense | – | dense | 8k+ | – | – | – | – | – | – | – |" in table
     assert not (tmp_path / "results.md").exists()
 
 
@@ -369,12 +372,96 @@ def test_common_samples_scores_runs_on_the_samples_they_share(tmp_path):
 def test_describe_run_from_folder_names_without_run_config(tmp_path):
     def described(name):
         info = ev.describe_run(tmp_path / "m" / name)
-        return info["method"], info["density"], info["budget"]
+        return info["method"], info["density"], info["budget"], info["decode"]
 
-    assert described("dense") == ("dense", None, None)
-    assert described("dhsa_0.125") == ("dhsa", 0.125, None)
-    assert described("dhsa_fixed_chunks_0.0625_min512") == ("dhsa_fixed_chunks", 0.0625, None)
-    assert described("block_sparse_budget2048") == ("block_sparse", None, 2048)
-    assert described("dhsa_b2048") == ("dhsa", None, 2048)                  # older LongBench folders
-    assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None)
-    assert described("my_run") == ("my_run", None, None)
+    assert described("dense") == ("dense", None, None, "dense")
+    assert described("dhsa_0.125") == ("dhsa", 0.125, None, "dense")
+    assert described("dhsa_fixed_chunks_0.0625_min512") == ("dhsa_fixed_chunks", 0.0625, None, "dense")
+    assert described("block_sparse_budget2048") == ("block_sparse", None, 2048, "dense")
+    assert described("dhsa_b2048") == ("dhsa", None, 2048, "dense")                  # older LongBench folders
+    assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None, "sparse")
+    assert described("my_run") == ("my_run", None, None, "dense")
+    (tmp_path / "m" / "old").mkdir()                                        # a run_config.json without decode
+    (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
+                                                                                      "density": 0.125}}))
+    assert described("old") == ("dhsa", 0.125, None, "unrecorded")
+
+
+def write_predictions(run_dir: Path, dataset: str, right: list[bool], config: dict | None = None) -> None:
+    """A run folder's predictions for `dataset`: sample i right or wrong (answer "段落1" / "summary words ...")."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (run_dir / "run_config.json").write_text(json.dumps({"model_name": run_dir.parent.name,
+                                                             "attention": {"decode": "dense", **config}}))
+    answer = {"passage_retrieval_zh": "段落1", "multifieldqa_zh": "北京", "multi_news": "police arrested protesters"}
+    wrong = {"passage_retrieval_zh": "段落2", "multifieldqa_zh": "上海", "multi_news": "sunny weather today"}
+    with open(run_dir / f"{dataset}.jsonl", "w", encoding="utf-8") as f:
+        for i, ok in enumerate(right):
+            f.write(json.dumps({"_id": f"{dataset}{i}", "pred": (answer if ok else wrong)[dataset],
+                                "answers": [answer[dataset]], "all_classes": None, "length": 100},
+                               ensure_ascii=False) + "\n")
+
+
+def test_tables_2_to_4_and_density_plot(tmp_path):
+    """Runs over an English and two Chinese datasets land in one table: results.csv has one row per (model, method,
+    density, decode) with every dataset's score and sample count; results.md renders Tables 2-4 from it; density.png
+    plots the sweep."""
+    import csv
+
+    datasets = ["multi_news", "multifieldqa_zh", "passage_retrieval_zh"]
+    runs = {  # folder: (config, samples right out of 4 per dataset)
+        "dense": ({"method": "dense", "density": None}, 4),
+        "dhsa_0.0625": ({"method": "dhsa", "density": 0.0625}, 1),
+        "dhsa_0.125": ({"method": "dhsa", "density": 0.125}, 3),
+        "dhsa_0.25": ({"method": "dhsa", "density": 0.25}, 4),
+        "dhsa_0.125_decode-sparse": ({"method": "dhsa", "density": 0.125, "decode": "sparse"}, 2),
+        "dhsa_no_robust_repr_0.125": ({"method": "dhsa_no_robust_repr", "density": 0.125}, 2),
+        "dhsa_fixed_chunks_0.125": ({"method": "dhsa_fixed_chunks", "density": 0.125}, 2),
+        "block_sparse_0.125": ({"method": "block_sparse", "density": 0.125}, 1),
+        "streaming_0.125": ({"method": "streaming", "density": 0.125}, 0),
+    }
+    for name, (config, right) in runs.items():
+        for dataset in datasets:
+            write_predictions(tmp_path / "m" / name, dataset, [i < right for i in range(4)], config)
+    ev.main(["--results-dir", str(tmp_path)])
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv", encoding="utf-8")))
+    assert [(r["method"], r["density"], r["decode"]) for r in rows] == [
+        ("dense", "", "dense"), ("dhsa", "0.0625", "dense"), ("dhsa", "0.125", "dense"), ("dhsa", "0.25", "dense"),
+        ("dhsa_fixed_chunks", "0.125", "dense"), ("dhsa_no_robust_repr", "0.125", "dense"),
+        ("block_sparse", "0.125", "dense"), ("streaming", "0.125", "dense"), ("dhsa", "0.125", "sparse")]
+    assert all(f"n_{d}" in rows[0] and d in rows[0] for d in lb.ALL_DATASETS)
+    dhsa = rows[2]
+    assert [float(dhsa[d]) for d in datasets] == [75.0, 75.0, 75.0] and dhsa["n_multifieldqa_zh"] == "4"
+    assert float(dhsa["Average"]) == 75.0 and float(dhsa["Synthetic"]) == 75.0 and dhsa["Code"] == ""
+    assert dhsa["datasets"] == "3/21 (multi_news:4, multifieldqa_zh:4, passage_retrieval_zh:4)"
+
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    table2, rest = md.split("## Table 2")[1].split("## Table 3")
+    table3, rest = rest.split("## Table 4")
+    table4, every = rest.split("## Every run")
+    assert "| Model | Method | Decode | Single-Doc QA | Summarization | Synthetic | Average | % of dense |" in table2
+    assert "| m | dhsa | dense | 75.00 | 75.00 | 75.00 | 75.00 | 75.0% |" in table2
+    assert "| m | dhsa | sparse | 50.00 |" in table2 and "| m | streaming | dense | 0.00 |" in table2
+    assert "0.0625" not in table2 and table2.count("| m |") == 7
+    assert "| m | 0.0625 | dhsa | dense | 25.00 |" in table3 and "| m | 0.25 | dhsa | dense | 100.00 |" in table3
+    assert table3.count("| m |") == 4 and "streaming" not in table3 and "sparse" not in table3  # dense, dhsa x 3
+    assert [line.split(" | ")[1] for line in table4.splitlines() if line.startswith("| m |")] == [
+        "DHSA", "DHSA w/o robust chunk repr.", "DHSA w/o dynamic chunking",
+        "Block Sparse (DHSA w/o robust chunk repr. & dynamic chunking)", "DHSA"]
+    assert "| m | streaming | 0.125 | dense | 0.00 | 0.00 | 0.00 | 0.00 | 4 4 4 |" in every
+
+    png = (tmp_path / "density.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert ev.plot_density([r for r in ev.result_rows([]) if r], tmp_path / "none.png") is None
+
+
+def test_relative_to_dense_only_on_the_same_samples(tmp_path):
+    for name, config, right in (("dense", {"method": "dense"}, [True] * 4),
+                                ("dhsa_0.125", {"method": "dhsa", "density": 0.125}, [True, False])):
+        write_predictions(tmp_path / "m" / name, "passage_retrieval_zh", right, config)
+    ev.main(["--results-dir", str(tmp_path)])
+    assert "| m | dhsa | dense | 50.00 | 50.00 | – |" in (tmp_path / "results.md").read_text(encoding="utf-8")
+    ev.main(["--results-dir", str(tmp_path), "--common-samples"])      # scored on the 2 samples both have
+    assert "| m | dhsa | dense | 50.00 | 50.00 | 50.0% |" in (tmp_path / "results_common.md").read_text("utf-8")
+    assert (tmp_path / "density_common.png").is_file()

@@ -55,8 +55,8 @@ class Runner:
             importlib.import_module(self.module).main(args)
 
 
-def kill_when(process, ready, log: Path, timeout: float = 240.0) -> bool:
-    """SIGKILL `process` as soon as ready() is true; returns False if it finished first."""
+def kill_when(process, ready, log: Path, timeout: float = 240.0, kill=None) -> bool:
+    """SIGKILL `process` (or call kill()) as soon as ready() is true; returns False if it finished first."""
     deadline = time.monotonic() + timeout
     while not ready():
         if process.poll() is not None:
@@ -67,7 +67,10 @@ def kill_when(process, ready, log: Path, timeout: float = 240.0) -> bool:
             process.kill()
             pytest.fail(f"no results write within {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
+    if kill is None:
+        os.kill(process.pid, signal.SIGKILL)
+    else:
+        kill()
     process.wait()
     return True
 
@@ -284,3 +287,112 @@ def test_latency_csv_killed_mid_row_stays_parseable(tmp_path):
     assert parts == one_run[:2] + one_run  # the killed run's two whole rows, then the second run's eight
     assert {row[COLUMNS.index("decode")] for row in rows[1:]} == {"dense"}
     assert all(float(row[COLUMNS.index("median_ms")]) > 0 for row in rows[1:])
+
+
+# ------------------------------------------------------------------------------------------------ sharded (torchrun)
+
+def start_sharded(runner: Runner, args: list[str], log: Path, write_log: Path | None = None,
+                  half_write: int | None = None, marker: Path | None = None, nproc: int = 2):
+    """The runner under `torchrun --nproc-per-node nproc` (gloo on the CPU): each rank a process of its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(HARNESS), runner.module, "--family", runner.family]
+    if runner.max_positions:
+        command += ["--max-positions", str(runner.max_positions)]
+    if runner.chat_template:
+        command.append("--chat-template")
+    if write_log is not None:
+        write_log.mkdir(parents=True, exist_ok=True)
+        command += ["--write-log", str(write_log)]
+    if half_write is not None:
+        command += ["--half-write", str(half_write), "--marker", str(marker)]
+    import torch
+
+    # the ranks compute with as many threads as this process (torchrun's default is 1), so that greedy answers match
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(log, "wb") as out:
+        return subprocess.Popen(command + ["--", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def run_sharded(runner: Runner, args: list[str], tmp_path: Path, write_log: Path | None = None, nproc: int = 2) -> str:
+    log = tmp_path / f"sharded{len(list(tmp_path.glob('sharded*.log')))}.log"
+    process = start_sharded(runner, args, log, write_log, nproc=nproc)
+    try:
+        process.wait(timeout=300)
+    finally:
+        process.kill()
+    output = log.read_text(errors="replace")
+    assert process.returncode == 0, f"the sharded run failed:\n{output[-4000:]}"
+    return output
+
+
+def written_by_rank(write_log: Path, key) -> dict[int, list]:
+    """{rank: [(file path, key(record)) for each results line the rank wrote]} from the harness's --write-log."""
+    found = {}
+    for path in sorted(write_log.glob("rank*.log")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        found[int(path.stem[4:])] = [(name, key(json.loads(line))) for name, line in (x.split("\t", 1) for x in lines)]
+    return found
+
+
+def assert_disjoint_shares(shares: dict[int, list], total: int) -> None:
+    assert sorted(shares) == [0, 1], "both ranks should write results"
+    assert all(shares.values()), f"a rank wrote nothing: {shares}"
+    assert not set(shares[0]) & set(shares[1]), "the ranks' slices overlap"
+    assert sum(len(s) for s in shares.values()) == total
+
+
+def test_needle_two_processes_split_the_tests_exactly_once(tmp_path, essays, needle_reference):
+    args = needle_args(tmp_path / "out", essays)
+    output = run_sharded(NEEDLE, args, tmp_path, tmp_path / "writes")
+    assert needle_results(tmp_path / "out") == needle_reference   # every (run, length, depth) once, same scores
+    shares = written_by_rank(tmp_path / "writes", lambda r: (r["method"], r["length"], r["depth"]))
+    assert_disjoint_shares(shares, 8)
+    assert [len(s) for s in shares.values()] == [4, 4]                  # round robin over the 8 tests
+    assert output.count("average score") == 2 == output.count("over 4 tests")  # rank 0 alone reports all tests
+
+
+def test_needle_two_processes_killed_mid_write_resume_exactly_once(tmp_path, essays, needle_reference):
+    """Both ranks SIGKILLed while rank 0 (or 1) holds a half-written line (the other waits for the file's lock, or
+    is anywhere in its work); a new two-process run completes the file: each test once, the reference's scores."""
+    args = needle_args(tmp_path / "out", essays)
+    marker, log = tmp_path / "half-written", tmp_path / "killed.log"
+    process = start_sharded(NEEDLE, args, log, half_write=3, marker=marker)
+    pid_files = [Path(f"{marker}.pid.{rank}") for rank in (0, 1)]
+    try:
+        assert kill_when(process, lambda: marker.exists() and all(p.exists() for p in pid_files), log,
+                         kill=lambda: [os.kill(int(p.read_text()), signal.SIGKILL) for p in pid_files])
+    finally:
+        process.kill()
+        process.wait()
+    results = tmp_path / "out" / "tiny"
+    assert any(not p.read_bytes().endswith(b"\n") for p in results.glob("*.jsonl")), "no cut-off line was left"
+    run_sharded(NEEDLE, args, tmp_path)
+    assert needle_results(tmp_path / "out") == needle_reference
+
+
+def test_longbench_two_processes_split_runs_and_datasets_exactly_once(tmp_path, longbench_data):
+    """dense and dhsa over an English and a Chinese dataset in one invocation: the two ranks share the 12
+    predictions, and the files hold what one process writes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hotpotqa.jsonl").write_bytes((longbench_data / "hotpotqa.jsonl").read_bytes())
+    rows = [{"input": f"问题 {i}：文件说了什么？", "context": f"第{i}个文件讲的是长文本。" * (10 + 4 * i),
+             "answers": ["长文本"], "length": 120, "dataset": "multifieldqa_zh", "language": "zh",
+             "all_classes": None, "_id": f"zh{i}"} for i in range(3)]
+    (data / "multifieldqa_zh.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                encoding="utf-8")
+
+    def args(out):
+        return ["--model", "org/tiny", "--data-dir", str(data), "--chinese", "--output-dir", str(out), "--device",
+                "cpu", "--methods", "dense", "dhsa", "--densities", "0.25", "--query-chunk", "32"]
+
+    def results(out):
+        return {(run, name): by_key(jsonl_records(out / "tiny" / run / f"{name}.jsonl"), lambda r: r["_id"],
+                                    ("pred", "input_tokens", "truncated", "decode"))
+                for run in ("dense", "dhsa_0.25") for name in ("hotpotqa", "multifieldqa_zh")}
+
+    LONGBENCH.run_here(args(tmp_path / "one"))
+    output = run_sharded(LONGBENCH, args(tmp_path / "two"), tmp_path, tmp_path / "writes")
+    assert results(tmp_path / "two") == results(tmp_path / "one")
+    assert_disjoint_shares(written_by_rank(tmp_path / "writes", lambda r: r["_id"]), 12)
+    assert "dhsa_0.25 multifieldqa_zh: 3/3 predictions" in output and output.count("predictions ->") == 4

