@@ -381,7 +381,7 @@ def test_describe_run_from_folder_names_without_run_config(tmp_path):
     assert described("dhsa_b2048") == ("dhsa", None, 2048, "dense")                  # older LongBench folders
     assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None, "sparse")
     assert described("my_run") == ("my_run", None, None, "dense")
-    (tmp_path / "m" / "old").mkdir()                                        # a run_config.json without decode
+    (tmp_path / "m" / "old").mkdir(parents=True)                                      # a run_config.json without decode
     (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
                                                                                       "density": 0.125}}))
     assert described("old") == ("dhsa", 0.125, None, "unrecorded")
