@@ -38,7 +38,7 @@ from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBE
 from utils.cli import HelpFormatter
 from utils.config import add_config_args, config_from_args
 from utils.generation import eos_token_ids, greedy_generate
-from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, write_atomic
+from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
 from utils.sharding import Shard, distributed
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -131,7 +131,9 @@ def changed_settings(run_dir: Path, settings: dict) -> list[str]:
     if not path.is_file():
         return []
     old, settings = json.loads(path.read_text()), json.loads(json.dumps(settings))  # tuples become lists
-    return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    return sorted(k for k in set(old) | set(settings)
+                  if not (same_config(old.get(k), settings[k]) if k == "attention" and k in settings
+                          else old.get(k) == settings.get(k)))
 
 
 def prepare_run_dir(run_dir: Path, settings: dict) -> None:

@@ -172,6 +172,12 @@ class DHSAOptions:
         return dataclasses.replace(self, **changes)
 
 
+# What a run did before a field existed: a results record written then lacks the field, and only a run whose value
+# equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
+LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
+                 "rescore_last": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8}
+
+
 def config_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(SparseAttentionConfig)]
 
@@ -208,4 +214,5 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
     return SparseAttentionConfig(**values)
 
 
-__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names"]
+__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names",
+           "LEGACY_VALUES"]
