@@ -8,8 +8,9 @@ answer); each record keeps the real `prompt_tokens` and the key budget N_b the m
 
 One JSONL record per (length, depth) goes to results_needle/<model>/<run>.jsonl as soon as it is done; a
 rerun skips the pairs already there. Beyond the model's native context, --rope-scaling yarn:4 extends it (YaRN,
-utils/rope_scaling.py); those results go to results_needle/<model>_yarn4/ and record `rope_scaling`. Several methods/densities can share one model load, and several GPUs one
-sweep (torchrun: each process takes every N-th test on its own GPU; utils/sharding.py):
+utils/rope_scaling.py); those results go to results_needle/<model>_yarn4/ and record `rope_scaling`. Several
+methods/densities can share one model load, and several GPUs one sweep (torchrun: each process takes every N-th
+test on its own GPU; utils/sharding.py):
 
     python run_needle_in_haystack.py --methods dense dhsa --density 0.0625 --lengths 1K 2K 4K --depths 0 50 100
     python -m torch.distributed.run --standalone --nproc-per-node 2 run_needle_in_haystack.py --methods dense dhsa
@@ -32,6 +33,7 @@ from data.haystack import (
 from utils.cli import add_rope_scaling_arg, model_folder, parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
+from utils.rope_scaling import apply_rope_scaling, too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 from utils.sharding import Shard, distributed
 
@@ -136,12 +138,7 @@ def plan_lengths(args, model_max: int) -> list[int]:
         lengths = sorted({round(low * (high / low) ** (i / (num - 1))) if num > 1 else low for i in range(num)})
     too_long = [n for n in lengths if n > model_max]
     if too_long:
-        scaling = args.rope_scaling
-        native = model_max / scaling.factor if scaling else model_max
-        factor = max(2, math.ceil(too_long[-1] / native))
-        raise ValueError(f"length {too_long[-1]} exceeds the model's maximum context of {model_max} tokens"
-                         f"{f' (with --rope-scaling {scaling})' if scaling else ''}; use --lengths up to {model_max} "
-                         f"or extend the context with --rope-scaling yarn:{factor} (Qwen2.5 and Llama models)")
+        raise ValueError(too_long_message(too_long[-1], model_max, args.rope_scaling))
     return lengths
 
 
@@ -151,7 +148,6 @@ def expected_model_max(args) -> int | None:
     minutes of loading (or converting)."""
     from utils.model_specs import find_spec
     from utils.models import published_config
-    from utils.rope_scaling import apply_rope_scaling
 
     spec = find_spec(args.model)
     if spec is None:

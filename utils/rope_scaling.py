@@ -20,6 +20,7 @@ llama3-scaled to 128K) are refused with a one-line error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ROPE_SCALING_KINDS = ("yarn",)
@@ -94,4 +95,16 @@ def apply_rope_scaling(config, scaling) -> object:
     return config
 
 
-__all__ = ["ROPE_SCALING_KINDS", "SUPPORTED_MODEL_TYPES", "RopeScaling", "parse_rope_scaling", "apply_rope_scaling"]
+def too_long_message(length: int, model_max: int, scaling=None) -> str:
+    """The one-line error for a length past the model's maximum (with `scaling` applied, if any): it names the
+    --rope-scaling factor that would fit."""
+    scaling = parse_rope_scaling(scaling)
+    native = model_max / scaling.factor if scaling else model_max
+    factor = max(2, math.ceil(length / native))
+    return (f"length {length} exceeds the model's maximum context of {model_max} tokens"
+            f"{f' (with --rope-scaling {scaling})' if scaling else ''}; use --lengths up to {model_max} or extend "
+            f"the context with --rope-scaling yarn:{factor} (Qwen2.5 and Llama models)")
+
+
+__all__ = ["ROPE_SCALING_KINDS", "SUPPORTED_MODEL_TYPES", "RopeScaling", "parse_rope_scaling", "apply_rope_scaling",
+           "too_long_message"]
