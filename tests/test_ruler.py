@@ -405,7 +405,8 @@ def test_rope_scaling_is_recorded_in_its_own_folder(fake_wheels, tokenizer, tmp_
     assert [r["rope_scaling"] for r in summary["records"]] == ["yarn:2"]
     (plain,) = run_ruler.run(model, tokenizer, args_for(tmp_path, "--methods", "dense", "--tasks", "fwe",
                                                         "--num-samples", "1"))
-    assert plain["path"] == str(tmp_path / "out" / "tiny" / "dense.jsonl") and plain["records"][0]["rope_scaling"] is None
+    assert plain["path"] == str(tmp_path / "out" / "tiny" / "dense.jsonl")
+    assert plain["records"][0]["rope_scaling"] is None
     with pytest.raises(ValueError, match="--rope-scaling yarn:2"):  # 16K on an 8K model
         run_ruler.run(model, tokenizer, args_for(tmp_path, "--lengths", "16K"))
 
