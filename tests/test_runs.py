@@ -163,3 +163,12 @@ def test_records_older_than_a_config_field_resume_only_with_its_legacy_value(tmp
     # center_keys predates nothing here: a record without it was made with the old behaviour (False)
     with pytest.raises(ValueError, match="other config"):
         check_same_settings(tmp_path / "r.jsonl", [{"model": "m", "config": old}], {"model": "m", "config": current})
+
+
+def test_dense_runs_resume_whatever_the_sparse_options():
+    dense = config_dict(SparseAttentionConfig(method="dense", density=None))
+    with_flags = config_dict(SparseAttentionConfig(method="dense", density=None, token_rescore=4.0, chunk_size=8))
+    tmp = "r.jsonl"
+    check_same_settings(tmp, [{"config": dense}], {"config": with_flags})
+    with pytest.raises(ValueError, match="other config"):
+        check_same_settings(tmp, [{"config": config_dict(SparseAttentionConfig(method="dhsa"))}], {"config": with_flags})

@@ -207,11 +207,14 @@ def run_name(config) -> str:
 
 def same_config(recorded: dict | None, current: dict) -> bool:
     """Whether a recorded config (config_dict) is the current one; a field the record lacks (it predates the field)
-    counts as its LEGACY_VALUES entry, the behaviour before the field existed."""
+    counts as its LEGACY_VALUES entry, the behaviour before the field existed. Dense attention ignores every
+    option, so any two dense configs are the same run (a DHSA flag on the command line does not split it)."""
     from .config import LEGACY_VALUES
 
     if recorded is None:
         return False
+    if current.get("method") == "dense":
+        return recorded.get("method") == "dense"
     missing = object()
     return all(recorded.get(name, LEGACY_VALUES.get(name, missing)) == value for name, value in current.items())
 
