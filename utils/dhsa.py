@@ -174,7 +174,8 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     G = Hq // H
     best = torch.empty(H, g, K, dtype=top.dtype, device=top.device)
     best_idx = torch.empty(H, g, K, dtype=idx.dtype, device=idx.device)
-    step = max(1, dhsa_math.SCORE_ELEMENTS // max(1, Hq * T * W))  # tiles per slice
+    elements = dhsa_math.SCORE_ELEMENTS * (4 if q.is_cuda else 1)  # logits held at once (GPUs have room)
+    step = max(1, elements // max(1, Hq * T * W))  # tiles per slice
     for s0 in range(0, g, step):
         s1 = min(g, s0 + step)
         n = s1 - s0
@@ -182,7 +183,7 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
         rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
         rows = rows.view(H, G, n, T, D).float()
         cand = idx[:, s0:s1]  # [H, n, W]
-        keys = torch.gather(k.float(), 1, cand.reshape(H, n * W, 1).expand(-1, -1, D)).view(H, n, W, D)
+        keys = torch.gather(k, 1, cand.reshape(H, n * W, 1).expand(-1, -1, D)).view(H, n, W, D).float()
         logits = torch.einsum("hgntd,hnwd->hgntw", rows, keys) * D ** -0.5
         query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
         blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None]) \
