@@ -84,8 +84,15 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
     if q.is_cuda:  # None = the fused selection does not apply
-        fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=options)
+        last_only = options.token_rescore and options.rescore_last and q.shape[2] > options.rescore_last
+        plain = options.replace(token_rescore=0.0) if last_only else options
+        fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=plain)
         if fused is not None:
+            if last_only:  # the fused kernel for every tile, then the last tiles again with token rescoring
+                T = options.query_chunk
+                first = (q.shape[2] - options.rescore_last) // T  # first rescored tile
+                tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options)
+                fused.key_index[:, :, first:] = tail.key_index
             return fused
     return _select_on_pytorch(q, k, budget, boundaries, options)
 
