@@ -155,7 +155,7 @@ def test_records_older_than_a_config_field_resume_only_with_its_legacy_value(tmp
     """A record written before `token_rescore` existed lacks it: it behaved like token_rescore=0 (LEGACY_VALUES), so a
     run with 0 resumes it and a run with 4 is refused; committed results stay resumable when fields are added."""
     current = config_dict(SparseAttentionConfig(method="dhsa", density=0.0625))
-    old = {k: v for k, v in current.items() if k not in ("token_rescore", "rescore_last", "center_keys")}
+    old = {k: v for k, v in current.items() if k not in ("token_rescore", "exact_tail", "center_keys")}
     old_record = [{"model": "m", "config": {**old, "center_keys": True}}]
     check_same_settings(tmp_path / "r.jsonl", old_record, {"model": "m", "config": current})
     with pytest.raises(ValueError, match="other config"):

@@ -1,6 +1,7 @@
-"""DHSA's token-level refinement (`token_rescore`, `rescore_last`): the chunk scores pick token_rescore x N_b
-candidate keys, the tile's queries rescore them key by key and the N_b best stay. Checked against a brute-force
-reference, for the budget, causality and full-budget equality, and on a planted key that chunk scores miss."""
+"""DHSA's token-level refinement: `token_rescore` (the chunk scores pick token_rescore x N_b candidate keys, the
+tile's queries rescore them key by key and the N_b best stay) and `exact_tail` (the last tiles of a prefill rescore
+every visible key). Checked against a brute-force reference, for the budget, causality and full-budget equality,
+and on a planted key that chunk scores miss."""
 
 import math
 
@@ -25,13 +26,13 @@ def kept(selection, head, tile):
     return set(row[row >= 0].tolist())
 
 
-def test_every_candidate_rescored_equals_brute_force_on_the_last_tile():
-    """With every visible key a candidate, the last tile keeps its forced keys plus the keys with the highest
+def test_exact_tail_equals_brute_force_on_the_last_tile():
+    """With every visible key a candidate (exact_tail), the last tile keeps its forced keys plus the keys with the highest
     softmax weight any of its queries gives them (per query head: head_pooling "none")."""
     q, k = rand_qk(L=150, seed=1)
     L, T, budget = 150, 16, 40
     ends = [fixed_size_ends(L, 8)]
-    options = OPTIONS.replace(token_rescore=100.0, rescore_last=T)
+    options = OPTIONS.replace(exact_tail=T)
     selection = dhsa_select(q, k, budget=budget, boundaries=ends, options=options)
     last_tile = math.ceil(L / T) - 1
     first = last_tile * T
@@ -46,16 +47,20 @@ def test_every_candidate_rescored_equals_brute_force_on_the_last_tile():
         assert kept(selection, head, last_tile) == set(torch.topk(weight, budget).indices.tolist())
 
 
-def test_only_the_last_tiles_are_rescored():
+def test_only_the_tail_tiles_are_exact():
     q, k = rand_qk(L=200, seed=2)
     ends = [fixed_size_ends(200, 8)]
     plain = dhsa_select(q, k, budget=40, boundaries=ends, options=OPTIONS)
-    last = dhsa_select(q, k, budget=40, boundaries=ends, options=OPTIONS.replace(token_rescore=4.0, rescore_last=40))
+    tail = dhsa_select(q, k, budget=40, boundaries=ends, options=OPTIONS.replace(exact_tail=40))
     n_tiles = plain.key_index.shape[2]
-    first_rescored = (200 - 40) // 16  # tiles holding the last 40 queries
-    assert torch.equal(plain.key_index[:, :, :first_rescored], last.key_index[:, :, :first_rescored])
-    assert not torch.equal(plain.key_index[:, :, first_rescored:], last.key_index[:, :, first_rescored:])
-    assert n_tiles - first_rescored == 3
+    first_exact = (200 - 40) // 16  # tiles holding the last 40 queries
+    assert torch.equal(plain.key_index[:, :, :first_exact], tail.key_index[:, :, :first_exact])
+    assert not torch.equal(plain.key_index[:, :, first_exact:], tail.key_index[:, :, first_exact:])
+    assert n_tiles - first_exact == 3
+    # with token_rescore too, the other tiles are rescored and the tail stays exact
+    both = dhsa_select(q, k, budget=40, boundaries=ends, options=OPTIONS.replace(exact_tail=40, token_rescore=2.0))
+    assert torch.equal(both.key_index[:, :, first_exact:], tail.key_index[:, :, first_exact:])
+    assert not torch.equal(both.key_index[:, :, :first_exact], plain.key_index[:, :, :first_exact])
 
 
 @pytest.mark.parametrize("head_pooling, share_heads", [("none", False), ("mean", False), ("max", False),
@@ -63,7 +68,7 @@ def test_only_the_last_tiles_are_rescored():
 @pytest.mark.parametrize("budget", [5, 24, 50])
 def test_budget_and_causality_with_rescoring(head_pooling, share_heads, budget):
     q, k = rand_qk(L=130, seed=budget)
-    options = OPTIONS.replace(token_rescore=3.0, head_pooling=head_pooling, share_heads=share_heads)
+    options = OPTIONS.replace(token_rescore=3.0, exact_tail=20, head_pooling=head_pooling, share_heads=share_heads)
     selection = dhsa_select(q, k, budget=budget, boundaries=[fixed_size_ends(130, 8)], options=options)
     idx = selection.key_index
     tile_last = torch.clamp(torch.arange(1, idx.shape[2] + 1) * 16, max=130) - 1
@@ -78,20 +83,26 @@ def test_budget_and_causality_with_rescoring(head_pooling, share_heads, budget):
 def test_full_budget_with_rescoring_is_dense():
     q, k = rand_qk(L=97, seed=3)
     v = torch.randn_like(k)
-    out = dhsa_attention(q, k, v, budget=97, query_chunk=16, token_rescore=4.0, sink_tokens=4, local_tokens=8)
+    out = dhsa_attention(q, k, v, budget=97, query_chunk=16, token_rescore=4.0, exact_tail=16,
+                        sink_tokens=4, local_tokens=8)
     ref = dense_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-def test_decode_step_rescored():
-    """One query (a decode step): rescoring with every key a candidate keeps the keys it attends to most."""
+def test_decode_step_rescored_but_never_exact():
+    """One query (a decode step): token_rescore with every key a candidate keeps the keys it attends to most;
+    exact_tail concerns prefills only, so a decode step with it selects as without it."""
     q, k = rand_qk(L=120, seed=4)
     step = q[:, :, -1:]
-    options = OPTIONS.replace(token_rescore=100.0, rescore_last=1, sink_tokens=0, local_tokens=0)
-    selection = dhsa_select(step, k, budget=10, boundaries=[fixed_size_ends(120, 8)], options=options)
+    ends = [fixed_size_ends(120, 8)]
+    options = OPTIONS.replace(token_rescore=100.0, sink_tokens=0, local_tokens=0)
+    selection = dhsa_select(step, k, budget=10, boundaries=ends, options=options)
     for head in range(4):
         logits = step[0, head, 0] @ k[0, head // 2].T
         assert kept(selection, head, 0) == set(torch.topk(logits, 10).indices.tolist())
+    plain = dhsa_select(step, k, budget=10, boundaries=ends, options=OPTIONS)
+    assert torch.equal(plain.key_index, dhsa_select(step, k, budget=10, boundaries=ends,
+                                                    options=OPTIONS.replace(exact_tail=64)).key_index)
 
 
 def test_rescoring_finds_a_key_that_chunk_scores_dilute():
@@ -120,5 +131,5 @@ def test_rescoring_finds_a_key_that_chunk_scores_dilute():
 def test_bad_rescore_options():
     with pytest.raises(ValueError, match="token_rescore"):
         SparseAttentionConfig(token_rescore=0.5)
-    with pytest.raises(ValueError, match="rescore_last"):
-        SparseAttentionConfig(token_rescore=2.0, rescore_last=-1)
+    with pytest.raises(ValueError, match="exact_tail"):
+        SparseAttentionConfig(exact_tail=-1)

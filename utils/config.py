@@ -51,8 +51,8 @@ class SparseAttentionConfig:
                                            # of a GQA group share one selection (summed queries / best head)
     token_rescore: float = 0.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
                                            # them, are rescored key by key by the tile's queries; 0: chunk scores only
-    rescore_last: int = 0                  # rescore only the tiles holding the last rescore_last queries of a
-                                           # prefill (and decode steps); 0: every tile
+    exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
+                                           # the first answer token) rescore every visible key; 0: off
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -94,9 +94,9 @@ class SparseAttentionConfig:
             self.decode = "dense"
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
-        if self.token_rescore != 0 and self.token_rescore < 1 or self.rescore_last < 0:
-            raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), rescore_last >= 0; "
-                             f"got {self.token_rescore}, {self.rescore_last}; e.g. --token-rescore 4")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
+            raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), exact_tail >= 0; "
+                             f"got {self.token_rescore}, {self.exact_tail}; e.g. --token-rescore 4 --exact-tail 64")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
             raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
@@ -154,7 +154,7 @@ class DHSAOptions:
     head_pooling: str = SparseAttentionConfig.head_pooling
     center_keys: bool = SparseAttentionConfig.center_keys
     token_rescore: float = SparseAttentionConfig.token_rescore
-    rescore_last: int = SparseAttentionConfig.rescore_last
+    exact_tail: int = SparseAttentionConfig.exact_tail
 
     def __post_init__(self) -> None:
         if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
@@ -164,9 +164,9 @@ class DHSAOptions:
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
-        if self.token_rescore != 0 and self.token_rescore < 1 or self.rescore_last < 0:
-            raise ValueError(f"token_rescore must be 0 or >= 1 and rescore_last >= 0; got {self.token_rescore}, "
-                             f"{self.rescore_last}")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
+            raise ValueError(f"token_rescore must be 0 or >= 1 and exact_tail >= 0; got {self.token_rescore}, "
+                             f"{self.exact_tail}")
 
     def replace(self, **changes) -> "DHSAOptions":
         return dataclasses.replace(self, **changes)
@@ -175,7 +175,7 @@ class DHSAOptions:
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
 # equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
-                 "rescore_last": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8}
+                 "exact_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8}
 
 
 def config_field_names() -> list[str]:

@@ -83,14 +83,16 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
             # expanded for scoring only; the Selection has Hq heads and attention reads K/V in place.
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
+    if q.shape[2] == 1 and options.exact_tail:
+        options = options.replace(exact_tail=0)  # a decode step is no prefill tail: it keeps the cheap chunk scores
     if q.is_cuda:  # None = the fused selection does not apply
-        last_only = options.token_rescore and options.rescore_last and q.shape[2] > options.rescore_last
-        plain = options.replace(token_rescore=0.0) if last_only else options
+        tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
+        plain = options.replace(exact_tail=0) if tail_only else options
         fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=plain)
         if fused is not None:
-            if last_only:  # the fused kernel for every tile, then the last tiles again with token rescoring
+            if tail_only:  # the fused kernel for every tile, then the exact tail tiles on the PyTorch path
                 T = options.query_chunk
-                first = (q.shape[2] - options.rescore_last) // T  # first rescored tile
+                first = (q.shape[2] - options.exact_tail) // T  # first exact tile
                 tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options)
                 fused.key_index[:, :, first:] = tail.key_index
             return fused
@@ -124,9 +126,10 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     sink, local = forced_key_counts(tile_budget, options.sink_tokens, options.local_tokens)
     key_pos = torch.arange(Lk, device=device)
 
-    # token_rescore: tiles from first_rescored on (those holding the last rescore_last queries; all if 0) refine
-    first_rescored = n_tiles if not options.token_rescore else max(0, (Lq - options.rescore_last) // T) \
-        if options.rescore_last else 0
+    # Candidates per tile before token rescoring: every visible key for the exact tail of a prefill (tiles from
+    # first_exact on), token_rescore x N_b for the other tiles (N_b: no rescoring)
+    first_exact = max(0, (Lq - options.exact_tail) // T) if options.exact_tail and Lq > 1 else n_tiles
+    width_other = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
     group = max(1, min(n_tiles, dhsa_math.SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
@@ -144,13 +147,13 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         else:
             chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
-        for t0, t1 in _tile_groups(n_tiles, group, first_rescored):
+        for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             scores = chunk_scores[:, t0:t1][:, :, chunk_of_key]  # upsample to tokens: [heads, g, Lk]
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
             scores = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
-            width = min(Lk, math.ceil(options.token_rescore * K)) if t0 >= first_rescored else K
+            width = Lk if t0 >= first_exact else width_other
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
                 top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K)

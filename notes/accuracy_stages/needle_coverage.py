@@ -29,7 +29,7 @@ from utils.dhsa import dhsa_select  # noqa: E402
 from utils.models import load_model  # noqa: E402
 
 VARIANTS = {"base": {}, "chunk8": {"chunk_size": 8}, "rescore2": {"token_rescore": 2.0},
-            "rescore4": {"token_rescore": 4.0}, "exact_last_tile": {"token_rescore": 1e6, "rescore_last": 64}}
+            "rescore4": {"token_rescore": 4.0}, "exact_tail": {"exact_tail": 64}, "exact_tail_rescore2": {"exact_tail": 64, "token_rescore": 2.0}}
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")

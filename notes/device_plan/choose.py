@@ -3,9 +3,9 @@ run: exact needles summed over Qwen2.5-1.5B and Gemma-3 (30 cases each); candida
 a later (costlier) candidate is chosen only if it beats the best so far by >= 2 exact needles."""
 import json, sys
 from collections import defaultdict
-CANDIDATES = ["base", "last64x", "last256r4", "c8", "all2", "all4"]
-FLAGS = {"base": "", "last64x": "--token-rescore 16 --rescore-last 64", "last256r4": "--token-rescore 4 --rescore-last 256",
-         "c8": "--chunk-size 8", "all2": "--token-rescore 2", "all4": "--token-rescore 4"}
+CANDIDATES = ["base", "tail64", "tail256", "c8", "tail64_r2", "all4"]
+FLAGS = {"base": "", "tail64": "--exact-tail 64", "tail256": "--exact-tail 256", "c8": "--chunk-size 8",
+         "tail64_r2": "--exact-tail 64 --token-rescore 2", "all4": "--token-rescore 4"}
 exact = defaultdict(lambda: defaultdict(int)); n = defaultdict(lambda: defaultdict(int))
 for path in sys.argv[1:]:
     model = "gemma" if "gemma" in path else "qwen"
