@@ -318,7 +318,7 @@ def time_decode_step(name: str, q, k, v, config, row: dict, scale, softcap, args
             attend = DENSE_DECODE[name][0]
             t = timed(lambda: attend(q, k, v, scale, softcap))
             dense_ms[name] = t["median_ms"]
-            results.add(**row, part="total", **t, **speedups(t["median_ms"]))
+            results.add(**row, part="total", **t)
             return
         step = DecodeStep(name, q, k, v, config, scale, softcap)
         selection = step.select()
