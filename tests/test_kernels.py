@@ -556,3 +556,62 @@ def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
 ])
 def test_cuda_flexprefill_and_xattention_through_the_kernels(dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
     check_peer_baselines("cuda", dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget)
+
+
+# ---------------------------------------------------------------------------------------------- RTX 3090 tile configs
+
+def test_rtx3090_gets_smaller_tiles_that_fit(monkeypatch):
+    """With 99 KB per block (RTX 3090, sm_86) the configs shrink to fit, by the kernels' own accounting, and the
+    H100's stay as tuned; the limit is forced by shared_memory_limit or DHSA_SHARED_MEMORY."""
+    from utils.kernels.select import max_pooled_config
+    from utils.kernels.shared_memory import H100, RTX_3090, shared_memory_limit, shared_memory_per_block
+    from utils.kernels.sparse_prefill import default_config
+
+    assert default_config(128, 4, shared_memory=H100) == dict(rows=256, block_n=64, num_warps=16, num_stages=5)
+    with shared_memory_limit(RTX_3090):
+        assert shared_memory_per_block() == RTX_3090
+        assert default_config(128, 4) == dict(rows=128, block_n=64, num_warps=8, num_stages=2)
+        assert default_config(128, 4, block_mode=True) == dict(rows=128, block_n=64, num_warps=4, num_stages=2,
+                                                               tma=True)  # TMA needs sm_90: a 3090 loads rows
+        assert max_pooled_config(256) == dict(rows=64, block_c=64, num_warps=8, num_stages=2)
+        assert max_pooled_config(128, element_size=4) == dict(rows=128, block_c=32, num_warps=4, num_stages=2)
+        for D in (64, 128, 256):
+            for block_mode in (False, True):
+                c = default_config(D, 4, block_mode)
+                assert 2 * D * (c["rows"] + 2 * c["num_stages"] * c["block_n"]) <= RTX_3090, (D, c)
+            for size in (2, 4):
+                c = max_pooled_config(D, size)
+                assert size * D * (c["rows"] + c["num_stages"] * c["block_c"]) <= RTX_3090, (D, size, c)
+    assert max_pooled_config(128, shared_memory=H100) == dict(rows=128, block_c=64, num_warps=4, num_stages=4)
+    monkeypatch.setenv("DHSA_SHARED_MEMORY", str(RTX_3090))
+    assert shared_memory_per_block() == RTX_3090
+    monkeypatch.setenv("DHSA_SHARED_MEMORY", "99KB")
+    with pytest.raises(ValueError, match="DHSA_SHARED_MEMORY must be a number of bytes .* e.g. 101376"):
+        shared_memory_per_block()
+
+
+@cuda_only
+def test_cuda_rtx3090_configs(monkeypatch):
+    """The tile configs an RTX 3090 gets (99 KB of shared memory per block, no TMA), forced on this GPU: the
+    attention kernel (token and block mode, soft-capping, sliding windows), the fused selection and the
+    max-pooled scoring kernel give the PyTorch path's results, within the tolerances of the tests above."""
+    from utils.kernels import sparse_prefill as prefill_module
+    from utils.kernels.shared_memory import RTX_3090, shared_memory_limit
+
+    monkeypatch.setattr(prefill_module, "_tma_usable", lambda *tensors: False)  # sm_86 has no TMA
+    with shared_memory_limit(RTX_3090):
+        for D in (64, 128, 256):
+            check_kernel_matches_executor("cuda", torch.bfloat16, 1, 32 if D == 128 else 8, 8 if D == 128 else 2,
+                                          1500, D, 64, 200)
+        check_kernel_matches_executor("cuda", torch.float16, 2, 12, 2, 900, 128, 128, 300)  # Qwen2.5-1.5B heads
+        check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 4, 600, 256, 64, 100, softcap=50.0)  # Gemma-2
+        check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 2, 600, 128, 64, 100, per_query_head=True)
+        check_sliding_window("cuda", torch.bfloat16, 1, 8, 4, 3000, 3000, 256, 512)
+        for dtype, Hq, H, L, D, T, Nc in [(torch.bfloat16, 32, 8, 3000, 128, 64, 190),
+                                          (torch.float16, 8, 2, 1000, 256, 64, 70),
+                                          (torch.float32, 8, 2, 600, 128, 64, 60)]:
+            check_max_pooled_scores("cuda", dtype, Hq, H, L, D, T, Nc)
+        check_fused_selection("cuda", 2, 8, 2, 2000, 128, 250, None, 64, 64)
+        test_cuda_dispatch_equals_reference_path()  # selection + attention through the dispatch, Llama heads
+        check_block_path("cuda", torch.bfloat16, 1, 32, 8, 2048, 128, 128, 512)
+        check_peer_baselines("cuda", torch.bfloat16, 1, 12, 2, 3000, 3000, 128, 128, 384)
