@@ -17,6 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import triton
+except ImportError:  # the compile check is skipped (needs_triton)
+    triton = None
+
 from utils import kernels
 from utils.attention import sparse_attention
 from utils.boundaries import as_boundary_list, fixed_size_ends
@@ -588,6 +593,85 @@ def test_rtx3090_gets_smaller_tiles_that_fit(monkeypatch):
     monkeypatch.setenv("DHSA_SHARED_MEMORY", "99KB")
     with pytest.raises(ValueError, match="DHSA_SHARED_MEMORY must be a number of bytes .* e.g. 101376"):
         shared_memory_per_block()
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
+                  torch.int32: "*i32"}
+
+
+def shared_memory_on_sm86(kernel, args, kwargs) -> int:
+    """Bytes of shared memory per block of one recorded launch, compiled for Ampere sm_86 (an RTX 3090) by Triton's
+    own compiler: no GPU needed, the number the driver would check at launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    signature = {name: "constexpr" if name in kwargs else _POINTER_TYPES[values[name].dtype]
+                 if isinstance(values[name], torch.Tensor) else "fp32" if isinstance(values[name], float) else "i32"
+                 for name in kernel.arg_names}
+    constants = {(kernel.arg_names.index(name),): value for name, value in kwargs.items()}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 86, 32),
+                              options=options)
+    return compiled.metadata.shared
+
+
+def launches_of(monkeypatch, limit: int) -> list[tuple]:
+    """(kernel, args, kwargs) of the Triton launches that the kernels' wrappers make under a shared-memory limit,
+    for the layer shapes of the latency tables (head dims 64/128/256, token and block mode, bf16, fp32 scoring)."""
+    from utils.kernels import select as select_module
+    from utils.kernels import sparse_prefill as prefill_module
+    from utils.kernels.shared_memory import shared_memory_limit
+
+    recorders = {}
+    for module, name in ((prefill_module, "_sparse_prefill_kernel"), (select_module, "_max_pooled_scores_kernel"),
+                         (select_module, "_dhsa_pick_kernel")):
+        kernel = getattr(module, name)
+        recorders[name] = _LaunchRecorder(kernel.kernel if isinstance(kernel, _LaunchRecorder) else kernel)
+        monkeypatch.setattr(module, name, recorders[name])
+    with shared_memory_limit(limit):
+        for Hq, Hkv, D in ((32, 8, 128), (12, 2, 128), (9, 3, 64), (8, 4, 256)):
+            q, k = torch.zeros(1, Hq, 256, D, dtype=torch.bfloat16), torch.zeros(1, Hkv, 256, D, dtype=torch.bfloat16)
+            idx = torch.zeros(1, Hkv, 4, 64, dtype=torch.long)
+            prefill_module.sparse_prefill(q, k, k, idx, query_chunk=64, sorted_keys=True)
+            prefill_module.sparse_prefill(q, k, k, idx[:, :, :2, :2], query_chunk=128, block_size=128, sorted_keys=True)
+            prefill_module.sparse_prefill(q, k, k, idx, query_chunk=64, softcap=50.0)
+            for dtype in (torch.bfloat16, torch.float32):
+                select_module.max_pooled_chunk_scores_gpu(q[0].to(dtype), torch.zeros(Hkv, 40, D), 64)
+        for chunks in (2000, 8000, 32768):  # chunk scores of a tile: 32K to 512K keys at 16 keys per chunk
+            select_module.pick_keys(torch.zeros(1, 1, chunks), torch.arange(1, chunks + 1), num_queries=1,
+                                    q_offset=chunks - 1, budget=64, query_chunk=64, sink_tokens=16, local_tokens=16,
+                                    num_slots=64)
+    return [(recorder.kernel, args, kwargs) for recorder in recorders.values() for args, kwargs in recorder.launches]
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU target")
+def test_rtx3090_configs_compile_within_its_shared_memory(monkeypatch):
+    """Every kernel launch the wrappers make with a 3090's 99 KB, compiled for sm_86 by Triton (on any machine):
+    each fits in 99 KB per block. The H100's configs do not all fit (fp32 scoring), so the limit is what keeps them
+    in; that is also checked, so that this test cannot pass by compiling nothing that could overflow."""
+    from utils.kernels.shared_memory import H100, RTX_3090
+
+    small = launches_of(monkeypatch, RTX_3090)
+    assert len(small) == 4 * 5 + 3
+    for kernel, args, kwargs in small:
+        used = shared_memory_on_sm86(kernel, args, kwargs)
+        assert used <= RTX_3090, (kernel.fn.__name__, {n: v for n, v in kwargs.items() if not n.isupper()}, used)
+    large = [shared_memory_on_sm86(*launch) for launch in launches_of(monkeypatch, H100)
+             if launch[0].fn.__name__ == "_max_pooled_scores_kernel" and launch[2]["IEEE"]]
+    assert max(large) > RTX_3090, large
 
 
 @cuda_only
