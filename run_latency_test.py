@@ -277,7 +277,7 @@ def decode_mode(args, results: Results) -> None:
     density and method) are not measured again; their medians still give the speed-ups."""
     shape = layer_shape(args.shape)
     scale, softcap = shape["scale"], shape["softcap"] if args.softcap else None
-    methods = [m for m in args.methods if softcap is None or m not in DENSE_DECODE or DENSE_DECODE[m][2]]
+    methods = [m for m in args.methods if softcap is None or m not in DENSE_DECODE or DENSE_DECODE[m].softcap]
     done = {}
     for r in read_csv_rows(results.path):
         if r.get("part") == "total" and r.get("median_ms"):
@@ -315,7 +315,7 @@ def time_decode_step(name: str, q, k, v, config, row: dict, scale, softcap, args
 
     try:
         if name in DENSE_DECODE:
-            attend = DENSE_DECODE[name][0]
+            attend = DENSE_DECODE[name].attend
             t = timed(lambda: attend(q, k, v, scale, softcap))
             dense_ms[name] = t["median_ms"]
             results.add(**row, part="total", **t)
@@ -421,7 +421,7 @@ def parse_args(argv=None):
             fail(f"{', '.join(gpu_only)} need(s) a CUDA GPU (--mode kernel); drop them from --methods")
     if args.mode == "decode":
         names = decode_method_names()
-        cuda_only = [name for name, (_, only, _) in DENSE_DECODE.items() if only]
+        cuda_only = [name for name, entry in DENSE_DECODE.items() if entry.cuda_only]
         args.methods = args.methods or [m for m in DECODE_DEFAULTS if args.device == "cuda" or m not in cuda_only]
         unknown = [name for name in args.methods if name not in names]
         if unknown:

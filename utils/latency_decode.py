@@ -21,7 +21,7 @@ Entries:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,16 @@ def _pinned(backend: str) -> Callable:
     return attend
 
 
-# name -> (attend(q, k, v, scale, softcap), cuda_only, applies soft-capping)
-DENSE_DECODE: dict[str, tuple[Callable, bool, bool]] = {
-    "sdpa": (_sdpa, False, True),
-    "sdpa_flash": (_pinned("flash"), True, False),
-    "sdpa_cudnn": (_pinned("cudnn"), True, False),
+class DenseDecode(NamedTuple):
+    attend: Callable  # (q [B, Hq, 1, D], k, v [B, Hkv, L, D], scale, softcap) -> [B, Hq, 1, D]
+    cuda_only: bool
+    softcap: bool     # applies logit soft-capping (Gemma-2); entries that cannot are skipped for such shapes
+
+
+DENSE_DECODE: dict[str, DenseDecode] = {
+    "sdpa": DenseDecode(_sdpa, cuda_only=False, softcap=True),
+    "sdpa_flash": DenseDecode(_pinned("flash"), cuda_only=True, softcap=False),
+    "sdpa_cudnn": DenseDecode(_pinned("cudnn"), cuda_only=True, softcap=False),
 }
 # speed-up column -> the dense entry it divides
 SPEEDUP_COLUMNS = {"speedup_vs_dense": "sdpa", "speedup_vs_flash": "sdpa_flash", "speedup_vs_cudnn": "sdpa_cudnn"}
@@ -98,4 +103,4 @@ class DecodeStep:
         return sparse_attention(self.q, self.k, self.v, selection, scale=self.scale, softcap=self.softcap)
 
 
-__all__ = ["DENSE_DECODE", "SPEEDUP_COLUMNS", "DECODE_DEFAULTS", "decode_method_names", "decode_inputs", "DecodeStep"]
+__all__ = ["DenseDecode", "DENSE_DECODE", "SPEEDUP_COLUMNS", "DECODE_DEFAULTS", "decode_method_names", "decode_inputs", "DecodeStep"]
