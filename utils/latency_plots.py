@@ -29,9 +29,10 @@ def plot(out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(densities), figsize=(4.5 * len(densities), 3.6), squeeze=False)
         for ax, density in zip(axes[0], densities):
             sub = df[df["density"] == density]
-            for method, grp in sub.groupby("method"):
+            shapes = "shape" in sub and sub["shape"].nunique() > 1  # one line per method and layer shape
+            for key, grp in sub.groupby(["method", "shape"] if shapes else ["method"]):
                 grp = grp.groupby("length")[col].median()
-                ax.plot(grp.index, grp.values, marker="o", label=method)
+                ax.plot(grp.index, grp.values, marker="o", label=", ".join(map(str, key)))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("KV cache length (one decode step)" if decode else "sequence length")
             ax.set_ylabel(col.replace("_", " "))
