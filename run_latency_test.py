@@ -37,20 +37,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils import kernels
 from utils.attention import dense_attention, sparse_attention
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
-from utils.latency_decode import (DECODE_DEFAULTS, DENSE_DECODE, SPEEDUP_COLUMNS, DecodeStep, decode_inputs,
-                                  decode_method_names)
+from utils.latency_decode import DECODE_DEFAULTS, DENSE_DECODE, decode_method_names, decode_mode
 from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, LayerMethod, kernel_config_variants,
                                    layer_contexts, reference)
 from utils.latency_plots import plot
 from utils.methods import LayerContext
 from utils.model_specs import MODELS, find_spec, get_spec
-from utils.runs import read_csv_rows
 from utils.selection import full_selection
 
 
@@ -269,74 +266,6 @@ def e2e_mode(args, results: Results) -> None:
             torch.cuda.empty_cache()
 
 
-# ------------------------------------------------------------------------------------------------ decode mode
-
-def decode_mode(args, results: Results) -> None:
-    """One decode step per length of --lengths (the KV cache) and method of --methods: dense once per length,
-    sparse methods per density. Rows already in the CSV (a "total" row of the same shape, dtype, batch, length,
-    density and method) are not measured again; their medians still give the speed-ups."""
-    shape = layer_shape(args.shape)
-    scale, softcap = shape["scale"], shape["softcap"] if args.softcap else None
-    methods = [m for m in args.methods if softcap is None or m not in DENSE_DECODE or DENSE_DECODE[m].softcap]
-    done = {}
-    for r in read_csv_rows(results.path):
-        if r.get("part") == "total" and r.get("median_ms"):
-            done[(r["shape"], r["dtype"], r["batch"], r["length"], r["density"], r["method"])] = float(r["median_ms"])
-    for L in args.lengths:
-        q, k, v = decode_inputs(shape, args.batch, L, args.torch_dtype, args.device, seed=L)
-        base = dict(shape=shape["name"], dtype=args.dtype, batch=args.batch, length=L)
-        dense_ms = {}
-        runs = [(m, 1.0) for m in methods if m in DENSE_DECODE]
-        runs += [(m, d) for d in args.densities for m in methods if m not in DENSE_DECODE]
-        for name, density in tqdm(runs, desc=f"decode, {L} keys", leave=False):
-            row = dict(base, density=density, method=name)
-            key = tuple(str(row[c]) for c in ("shape", "dtype", "batch", "length", "density", "method"))
-            if key in done:
-                if name in DENSE_DECODE:
-                    dense_ms[name] = done[key]
-                continue
-            time_decode_step(name, q, k, v, dhsa_config(density, args), row, scale, softcap, args, results, dense_ms)
-        del q, k, v
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-
-
-def time_decode_step(name: str, q, k, v, config, row: dict, scale, softcap, args, results: Results,
-                     dense_ms: dict) -> None:
-    """Dense entry: part "total". Sparse: "select", "attn" (on that selection) and "total" (the step as
-    run_method runs it, selection included), with the relative error of the step's output against the PyTorch
-    executor on the same selection (GPU only: on the CPU they are the same path). Timing: utils.latency.measure.
-    dense_ms collects the dense medians for the speed-up columns. A failure gives an "error" row."""
-    def timed(fn):
-        return measure(fn, args.device, args.warmup, args.repeats)
-
-    def speedups(ms):
-        return {column: dense_ms[dense] / ms if dense in dense_ms else "" for column, dense in SPEEDUP_COLUMNS.items()}
-
-    try:
-        if name in DENSE_DECODE:
-            attend = DENSE_DECODE[name].attend
-            t = timed(lambda: attend(q, k, v, scale, softcap))
-            dense_ms[name] = t["median_ms"]
-            results.add(**row, part="total", **t)
-            return
-        step = DecodeStep(name, q, k, v, config, scale, softcap)
-        selection = step.select()
-        err = rel_err(step(), reference(q, k, v, selection, scale, softcap)) if args.device == "cuda" else ""
-        t_sel = timed(step.select)
-        t_att = timed(lambda: step.attend(selection))
-        t_all = timed(step)
-    except Exception as exc:  # a backend that cannot run this shape (cuDNN with one query), OOM
-        print(f"  {name} at {row['length']} keys: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
-        results.add(**row, part="error", note=f"{exc}"[:160])
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        return
-    results.add(**row, part="select", **t_sel)
-    results.add(**row, part="attn", **t_att, **speedups(t_att["median_ms"]))
-    results.add(**row, part="total", **t_all, **speedups(t_all["median_ms"]), rel_err=err)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
@@ -447,7 +376,8 @@ def main(argv=None) -> None:
     results = Results(args.out, args.mode, args.device, note, decode="sparse" if args.mode == "decode" else args.decode)
     print(f"{args.mode} mode on {where}; command: {' '.join(sys.argv)}", flush=True)
     {"kernel": layer_mode, "e2e": e2e_mode, "batch": batch_mode, "cpu": layer_mode,
-     "decode": decode_mode}[args.mode](args, results)
+     "decode": lambda a, r: decode_mode(a, r, layer_shape(a.shape), lambda density: dhsa_config(density, a)),
+     }[args.mode](args, results)
     try:
         plot(args.out)
     except Exception as exc:  # plots are a convenience; the CSV is the result
