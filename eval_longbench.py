@@ -32,6 +32,7 @@ from pathlib import Path
 from data.longbench import ALL_DATASETS
 from data.longbench_metrics import dataset_score, dataset_score_by_length
 from utils.cli import HelpFormatter
+from utils.config import LEGACY_VALUES
 from utils.longbench_plots import plot_density
 from utils.longbench_tables import build_tables, write_csv
 from utils.runs import read_jsonl
@@ -68,7 +69,7 @@ def find_runs(results_dir: Path) -> list[Path]:
 
 def describe_run(run_dir: Path) -> dict:
     """Model, method, density, budget and decode protocol of a run, from its run_config.json (else from the folder
-    names). The decode protocol is "unrecorded" for runs whose run_config.json predates it."""
+    names). A run whose run_config.json predates the decode setting decoded sparsely (Algorithm 2, LEGACY_VALUES)."""
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
@@ -79,7 +80,7 @@ def describe_run(run_dir: Path) -> dict:
                 "density": None if dense else attention.get("density"),
                 "budget": None if dense else attention.get("budget"),
                 # runs older than the decode field did not record it (they may have decoded sparsely)
-                "decode": "dense" if dense else attention.get("decode", "unrecorded"), "run": str(run_dir)}
+                "decode": "dense" if dense else attention.get("decode", LEGACY_VALUES["decode"]), "run": str(run_dir)}
     # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048, dhsa_0.125_decode-sparse (older
     # runs: dhsa_b2048)
     decode = re.search(r"_decode-([a-z]+)$", run_dir.name)

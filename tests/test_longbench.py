@@ -407,7 +407,7 @@ def test_describe_run_from_folder_names_without_run_config(tmp_path):
     (tmp_path / "m" / "old").mkdir(parents=True)                                      # a run_config.json without decode
     (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
                                                                                       "density": 0.125}}))
-    assert described("old") == ("dhsa", 0.125, None, "unrecorded")
+    assert described("old") == ("dhsa", 0.125, None, "sparse")  # Algorithm 2 before the setting
 
 
 def write_predictions(run_dir: Path, dataset: str, right: list[bool], config: dict | None = None) -> None:

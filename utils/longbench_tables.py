@@ -130,8 +130,8 @@ def tables_markdown(rows: list[dict]) -> str:
           "`Datasets` says which datasets (with their number of scored samples) each row covers; `% of dense` is "
           "the Average relative to the same model's dense run, given only when both cover the same samples "
           "(compare partial runs with `eval_longbench.py --common-samples`). `Decode`: dense = sparse prefill, "
-          "dense decode steps; sparse = every step reads at most N_b keys (Algorithm 2); unrecorded = a run older "
-          "than the setting. Written by eval_longbench.py from results.csv's rows.", ""]
+          "dense decode steps; sparse = every step reads at most N_b keys (Algorithm 2; runs older than "
+          "the setting decoded so). Written by eval_longbench.py from results.csv's rows.", ""]
 
     def at_density(row, density):
         return row["method"] != "dense" and row["budget"] is None and row["density"] == density
