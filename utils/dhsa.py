@@ -145,7 +145,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 chunk_scores = chunk_scores - shift[..., None] * centring[1]
             chunk_scores = chunk_scores.amax(1)  # S_c: [heads, n_tiles, Nc]
         else:
-            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring)
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring, starts, tile_end)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             scores = chunk_scores[:, t0:t1][:, :, chunk_of_key]  # upsample to tokens: [heads, g, Lk]
