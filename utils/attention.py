@@ -143,7 +143,7 @@ def sparse_attention(
     limit = _GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS
     group = max(1, min(n_tiles, limit // max(1, per_tile)))
     split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
-        and _flash_with_lse is not None
+        and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
         g = t1 - t0
