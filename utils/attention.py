@@ -24,7 +24,7 @@ from .selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
-_CPU_GROUP_ELEMENTS = 1 << 22  # CPU: ~16 MB of fp32 temporaries per group (cache-friendly, measured faster)
+_CPU_GROUP_ELEMENTS = 1 << 25  # CPU: large groups; on a busy 2-core box every extra op waits for a thread
 
 # SDPA's CPU flash kernel with its log-sum-exp (a private ATen op since torch 2.2); None where it is missing.
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -139,7 +139,7 @@ def sparse_attention(
 
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
-    # On the CPU, small groups: the temporaries stay in cache and the split below finds a short masked suffix.
+    # CPU groups: few large ops (small groups cost 3x wall time on a loaded 2-core box: each op waits for a thread)
     limit = _GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS
     group = max(1, min(n_tiles, limit // max(1, per_tile)))
     split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
