@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def fail(message: str) -> None:
 
 
 def layer_shape(name: str) -> dict:
-    """Attention shape of one layer of a model of utils/model_specs.py: heads, KV heads, head dim, scale, soft-cap."""
+    """Attention shape of one layer of a model of utils/model_specs.py: heads, KV heads, head dim, scale, soft-cap;
+    or a bare shape "HqxHkvxD" (e.g. 8x2x64: 8 query heads, 2 KV heads, head dim 64, no soft-cap)."""
+    bare = re.fullmatch(r"(\d+)x(\d+)x(\d+)", name.strip())
+    if bare:
+        heads, kv_heads, head_dim = map(int, bare.groups())
+        return dict(name=name, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scale=None, softcap=None)
     return get_spec(name).layer_shape()
 
 
@@ -274,7 +280,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("kernel", "e2e", "batch", "cpu", "decode", "plot"), required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--densities", "--density", type=float, nargs="+", default=[0.0625, 0.125, 0.25])
-    p.add_argument("--shape", default=None, help="layer shape of this published model (kernel/batch/cpu modes)")
+    p.add_argument("--shape", default=None, help="layer shape of this published model (kernel/batch/cpu modes), "
+                                                 "or HqxHkvxD (e.g. 8x2x64)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"kernel/cpu modes: methods of utils/latency_methods.py ({', '.join(LAYER_METHODS)}); "
                         f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}. decode mode: "
@@ -333,8 +340,9 @@ def parse_args(argv=None):
     args.repeats = args.repeats if args.repeats is not None else (3 if args.mode in ("cpu", "e2e") else 5)
     if args.mode == "decode":  # a step takes well under a millisecond on the GPU: more samples, same cost
         args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20 if args.device == "cuda" else 5)
-    if find_spec(args.shape) is None:
-        fail(f"unknown shape {args.shape!r}; choose a model of utils/model_specs.py: {', '.join(MODELS)}")
+    if find_spec(args.shape) is None and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", args.shape.strip()):
+        fail(f"unknown shape {args.shape!r}; choose a model of utils/model_specs.py ({', '.join(MODELS)}) "
+             "or give HqxHkvxD, e.g. 8x2x64")
     args.kernel_configs = json.loads(args.kernel_configs) if args.kernel_configs else []
     if args.kernel_configs and args.mode != "kernel":
         fail("--kernel-configs times Triton launch configs: use it with --mode kernel")

@@ -24,6 +24,10 @@ from .selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
+_CPU_GROUP_ELEMENTS = 1 << 25  # CPU: large groups; on a busy 2-core box every extra op waits for a thread
+
+# SDPA's CPU flash kernel with its log-sum-exp (a private ATen op since torch 2.2); None where it is missing.
+_flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _split_heads(q: torch.Tensor, k: torch.Tensor, heads: int) -> tuple[int, int]:
@@ -58,6 +62,34 @@ def _attend(q, k, v, mask, scale, softcap, has_key=None):
     if not bool(has_key.all()):
         out = torch.where(has_key[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
+
+
+def _attend_split(q, k, v, k_pos, q_pos, scale):
+    """CPU attention over gathered keys without a full mask, or None when it does not apply (then _attend).
+
+    q: [N, M, D], k: [N, K, D], v: [N, K, Dv]; k_pos: [N, K] key positions (unused slots after every query);
+    q_pos: [N, M]. The mask of a tile is causal, so it only bites on the keys at or after the tile's first query:
+    with sorted key lists (DHSA, every method built on `Selection` top-k) those are the last slots. Slots before
+    the first such slot (in every row of the group) are visible to every query: attention on them runs with no
+    mask at all, attention on the short suffix with a small additive mask, and the two merge by their log-sum-exp
+    (exact: softmax over the union). Building the [N, M, K] mask cost more than the attention itself on the CPU.
+    """
+    needs_mask = (k_pos > q_pos.amin(-1, keepdim=True)).any(0)  # [K]: a column that hides a key from some query
+    j = int(needs_mask.to(torch.int8).argmax()) if bool(needs_mask.any()) else k.shape[1]
+    if j == 0:
+        return None  # every column needs the mask: nothing to split off
+    out_a, lse_a = _flash_with_lse(q[:, None], k[:, None, :j], v[:, None, :j], scale=scale)
+    if j == k.shape[1]:
+        return out_a[:, 0]
+    tail = k_pos[:, None, j:] <= q_pos[:, :, None]  # [N, M, K - j]
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    out_b, lse_b = _flash_with_lse(q[:, None], k[:, None, j:], v[:, None, j:],
+                                   attn_mask=torch.where(tail, zero, minus_inf)[:, None], scale=scale)
+    # A row that sees no key of the suffix gets output 0 and lse 0 from the kernel: give it weight 0.
+    lse_b = torch.where(tail.any(-1)[:, None], lse_b, float("-inf"))
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
 def sparse_attention(
@@ -107,18 +139,28 @@ def sparse_attention(
 
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
-    group = max(1, min(n_tiles, _GROUP_ELEMENTS // max(1, per_tile)))
+    # CPU groups: few large ops (small groups cost 3x wall time on a loaded 2-core box: each op waits for a thread)
+    limit = _GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS
+    group = max(1, min(n_tiles, limit // max(1, per_tile)))
+    split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
+        and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
         g = t1 - t0
         tile_idx = idx[:, :, t0:t1]  # [B, Hs, g, K]
         valid = tile_idx >= 0
         flat = base[:, :, None, None] + tile_idx.clamp(min=0)
-        kk = k_flat[flat]  # [B, Hs, g, K, D]
-        vv = v_flat[flat]
+        kk = k_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, D)  # faster than k_flat[flat] on the CPU
+        vv = v_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, Dv)
         q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
         # An unused slot gets a position after every query, so one comparison gives causality and validity.
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
+        if split:
+            o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
+                              k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
+            if o is not None:
+                out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
+                continue
         mask = k_pos <= q_pos[None, None, :, :, None]
         has_key = None
         if selection.keep is None and selection.window is None:

@@ -77,35 +77,39 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
 
     On CUDA the fused GPU selection (utils/kernels/select.py) runs where it applies: the same kept set up to ties.
     """
+    expand = 1
     if options.head_pooling == "none":
         if not options.share_heads and q.shape[1] != k.shape[1]:
-            # One selection per query head: score each head against its KV head's chunks, alone. The keys are
-            # expanded for scoring only; the Selection has Hq heads and attention reads K/V in place.
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            # One selection per query head: score each head against its KV head's chunks, alone. The chunk
+            # vectors are repeated per query head for scoring only (`expand`); the Selection has Hq heads and
+            # attention reads K/V in place.
+            expand = q.shape[1] // k.shape[1]
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
     if q.shape[2] == 1 and options.exact_tail:
         options = options.replace(exact_tail=0)  # a decode step is no prefill tail: it keeps the cheap chunk scores
     if q.is_cuda:  # None = the fused selection does not apply
         tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
-        fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=plain)
+        k_heads = k.repeat_interleave(expand, dim=1) if expand > 1 else k  # the fused selection: one K per head
+        fused = kernels.try_dhsa_select(q, k_heads, budget=budget, boundaries=boundaries, options=plain)
         if fused is not None:
             if tail_only:  # the fused kernel for every tile, then the exact tail tiles on the PyTorch path
                 T = options.query_chunk
                 first = (q.shape[2] - options.exact_tail) // T  # first exact tile
-                tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options)
+                tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options, expand)
                 fused.key_index[:, :, first:] = tail.key_index
             return fused
-    return _select_on_pytorch(q, k, budget, boundaries, options)
+    return _select_on_pytorch(q, k, budget, boundaries, options, expand)
 
 
 def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor],
-                       options: DHSAOptions) -> Selection:
-    """dhsa_select on the PyTorch path, with head_pooling "mean" or "max" (k already expanded for "none")."""
+                       options: DHSAOptions, expand: int = 1) -> Selection:
+    """dhsa_select on the PyTorch path, with head_pooling "mean" or "max". expand: query heads per KV head that
+    select alone (head_pooling "none"): chunk vectors are built per KV head, then repeated per query head."""
     T, robust, share_heads = options.query_chunk, options.robust_chunk_repr, options.share_heads
     query_pooling, head_pooling = options.query_pooling, options.head_pooling
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk = k.shape[1] * expand, k.shape[2]  # heads that select (query heads when expand > 1)
     n_tiles = math.ceil(Lq / T)
     q_offset = Lk - Lq
     K = min(budget, Lk)
@@ -136,6 +140,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         ends = boundaries[b]
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
         chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
+        if expand > 1:  # the same numbers as chunk vectors of repeated keys, for 1/expand of the prefix sums
+            keys, chunk_k = keys.repeat_interleave(expand, 0), chunk_k.repeat_interleave(expand, 0)
         centring = tile_key_means(chunk_k, ends, tile_end, robust) if options.center_keys else None
         if query_pooling == "mean":
             vec = q_vec[b] if head_pooling == "max" else q_vec[b][:, None]  # [heads, G or 1, n_tiles, D]
@@ -145,14 +151,15 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 chunk_scores = chunk_scores - shift[..., None] * centring[1]
             chunk_scores = chunk_scores.amax(1)  # S_c: [heads, n_tiles, Nc]
         else:
-            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring)
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring, starts, tile_end)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
-            scores = chunk_scores[:, t0:t1][:, :, chunk_of_key]  # upsample to tokens: [heads, g, Lk]
+            scores = chunk_scores[:, t0:t1].index_select(2, chunk_of_key)  # upsample to tokens: [heads, g, Lk]
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
-            scores = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
+            scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
             width = Lk if t0 >= first_exact else width_other
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key

@@ -81,7 +81,8 @@ def tile_key_means(chunk_k: torch.Tensor, ends: torch.Tensor, tile_end: torch.Te
 
 
 def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int,
-                            head_pooling: str = "mean", centring=None) -> torch.Tensor:
+                            head_pooling: str = "mean", centring=None, chunk_starts: torch.Tensor | None = None,
+                            tile_end: torch.Tensor | None = None) -> torch.Tensor:
     """S_c with max pooling over a tile: every chunk is scored by the tile query that matches it best.
 
     q: [Hq, Lq, D] (one sequence); chunk_k: [H, Nc, D] with H = Hkv (or 1: all heads share). head_pooling:
@@ -90,6 +91,10 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
     retrieval head) is not outvoted by the group's other heads. Returns [H, n_tiles, Nc] fp32. Cost Lq * Nc
     dot products per head ("max": per query head), done a few tiles at a time. centring: (key_mean, weight) of
     tile_key_means; every query's score of chunk c then drops weight[c] * (q . key_mean[tile]).
+
+    chunk_starts [Nc] and tile_end [n_tiles] (keys visible to each tile), optional: a slice of tiles then scores
+    only the chunks that start before its last tile's end (causal: about half the dot products) and gives the
+    others -inf, which no tile can see anyway. The scores of the visible chunks are the same numbers either way.
     """
     Hq, Lq, D = q.shape
     H, Nc, _ = chunk_k.shape
@@ -98,24 +103,31 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
     out = torch.empty(H, n_tiles, Nc, dtype=torch.float32, device=q.device)
     per_row = H * Nc * (G if head_pooling == "max" else 1)
     step = max(1, SCORE_ELEMENTS // max(1, T * per_row))  # tiles per slice
+    causal = chunk_starts is not None and tile_end is not None
+    if causal:  # smaller slices skip more of the causally hidden chunks (and stay in cache on the CPU)
+        step = max(1, min(step, math.ceil(n_tiles / 16)))
+        seen = torch.searchsorted(chunk_starts, tile_end.to(chunk_starts.dtype)).tolist()  # chunks a tile sees
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
+        nc = seen[t1 - 1] if causal else Nc  # chunks scored for this slice
         rows = q[:, t0 * T: min(Lq, t1 * T)]
         n = rows.shape[1]
         per_head = rows.reshape(H, G, n, D).float()
-        if head_pooling == "mean":
+        if head_pooling == "mean" and G > 1:
             per_head = per_head.sum(1, keepdim=True)  # GQA group sum: [H, 1, rows, D]
-        scores = torch.matmul(per_head, chunk_k[:, None].transpose(-1, -2))  # [H, G or 1, rows, Nc]
+        scores = torch.matmul(per_head, chunk_k[:, None, :nc].transpose(-1, -2))  # [H, G or 1, rows, nc]
         if centring is not None:
             key_mean, weight = centring
             tile_of_row = torch.arange(n, device=q.device) // T + t0
             shift = (per_head * key_mean[:, None, tile_of_row]).sum(-1)  # q . m_t per row: [H, G or 1, rows]
-            scores = scores - shift[..., None] * weight
-        scores = scores.amax(1)  # best head of the group ("max"), or the one group sum
+            scores.sub_(shift[..., None] * weight[:nc])
+        scores = scores.amax(1) if scores.shape[1] > 1 else scores[:, 0]  # best head of the group, or the one
         pad = (t1 - t0) * T - rows.shape[1]
         if pad:
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
-        out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).amax(2)
+        out[:, t0:t1, :nc] = scores.view(H, t1 - t0, T, nc).amax(2)
+        if nc < Nc:
+            out[:, t0:t1, nc:] = float("-inf")
     return out
 
 

@@ -1,0 +1,111 @@
+"""The CPU speed-ups of the PyTorch paths change no result: the selection keeps exactly the keys of the plain
+computation (every chunk scored, keys repeated per query head; the visible chunk scores are the same dot products,
+at most an ulp apart where BLAS rounds a narrower matrix differently), and the split executor (unmasked prefix + masked
+suffix, merged by log-sum-exp) equals the fully masked attention."""
+
+import pytest
+import torch
+
+import utils.attention as attention
+import utils.dhsa as dhsa
+from utils.attention import dense_attention, sparse_attention
+from utils.config import SparseAttentionConfig
+from utils.dhsa import dhsa_select
+from utils.dhsa_math import chunk_vectors, max_pooled_chunk_scores, tile_key_means
+from utils.selection import Selection, full_selection
+
+
+def random_ends(L: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """Variable-length chunks: n random cuts, last end L."""
+    cuts = torch.randint(1, L, (n,), generator=g)
+    return torch.unique(torch.cat([cuts, torch.tensor([L])]))
+
+
+def plain_chunk_scores(q, chunk_k, query_chunk, head_pooling="mean", centring=None, chunk_starts=None,
+                       tile_end=None):
+    """max_pooled_chunk_scores as before the CPU work: every chunk scored for every tile."""
+    return max_pooled_chunk_scores(q, chunk_k, query_chunk, head_pooling, centring)
+
+
+def test_causal_chunk_scores_are_the_same_numbers():
+    g = torch.Generator().manual_seed(0)
+    L, T = 1000, 64
+    q, k = torch.randn(6, L, 32, generator=g), torch.randn(2, L, 32, generator=g)
+    ends = random_ends(L, 70, g)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    n_tiles = -(-L // T)
+    tile_end = torch.clamp(torch.arange(1, n_tiles + 1) * T, max=L)
+    chunk_k = chunk_vectors(k, ends)
+    centring = tile_key_means(chunk_k, ends, tile_end)
+    for pooling in ("mean", "max"):
+        full = max_pooled_chunk_scores(q, chunk_k, T, pooling, centring)
+        causal = max_pooled_chunk_scores(q, chunk_k, T, pooling, centring, starts, tile_end)
+        seen = starts[None, None, :] < tile_end[None, :, None]  # chunks a tile can see
+        # the same dot products; BLAS may round a few of a narrower matrix 1 ulp apart (edge kernels)
+        torch.testing.assert_close(causal[seen.expand_as(causal)], full[seen.expand_as(full)], rtol=1e-6, atol=1e-5)
+        assert torch.isneginf(causal[~seen.expand_as(causal)]).all()
+
+
+CASES = [  # L, Hq, Hkv, extra options
+    (2048, 8, 2, {}),                                   # the default: one selection per query head
+    (1500, 8, 2, {}),                                   # L not a multiple of the tile
+    (1024, 6, 2, dict(head_pooling="max")),
+    (1100, 6, 2, dict(head_pooling="mean")),
+    (1024, 4, 4, {}),
+    (1024, 8, 2, dict(token_rescore=4, exact_tail=128)),
+    (1024, 8, 2, dict(query_pooling="mean")),
+    (1024, 8, 2, dict(share_heads=True)),
+]
+
+
+@pytest.mark.parametrize("L,Hq,Hkv,extra", CASES)
+@pytest.mark.parametrize("learned", [False, True])
+def test_selection_keeps_exactly_the_same_keys(monkeypatch, L, Hq, Hkv, extra, learned):
+    g = torch.Generator().manual_seed(L + Hq)
+    q, k = torch.randn(1, Hq, L, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
+    ends = random_ends(L, L // 16, g) if learned else torch.arange(16, L + 16, 16).clamp(max=L).unique()
+    budget, options = config.resolve_budget(L), config.dhsa_options()
+    fast = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    # Before: keys repeated per query head (one selection per head), every chunk scored for every tile.
+    monkeypatch.setattr(dhsa, "max_pooled_chunk_scores", plain_chunk_scores)
+    per_head = options.head_pooling == "none" and not options.share_heads
+    k_before = k.repeat_interleave(Hq // Hkv, dim=1) if per_head else k
+    plain = dhsa_select(q, k_before, budget=budget, boundaries=[ends], options=options).key_index
+    assert torch.equal(fast, plain)
+
+
+def masked_attention(q, k, v, selection):
+    """sparse_attention with the fully masked executor (the path before the split)."""
+    saved = attention._flash_with_lse
+    attention._flash_with_lse = None
+    try:
+        return sparse_attention(q, k, v, selection)
+    finally:
+        attention._flash_with_lse = saved
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_executor_equals_masked_attention(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, L, D = 2, 8, 2, 1200, 64
+    q, k, v = (torch.randn(B, h, L, D, generator=g).to(dtype) for h in (Hq, Hkv, Hkv))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    # DHSA's sorted key lists (unused slots -1 at the end, early tiles with fewer keys than the budget)
+    config = SparseAttentionConfig(method="dhsa", budget=256)
+    ends = torch.arange(16, L + 16, 16).clamp(max=L).unique()
+    sel = dhsa_select(q, k, budget=256, boundaries=[ends] * B, options=config.dhsa_options())
+    torch.testing.assert_close(sparse_attention(q, k, v, sel), masked_attention(q, k, v, sel), atol=tol, rtol=tol)
+    # unsorted random lists with holes, and one tile whose first rows read nothing
+    n_tiles = -(-L // 64)
+    idx = torch.randint(0, L, (B, Hkv, n_tiles, 200), generator=g)
+    idx[..., ::7] = -1
+    idx[0, 0, 3] = 3 * 64 + 40  # rows 0..39 of tile 3 see no key
+    sel = Selection(idx, 64, 0)
+    out = sparse_attention(q, k, v, sel)
+    torch.testing.assert_close(out, masked_attention(q, k, v, sel), atol=tol, rtol=tol)
+    assert (out[0, :4, 3 * 64: 3 * 64 + 40] == 0).all()
+    # every key selected: dense attention
+    full = full_selection(B, Hkv, L, L, 64)
+    torch.testing.assert_close(sparse_attention(q, k, v, full), dense_attention(q, k, v), atol=tol, rtol=tol)
