@@ -35,10 +35,10 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
-from utils.cli import HelpFormatter
+from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder
 from utils.config import add_config_args, config_from_args
 from utils.generation import eos_token_ids, greedy_generate
-from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, write_atomic
+from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
 from utils.sharding import Shard, distributed
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="4-bit NF4 weights (bitsandbytes, CUDA), as the paper runs Llama-3.1-8B")
+    add_rope_scaling_arg(parser)
     add_config_args(parser)
     args = parser.parse_args(argv)
     if args.data_dir is None and not args.hub:
@@ -131,7 +132,9 @@ def changed_settings(run_dir: Path, settings: dict) -> list[str]:
     if not path.is_file():
         return []
     old, settings = json.loads(path.read_text()), json.loads(json.dumps(settings))  # tuples become lists
-    return sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    return sorted(k for k in set(old) | set(settings)
+                  if not (same_config(old.get(k), settings[k]) if k == "attention" and k in settings
+                          else old.get(k) == settings.get(k)))
 
 
 def prepare_run_dir(run_dir: Path, settings: dict) -> None:
@@ -255,7 +258,8 @@ def main(argv=None) -> None:
         with shard.main_first():  # rank 0 downloads the data and converts the model first, into the cache
             try:
                 samples = {d: load_samples(d, data_dir, args.longbench_e)[: args.max_samples] for d in datasets}
-                model, tokenizer = load_model(args.model, device=device, dtype=dtype, load_in_4bit=args.load_in_4bit)
+                model, tokenizer = load_model(args.model, device=device, dtype=dtype, load_in_4bit=args.load_in_4bit,
+                                              rope_scaling=args.rope_scaling)
             except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
                 sys.exit(f"error: {err}")
         model.eval()
@@ -273,13 +277,15 @@ def main(argv=None) -> None:
                 print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
                       f"{model_max} tokens; keeping {caps[dataset]} prompt tokens")
 
-        model_dir = Path(args.output_dir) / model_folder_name(args.model)
+        folder = model_folder(args.model, args.rope_scaling)  # <model>_yarn4 with --rope-scaling yarn:4
+        model_dir = Path(args.output_dir) / folder
         run_dirs = []  # every run folder is checked before any sample runs
         for config in configs:
-            settings = {"model": args.model, "model_name": model_folder_name(args.model),
+            settings = {"model": args.model, "model_name": folder,
                         "model_max_length": model_max, "max_length": args.max_length, "keep_head": args.keep_head,
                         "chat_template": args.chat_template, "dtype": args.dtype, "load_in_4bit": args.load_in_4bit,
                         "attention": config_dict(config),
+                        "rope_scaling": str(args.rope_scaling) if args.rope_scaling else None,
                         "prompts": "data/longbench_config.json (THUDM/LongBench config)"}
             run_dir = model_dir / args.run_name if args.run_name else run_dir_for(model_dir, config, settings)
             try:

@@ -7,11 +7,14 @@ the whole prompt's length in tokens (the haystack is cut to fit; at the model's 
 answer); each record keeps the real `prompt_tokens` and the key budget N_b the method used.
 
 One JSONL record per (length, depth) goes to results_needle/<model>/<run>.jsonl as soon as it is done; a
-rerun skips the pairs already there. Several methods/densities can share one model load, and several GPUs one
-sweep (torchrun: each process takes every N-th test on its own GPU; utils/sharding.py):
+rerun skips the pairs already there. Beyond the model's native context, --rope-scaling yarn:4 extends it (YaRN,
+utils/rope_scaling.py); those results go to results_needle/<model>_yarn4/ and record `rope_scaling`. Several
+methods/densities can share one model load, and several GPUs one sweep (torchrun: each process takes every N-th
+test on its own GPU; utils/sharding.py):
 
     python run_needle_in_haystack.py --methods dense dhsa --density 0.0625 --lengths 1K 2K 4K --depths 0 50 100
     python -m torch.distributed.run --standalone --nproc-per-node 2 run_needle_in_haystack.py --methods dense dhsa
+    python run_needle_in_haystack.py --model qwen2.5-coder-1.5b-instruct --rope-scaling yarn:4 --lengths 64K 128K
     python visualize_needle_in_haystack.py results_needle
 """
 
@@ -27,9 +30,10 @@ from tqdm.auto import tqdm
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
-from utils.cli import parse_length, user_errors
+from utils.cli import add_rope_scaling_arg, model_folder, parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
+from utils.rope_scaling import apply_rope_scaling, too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 from utils.sharding import Shard, distributed
 
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answers are one sentence")
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
                         help="auto: the chat template when the tokenizer has one, else a completion prompt")
+    add_rope_scaling_arg(parser)
     add_config_args(parser)
     return parser
 
@@ -133,18 +138,31 @@ def plan_lengths(args, model_max: int) -> list[int]:
         lengths = sorted({round(low * (high / low) ** (i / (num - 1))) if num > 1 else low for i in range(num)})
     too_long = [n for n in lengths if n > model_max]
     if too_long:
-        raise ValueError(f"length {too_long[-1]} exceeds the model's maximum context of {model_max} tokens; "
-                         f"use --max-length {model_max} or shorter --lengths")
+        raise ValueError(too_long_message(too_long[-1], model_max, args.rope_scaling))
     return lengths
+
+
+def expected_model_max(args) -> int | None:
+    """The context length of a model of utils/model_specs.py with --rope-scaling applied, known before it loads
+    (None for other models), so that a too-long length or a model that --rope-scaling does not fit fails before
+    minutes of loading (or converting)."""
+    from utils.model_specs import find_spec
+    from utils.models import published_config
+
+    spec = find_spec(args.model)
+    if spec is None:
+        return None
+    return apply_rope_scaling(published_config(spec.name), args.rope_scaling).max_position_embeddings
 
 
 # ---- results files and generation ------------------------------------------------------------------------
 
 def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
-    """<output-dir>/<model>/<run>.jsonl (utils/runs.py run_name), or --output."""
+    """<output-dir>/<model>/<run>.jsonl (utils/runs.py run_name; <model>_yarn4 with --rope-scaling yarn:4), or
+    --output."""
     if args.output:
         return Path(args.output)
-    return Path(args.output_dir) / Path(model_name).name / f"{run_name(config)}.jsonl"
+    return Path(args.output_dir) / model_folder(model_name, args.rope_scaling) / f"{run_name(config)}.jsonl"
 
 
 def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
@@ -183,7 +201,8 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
     for config in configs:
         path = output_path(args, model_name, config)
         settings = {"model": Path(model_name).name, "prompt_style": style, "max_new_tokens": args.max_new_tokens,
-                    "needle_set": args.needle_set, "config": config_dict(config)}
+                    "needle_set": args.needle_set, "config": config_dict(config),
+                    "rope_scaling": str(args.rope_scaling) if args.rope_scaling else None}
         with user_errors():  # a broken results file or one made with other options: one line naming the fix
             records = read_jsonl(path)
             check_same_settings(path, records, settings)
@@ -275,13 +294,16 @@ def main(argv=None) -> None:
     with user_errors():  # user errors first, before the model loads
         check_args(args)
         device = shard.device(args.device)
+        known_max = expected_model_max(args)
+        if known_max:
+            plan_lengths(args, known_max)
 
     from utils.models import load_model, model_max_length
 
     with distributed(shard):
         with shard.main_first(), user_errors():  # rank 0 fetches the essays and converts the model first
             read_essays(args.haystack_dir)
-            model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+            model, tokenizer = load_model(args.model, device=device, dtype=args.dtype, rope_scaling=args.rope_scaling)
             model_max = model_max_length(model)
             plan_lengths(args, model_max)
         summaries = run(model, tokenizer, args, model_max=model_max, shard=shard)

@@ -27,9 +27,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
-from utils.cli import HelpFormatter, parse_length, user_errors
+from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, user_errors
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.generation import eos_token_ids, greedy_generate
+from utils.rope_scaling import too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
 from utils.sharding import Shard, distributed
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda when available)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
+    add_rope_scaling_arg(parser)
     add_config_args(parser)
     return parser
 
@@ -105,15 +107,15 @@ def check_args(args) -> list[SparseAttentionConfig]:
     return configs
 
 
-def check_lengths(lengths: list[int], model_max: int) -> None:
+def check_lengths(lengths: list[int], model_max: int, rope_scaling=None) -> None:
     too_long = [n for n in lengths if n > model_max]
     if too_long:
-        raise ValueError(f"length {too_long[-1]} exceeds the model's maximum context of {model_max} tokens; "
-                         f"use --lengths up to {model_max}")
+        raise ValueError(too_long_message(too_long[-1], model_max, rope_scaling))
 
 
 def model_dir(args) -> Path:
-    return Path(args.output_dir) / Path(args.model.rstrip("/")).name
+    """<output-dir>/<model>, or <model>_yarn4 with --rope-scaling yarn:4 (scaled runs are kept apart)."""
+    return Path(args.output_dir) / model_folder(args.model, args.rope_scaling)
 
 
 def output_path(args, config: SparseAttentionConfig) -> Path:
@@ -141,7 +143,7 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
 
     shard = Shard.from_env() if shard is None else shard
     configs = check_args(args)
-    check_lengths(args.lengths, model_max or model_max_length(model))
+    check_lengths(args.lengths, model_max or model_max_length(model), args.rope_scaling)
     generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks())
     wanted = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.num_samples)]
 
@@ -149,7 +151,8 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
     for config in configs:
         path = output_path(args, config)
         settings = {"model": Path(args.model.rstrip("/")).name, "prompt_style": generator.style, "seed": args.seed,
-                    "config": config_dict(config)}
+                    "config": config_dict(config),
+                    "rope_scaling": str(args.rope_scaling) if args.rope_scaling else None}
         records = read_jsonl(path)
         check_same_settings(path, records, settings)
         done = {(r["task"], r["length"], r["index"]) for r in records}
@@ -271,9 +274,10 @@ def main(argv=None) -> None:
         with distributed(shard):
             with shard.main_first(), user_errors():  # rank 0 fetches the data and converts the model first
                 load_tasks()
-                model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+                model, tokenizer = load_model(args.model, device=device, dtype=args.dtype,
+                                              rope_scaling=args.rope_scaling)
                 model_max = model_max_length(model)
-                check_lengths(args.lengths, model_max)
+                check_lengths(args.lengths, model_max, args.rope_scaling)
             with user_errors():
                 run(model, tokenizer, args, model_max=model_max, shard=shard)
     if not shard.is_main:

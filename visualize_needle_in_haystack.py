@@ -8,7 +8,8 @@ correct) as in the original test and the authors' plots, with the average score 
     python visualize_needle_in_haystack.py a.jsonl b.jsonl --side-by-side cmp.png
 
 For a folder, every run gets <run>.png next to its JSONL, and every model folder with several runs gets
-compare_<density>.png: the runs of one density side by side (dense attention in each).
+compare_<density>.png: the runs of one density side by side (dense attention in each). Runs with --rope-scaling
+(results_needle/<model>_yarn4/) name it in their titles; lengths are labelled 1K .. 128K.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def draw_heatmap(ax, frame: pd.DataFrame, title: str, colorbar: bool = True) -> 
 
 
 def _model(frame: pd.DataFrame) -> str:
-    return str(frame["model"].iloc[0]) if "model" in frame else ""
+    """The model's name, with its context extension when the run had one: 'qwen2.5-coder-1.5b-instruct, yarn:4'."""
+    name = str(frame["model"].iloc[0]) if "model" in frame else ""
+    scaling = frame["rope_scaling"].iloc[0] if "rope_scaling" in frame else None
+    return f"{name}, {scaling}" if isinstance(scaling, str) and scaling else name
 
 
 def plot_run(path: str | Path, out: str | Path | None = None) -> Path:

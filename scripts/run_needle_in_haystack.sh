@@ -9,6 +9,10 @@
 # dense attention runs once whatever the protocol.
 # NPROC: processes, one per GPU (default 1); NPROC > 1 launches torchrun, the GPUs sharing each model's tests:
 #   NPROC=2 bash scripts/run_needle_in_haystack.sh
+# LENGTHS: prompt lengths (default: 1K doubling up to the model's maximum). ROPE_SCALING: extend the context beyond
+# the model's native length (YaRN, Qwen2.5 and Llama models; results go to <model>_yarn4/), e.g. 32K-128K:
+#   MODELS=qwen2.5-coder-1.5b-instruct METHODS=dense DECODES=dense ROPE_SCALING=yarn:4 \
+#       LENGTHS="32K 64K 96K 128K" bash scripts/run_needle_in_haystack.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,13 +23,23 @@ DECODES="${DECODES:-dense sparse}"
 DENSITIES="${DENSITIES:-0.0625}"
 MIN_BUDGET="${MIN_BUDGET:-512}"
 OUTPUT_DIR="${OUTPUT_DIR:-results_needle}"
+LENGTHS="${LENGTHS:-}"
+ROPE_SCALING="${ROPE_SCALING:-}"
+EXTRA=()
+if [ -n "${LENGTHS}" ]; then
+    # shellcheck disable=SC2206  # word splitting of the list is intended
+    EXTRA+=(--lengths ${LENGTHS})
+fi
+if [ -n "${ROPE_SCALING}" ]; then
+    EXTRA+=(--rope-scaling "${ROPE_SCALING}")
+fi
 source scripts/launch.sh
 
 for model in ${MODELS}; do
     for decode in ${DECODES}; do
-        echo "== ${model}: ${METHODS} at density ${DENSITIES}, ${decode} decode"
+        echo "== ${model}: ${METHODS} at density ${DENSITIES}, ${decode} decode${ROPE_SCALING:+, rope scaling ${ROPE_SCALING}}"
         # shellcheck disable=SC2086  # word splitting of the lists is intended
         launch run_needle_in_haystack.py --model "${model}" --methods ${METHODS} --densities ${DENSITIES} \
-            --min-budget "${MIN_BUDGET}" --decode "${decode}" --output-dir "${OUTPUT_DIR}" "$@"
+            --min-budget "${MIN_BUDGET}" --decode "${decode}" --output-dir "${OUTPUT_DIR}" "${EXTRA[@]}" "$@"
     done
 done

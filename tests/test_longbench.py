@@ -293,6 +293,28 @@ def test_run_then_eval_end_to_end(tmp_path, monkeypatch):
     assert row["multifieldqa_zh"] == row["n_multifieldqa_zh"] == ""
 
 
+def test_rope_scaling_reaches_the_loader_and_its_own_run_folder(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [{"input": "What is cut?", "context": "A long document is cut into chunks. " * 10, "answers": ["it"],
+             "length": 70, "dataset": "hotpotqa", "language": "en", "all_classes": None, "_id": "id0"}]
+    (data_dir / "hotpotqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asked = []
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: asked.append(kw["rope_scaling"]) or (
+        models.tiny_model("llama"), models.tiny_tokenizer(chat_template=True)))
+    out = tmp_path / "results"
+    args = ["--model", "org/tiny", "--data-dir", str(data_dir), "--output-dir", str(out), "--device", "cpu",
+            "--method", "dense"]
+    rl.main(args + ["--rope-scaling", "yarn:4"])
+    rl.main(args)
+    assert [str(a) if a else a for a in asked] == ["yarn:4", None]
+    scaled, plain = out / "tiny_yarn4" / "dense", out / "tiny" / "dense"
+    assert json.loads((scaled / "run_config.json").read_text())["rope_scaling"] == "yarn:4"
+    assert json.loads((plain / "run_config.json").read_text())["rope_scaling"] is None
+    assert ev.describe_run(scaled)["model"] == "tiny_yarn4" and ev.describe_run(plain)["model"] == "tiny"
+    assert len((scaled / "hotpotqa.jsonl").read_text().splitlines()) == 1
+
+
 def test_eval_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         ev.main(["--results-dir", str(tmp_path / "missing")])
@@ -381,7 +403,7 @@ def test_describe_run_from_folder_names_without_run_config(tmp_path):
     assert described("dhsa_b2048") == ("dhsa", None, 2048, "dense")                  # older LongBench folders
     assert described("dhsa_0.125_decode-sparse") == ("dhsa", 0.125, None, "sparse")
     assert described("my_run") == ("my_run", None, None, "dense")
-    (tmp_path / "m" / "old").mkdir()                                        # a run_config.json without decode
+    (tmp_path / "m" / "old").mkdir(parents=True)                                      # a run_config.json without decode
     (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
                                                                                       "density": 0.125}}))
     assert described("old") == ("dhsa", 0.125, None, "unrecorded")

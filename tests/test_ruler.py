@@ -397,6 +397,20 @@ def test_runner_writes_resumes_and_tabulates(fake_wheels, tokenizer, tmp_path, m
     assert rows[0] == "model,run,method,density,decode,task,length,score,samples" and len(rows) == 1 + 2 * 3
 
 
+def test_rope_scaling_is_recorded_in_its_own_folder(fake_wheels, tokenizer, tmp_path):
+    model = tiny_model("qwen2")
+    args = args_for(tmp_path, "--methods", "dense", "--tasks", "fwe", "--num-samples", "1", "--rope-scaling", "yarn:2")
+    (summary,) = run_ruler.run(model, tokenizer, args)
+    assert summary["path"] == str(tmp_path / "out" / "tiny_yarn2" / "dense.jsonl")
+    assert [r["rope_scaling"] for r in summary["records"]] == ["yarn:2"]
+    (plain,) = run_ruler.run(model, tokenizer, args_for(tmp_path, "--methods", "dense", "--tasks", "fwe",
+                                                        "--num-samples", "1"))
+    assert plain["path"] == str(tmp_path / "out" / "tiny" / "dense.jsonl")
+    assert plain["records"][0]["rope_scaling"] is None
+    with pytest.raises(ValueError, match="--rope-scaling yarn:2"):  # 16K on an 8K model
+        run_ruler.run(model, tokenizer, args_for(tmp_path, "--lengths", "16K"))
+
+
 def test_every_registry_method_runs(fake_wheels, tokenizer, tmp_path):
     from utils.methods import method_names
 

@@ -149,3 +149,26 @@ def test_stop_at_newline_only_after_the_answer_started(tiny):
     assert stops("The best thing.\nMore")
     prompt_len = len(tok("Question:\n", add_special_tokens=False)["input_ids"])
     assert not stops("Question:\nThe answer", prompt_len)                      # the prompt's own line break
+
+
+def test_records_older_than_a_config_field_resume_only_with_its_legacy_value(tmp_path):
+    """A record written before `token_rescore` existed lacks it: it behaved like token_rescore=0 (LEGACY_VALUES), so a
+    run with 0 resumes it and a run with 4 is refused; committed results stay resumable when fields are added."""
+    current = config_dict(SparseAttentionConfig(method="dhsa", density=0.0625))
+    old = {k: v for k, v in current.items() if k not in ("token_rescore", "exact_tail", "center_keys")}
+    old_record = [{"model": "m", "config": {**old, "center_keys": True}}]
+    check_same_settings(tmp_path / "r.jsonl", old_record, {"model": "m", "config": current})
+    with pytest.raises(ValueError, match="other config"):
+        check_same_settings(tmp_path / "r.jsonl", old_record, {"model": "m", "config": {**current, "token_rescore": 4.0}})
+    # center_keys predates nothing here: a record without it was made with the old behaviour (False)
+    with pytest.raises(ValueError, match="other config"):
+        check_same_settings(tmp_path / "r.jsonl", [{"model": "m", "config": old}], {"model": "m", "config": current})
+
+
+def test_dense_runs_resume_whatever_the_sparse_options():
+    dense = config_dict(SparseAttentionConfig(method="dense", density=None))
+    with_flags = config_dict(SparseAttentionConfig(method="dense", density=None, token_rescore=4.0, chunk_size=8))
+    tmp = "r.jsonl"
+    check_same_settings(tmp, [{"config": dense}], {"config": with_flags})
+    with pytest.raises(ValueError, match="other config"):
+        check_same_settings(tmp, [{"config": config_dict(SparseAttentionConfig(method="dhsa"))}], {"config": with_flags})

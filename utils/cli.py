@@ -1,9 +1,11 @@
-"""Small command-line helpers shared by the runners (lengths like "4K", a help formatter, one-line user errors)."""
+"""Small command-line helpers shared by the runners (lengths like "4K", --rope-scaling, a help formatter, one-line
+user errors)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
 
 def parse_length(text: str) -> int:
@@ -16,6 +18,34 @@ def parse_length(text: str) -> int:
     if value < 1 or value != int(value):
         raise argparse.ArgumentTypeError(f"a length must be a positive whole number of tokens, got {text!r}")
     return int(value)
+
+
+def rope_scaling_arg(text: str):
+    """'yarn:4' -> RopeScaling (an argparse `type=`); 'none' -> None."""
+    from .rope_scaling import parse_rope_scaling
+
+    try:
+        return parse_rope_scaling(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_rope_scaling_arg(parser: argparse.ArgumentParser) -> None:
+    """The one definition of --rope-scaling (every runner that loads a model for long inputs)."""
+    parser.add_argument("--rope-scaling", type=rope_scaling_arg, default=None, metavar="KIND:FACTOR",
+                        help="extend the model's context with RoPE scaling, e.g. yarn:4 (Qwen2.5: 32K -> 128K "
+                             "positions; utils/rope_scaling.py); recorded in every result, and its results go to "
+                             "their own folder (<model>_yarn4)")
+
+
+def model_folder(model: str, rope_scaling=None) -> str:
+    """Name of a model's results folder: the model's name, plus '_yarn4' etc. with --rope-scaling, so that scaled
+    runs never resume into (or mix with) unscaled ones."""
+    from .rope_scaling import parse_rope_scaling
+
+    name = Path(str(model).rstrip("/")).name
+    scaling = parse_rope_scaling(rope_scaling)
+    return f"{name}_{scaling.label}" if scaling is not None else name
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,4 +65,4 @@ def user_errors():
         raise SystemExit(f"error: {err}") from None
 
 
-__all__ = ["parse_length", "HelpFormatter", "user_errors"]
+__all__ = ["parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "model_folder", "HelpFormatter", "user_errors"]

@@ -49,6 +49,10 @@ class SparseAttentionConfig:
     center_keys: bool = True               # centre keys on their causal mean before chunk scoring (see README)
     head_pooling: str = "none"             # "none": every query head selects its own keys; "mean" / "max": the heads
                                            # of a GQA group share one selection (summed queries / best head)
+    token_rescore: float = 0.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
+                                           # them, are rescored key by key by the tile's queries; 0: chunk scores only
+    exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
+                                           # the first answer token) rescore every visible key; 0: off
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -90,6 +94,9 @@ class SparseAttentionConfig:
             self.decode = "dense"
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
+            raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), exact_tail >= 0; "
+                             f"got {self.token_rescore}, {self.exact_tail}; e.g. --token-rescore 4 --exact-tail 64")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
             raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
@@ -146,6 +153,8 @@ class DHSAOptions:
     query_pooling: str = SparseAttentionConfig.query_pooling
     head_pooling: str = SparseAttentionConfig.head_pooling
     center_keys: bool = SparseAttentionConfig.center_keys
+    token_rescore: float = SparseAttentionConfig.token_rescore
+    exact_tail: int = SparseAttentionConfig.exact_tail
 
     def __post_init__(self) -> None:
         if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
@@ -155,9 +164,18 @@ class DHSAOptions:
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
+            raise ValueError(f"token_rescore must be 0 or >= 1 and exact_tail >= 0; got {self.token_rescore}, "
+                             f"{self.exact_tail}")
 
     def replace(self, **changes) -> "DHSAOptions":
         return dataclasses.replace(self, **changes)
+
+
+# What a run did before a field existed: a results record written then lacks the field, and only a run whose value
+# equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
+LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
+                 "exact_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8}
 
 
 def config_field_names() -> list[str]:
@@ -196,4 +214,5 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
     return SparseAttentionConfig(**values)
 
 
-__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names"]
+__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names",
+           "LEGACY_VALUES"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import dhsa_math, kernels
 from .attention import sparse_attention
@@ -82,9 +83,18 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
             # expanded for scoring only; the Selection has Hq heads and attention reads K/V in place.
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
+    if q.shape[2] == 1 and options.exact_tail:
+        options = options.replace(exact_tail=0)  # a decode step is no prefill tail: it keeps the cheap chunk scores
     if q.is_cuda:  # None = the fused selection does not apply
-        fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=options)
+        tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
+        plain = options.replace(exact_tail=0) if tail_only else options
+        fused = kernels.try_dhsa_select(q, k, budget=budget, boundaries=boundaries, options=plain)
         if fused is not None:
+            if tail_only:  # the fused kernel for every tile, then the exact tail tiles on the PyTorch path
+                T = options.query_chunk
+                first = (q.shape[2] - options.exact_tail) // T  # first exact tile
+                tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options)
+                fused.key_index[:, :, first:] = tail.key_index
             return fused
     return _select_on_pytorch(q, k, budget, boundaries, options)
 
@@ -116,6 +126,10 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     sink, local = forced_key_counts(tile_budget, options.sink_tokens, options.local_tokens)
     key_pos = torch.arange(Lk, device=device)
 
+    # Candidates per tile before token rescoring: every visible key for the exact tail of a prefill (tiles from
+    # first_exact on), token_rescore x N_b for the other tiles (N_b: no rescoring)
+    first_exact = max(0, (Lq - options.exact_tail) // T) if options.exact_tail and Lq > 1 else n_tiles
+    width_other = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
     group = max(1, min(n_tiles, dhsa_math.SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
@@ -133,18 +147,65 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         else:
             chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring)
         chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
-        for t0 in range(0, n_tiles, group):
-            t1 = min(n_tiles, t0 + group)
+        for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             scores = chunk_scores[:, t0:t1][:, :, chunk_of_key]  # upsample to tokens: [heads, g, Lk]
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
             scores = scores.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
-            top, idx = torch.topk(scores, K, dim=-1, sorted=False)
+            width = Lk if t0 >= first_exact else width_other
+            top, idx = torch.topk(scores, width, dim=-1, sorted=False)
+            if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
+                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
+
+
+def _tile_groups(n_tiles: int, size: int, split: int):
+    """(t0, t1) ranges of at most `size` tiles covering 0 .. n_tiles, none straddling tile `split`."""
+    cuts = sorted({0, n_tiles, min(max(split, 0), n_tiles)})
+    return [(t0, min(hi, t0 + size)) for lo, hi in zip(cuts, cuts[1:]) for t0 in range(lo, hi, size)]
+
+
+def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: torch.Tensor, t0: int, T: int,
+                    q_offset: int, K: int):
+    """Token-level refinement of the chunk-ranked candidates of a group of query tiles.
+
+    q: [Hq, Lq, D], k: [H, Lk, D] (one sequence; H query heads share a selection, Hq = G * H); top, idx: [H, g, W]
+    candidate keys of tiles t0 .. t0+g-1 with their chunk scores (+inf forced, -inf not visible). Every candidate
+    gets the largest attention weight that any query (and any head of its group) of the tile gives it in a softmax
+    over the tile's candidates, causally; forced keys stay forced. Returns the K best (top, idx) per tile.
+    Cost: T x W dot products per tile and head, done a few tiles at a time.
+    """
+    H, g, W = idx.shape
+    Hq, Lq, D = q.shape
+    G = Hq // H
+    best = torch.empty(H, g, K, dtype=top.dtype, device=top.device)
+    best_idx = torch.empty(H, g, K, dtype=idx.dtype, device=idx.device)
+    elements = dhsa_math.SCORE_ELEMENTS * (4 if q.is_cuda else 1)  # logits held at once (GPUs have room)
+    step = max(1, elements // max(1, Hq * T * W))  # tiles per slice
+    for s0 in range(0, g, step):
+        s1 = min(g, s0 + step)
+        n = s1 - s0
+        first, last = (t0 + s0) * T, min(Lq, (t0 + s1) * T)  # query rows of these tiles
+        rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
+        rows = rows.view(H, G, n, T, D).float()
+        cand = idx[:, s0:s1]  # [H, n, W]
+        keys = torch.gather(k, 1, cand.reshape(H, n * W, 1).expand(-1, -1, D)).view(H, n, W, D).float()
+        logits = torch.einsum("hgntd,hnwd->hgntw", rows, keys) * D ** -0.5
+        query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
+        blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None]) \
+            | (top[:, s0:s1] == float("-inf"))[:, None, :, None, :]
+        blocked = blocked | (query_pos >= q_offset + Lq)[None, None, :, :, None]  # padded rows
+        logits = logits.masked_fill(blocked, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        weight = torch.where(torch.isfinite(lse), logits - lse, float("-inf")).amax(dim=(1, 3))  # [H, n, W]
+        weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)  # forced and invisible keys
+        best[:, s0:s1], pick = torch.topk(weight, K, dim=-1, sorted=False)
+        best_idx[:, s0:s1] = torch.gather(cand, -1, pick)
+    return best, best_idx
 
 
 def dhsa_attention(

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .gguf_convert import convert_gguf
 from .model_specs import MODELS, default_attn_implementation, find_spec
+from .rope_scaling import apply_rope_scaling
 from .wheels import cache_dir, find_wheel
 
 # Views of the table, by kind (names only; everything else is in MODELS).
@@ -49,7 +50,7 @@ _DTYPES = {
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype=None, load_in_4bit: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, rope_scaling=None):
     """Load a causal LM and its tokenizer; the model is in eval mode on `device`.
 
     name_or_path: a name or alias of utils/model_specs.py (offline or hub), a local HF folder or a hub id.
@@ -58,6 +59,9 @@ def load_model(name_or_path: str, device: str = "cpu", dtype=None, load_in_4bit:
     load_in_4bit: bitsandbytes NF4 weights with bf16 compute (the paper's Llama-3.1-8B setting); needs CUDA.
     attn_implementation: transformers attention backend; None means "sdpa", except "eager" for Gemma-2, whose
         attention logit soft-capping the sdpa backend silently drops (model_specs.default_attn_implementation).
+    rope_scaling: None, or a context extension such as "yarn:4" (utils/rope_scaling.py): set on the config at load
+        time (the model's folder, e.g. the converted cache, is never changed); max_position_embeddings and the
+        tokenizer's model_max_length grow by the factor. A one-line ValueError for a model it does not fit.
     Returns (model, tokenizer); the tokenizer always has a pad token (eos when the model defines none) and a
     model_max_length (max_position_embeddings when the folder gives none).
     """
@@ -66,6 +70,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype=None, load_in_4bit:
     source, local = _resolve_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
+        native_length = getattr(config, "max_position_embeddings", None)
+        apply_rope_scaling(config, rope_scaling)
         if attn_implementation is None:
             attn_implementation = default_attn_implementation(config.model_type)
         kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=local)
@@ -81,8 +87,9 @@ def load_model(name_or_path: str, device: str = "cpu", dtype=None, load_in_4bit:
         model.to(device)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.model_max_length > 10**9 and getattr(model.config, "max_position_embeddings", None):
-        tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF tokenizers carry no limit
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and (tokenizer.model_max_length > 10**9 or tokenizer.model_max_length == native_length):
+        tokenizer.model_max_length = max_positions  # GGUF tokenizers carry no limit; rope scaling raises it
     return model.eval(), tokenizer
 
 

@@ -205,15 +205,30 @@ def run_name(config) -> str:
     return name
 
 
+def same_config(recorded: dict | None, current: dict) -> bool:
+    """Whether a recorded config (config_dict) is the current one; a field the record lacks (it predates the field)
+    counts as its LEGACY_VALUES entry, the behaviour before the field existed. Dense attention ignores every
+    option, so any two dense configs are the same run (a DHSA flag on the command line does not split it)."""
+    from .config import LEGACY_VALUES
+
+    if recorded is None:
+        return False
+    if current.get("method") == "dense":
+        return recorded.get("method") == "dense"
+    missing = object()
+    return all(recorded.get(name, LEGACY_VALUES.get(name, missing)) == value for name, value in current.items())
+
+
 def check_same_settings(path, records: list[dict], settings: dict) -> None:
     """Refuse to mix results made with other options into one file (one-line error naming the fix)."""
     settings = json.loads(json.dumps(settings))
     for record in records:
-        changed = [key for key, value in settings.items() if record.get(key) != value]
+        changed = [key for key, value in settings.items()
+                   if not (same_config(record.get(key), value) if key == "config" else record.get(key) == value)]
         if changed:
             raise ValueError(f"{path} holds results made with other {', '.join(changed)}; pass --output-dir/--output "
                              "to write elsewhere, or delete the file to redo it")
 
 
-__all__ = ["read_jsonl", "append_jsonl", "locked", "write_atomic", "repair_jsonl", "read_csv_rows", "append_csv", "config_dict", "run_name",
+__all__ = ["read_jsonl", "append_jsonl", "locked", "write_atomic", "repair_jsonl", "read_csv_rows", "append_csv", "config_dict", "run_name", "same_config",
            "check_same_settings"]

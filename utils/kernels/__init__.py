@@ -88,10 +88,11 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
 
 def try_dhsa_select(q, k, *, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions):
     """The fused selection for `utils.dhsa.dhsa_select` (same arguments), or None where it does not apply: it
-    scores summed GQA groups (head_pooling "mean"), and holds at most MAX_CHUNKS chunk scores per tile."""
+    scores summed GQA groups (head_pooling "mean"), does not rescore tokens (dhsa_select adds an exact tail itself), and holds at most MAX_CHUNKS chunk scores per tile."""
     from .select import MAX_CHUNKS, dhsa_select_fused
 
-    if not _usable(q) or options.head_pooling != "mean" or max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
+    if not _usable(q) or options.head_pooling != "mean" or options.token_rescore or options.exact_tail \
+            or max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
         return None
     return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, options=options)
 
