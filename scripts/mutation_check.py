@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_forced_keys.py", "tests/test_decode.py", "tests/test_dhsa.py", "tests/test_baselines.py",
-         "tests/test_patch.py", "tests/test_sparse_vs_dense.py"]
+         "tests/test_patch.py", "tests/test_sparse_vs_dense.py", "tests/test_token_rescore.py"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,18 @@ MUTANTS = [
            "kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]",
            "kept = prompt_ends[prompt_ends < min(prompt_len, num_keys - 1)]",
            "Algorithm 2 drops the prompt's last chunk end"),
+    Mutant("exact_tail_tiles", "utils/dhsa.py",
+           "first_exact = max(0, (Lq - options.exact_tail) // T)",
+           "first_exact = max(0, (Lq - options.exact_tail) // T + 1)",
+           "exact_tail leaves out the first tile that holds one of the last exact_tail queries"),
+    Mutant("rescore_causal", "utils/dhsa.py",
+           "blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None])",
+           "blocked = (cand[:, None, :, None, :] >= query_pos[None, None, :, :, None])",
+           "token rescoring: a query does not weigh its own key"),
+    Mutant("rescore_forced", "utils/dhsa.py",
+           "weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)",
+           "weight = torch.where(top[:, s0:s1] == float(\"-inf\"), top[:, s0:s1], weight)",
+           "token rescoring: sink and local keys compete on their weight instead of staying forced"),
     # utils/dhsa_method.py (the decode step of a patched model)
     Mutant("decode_keeps_generated", "utils/dhsa_method.py",
            'local_tokens=max(options.local_tokens, Lk - state["prompt_len"])',
