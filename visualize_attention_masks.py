@@ -29,8 +29,8 @@ DEFAULT_METHODS = ["dhsa", "block_sparse", "vertical_slash", "streaming", "strea
 def method_masks(q: torch.Tensor, k: torch.Tensor, config, methods: list[str], layer: int = 0,
                  boundary_source=None, head: int = 0) -> dict[str, torch.Tensor]:
     """{method: bool [Lq, Lk] kept pattern of query head `head`, batch item 0}. q: [B, Hq, L, D], k: [B, Hkv, L, D]."""
-    from run_attention_recall import kept_mask
     from utils.methods import METHODS, LayerContext
+    from utils.recall import kept_mask
 
     Hq, L = q.shape[1], k.shape[2]
     out = {}
@@ -106,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> Path:
-    from boundary_predictor.capture import global_layers, num_layers
-    from run_attention_recall import capture_qk, essay_tokens, true_attention
+    from boundary_predictor.capture import capture_queries_and_keys, global_layers, num_layers
+    from data.essay_text import essay_tokens
     from utils.boundaries import make_boundary_source
     from utils.models import check_context, load_model
     from utils.methods import METHODS, method_names
+    from utils.recall import true_attention
 
     unknown = [m for m in args.methods if m not in METHODS or METHODS[m].select is None]
     if unknown:
@@ -123,7 +124,7 @@ def run(args) -> Path:
     if not 0 <= layer < num_layers(model):
         raise ValueError(f"--layer {layer} out of range: the model has {num_layers(model)} layers")
     ids = essay_tokens(tokenizer, args.length, args.haystack_dir)
-    q, k, options = capture_qk(model, ids, [layer])[layer]
+    q, k, options = capture_queries_and_keys(model, ids, [layer])[layer]
     q, k = q.float(), k.float()
     if not 0 <= args.head < q.shape[1]:
         raise ValueError(f"--head {args.head} out of range: the layer has {q.shape[1]} query heads")

@@ -136,4 +136,22 @@ def capture_keys(model, input_ids: torch.Tensor, layers: list[int]) -> dict[int,
     return keys
 
 
-__all__ = ["capture_attention", "capture_keys", "global_layers", "resolve_layers", "kv_shape", "num_layers"]
+def capture_queries_and_keys(model, input_ids: torch.Tensor, layers: list[int], first_query: int = 0) -> dict:
+    """One forward pass; {layer: (q [B, Hq, L - first_query, D], k [B, Hkv, L, D], options)} for `layers` (model
+    dtype, model device; options: scaling, sliding_window, softcap as the layer passes them to its attention
+    function). Only the queries from `first_query` on are kept (copied, so the rest can be freed)."""
+    out = {}
+
+    def keep(layer, query, key, options):
+        out[layer] = (query[:, :, first_query:].detach().clone(), key.detach(), options)
+
+    with torch.no_grad(), capture_attention(model, layers, keep):
+        model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
+    missing = [i for i in layers if i not in out]
+    if missing:
+        raise RuntimeError(f"layers {missing} did not run through the attention interface; unsupported model?")
+    return out
+
+
+__all__ = ["capture_attention", "capture_keys", "capture_queries_and_keys", "global_layers", "resolve_layers",
+           "kv_shape", "num_layers"]

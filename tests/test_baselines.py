@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from run_attention_recall import (kept_mask, layer_recall, main as recall_main, read_keys, recall_scores,
-                                  topk_thresholds, true_attention)
+from run_attention_recall import main as recall_main
 from utils.attention import dense_attention, sparse_attention
 from utils.baselines.quest import page_bounds
 from utils.baselines.streaming import window_offsets
 from utils.baselines.vertical_slash import estimate_pattern
 from utils.config import SparseAttentionConfig
 from utils.methods import METHODS, LayerContext, run_method
+from utils.recall import kept_mask, layer_recall, read_keys, recall_scores, topk_thresholds, true_attention
 
 SPARSE = [name for name, method in METHODS.items() if method.select is not None]
 ISSUE_METHODS = ["streaming", "streaming_dilated", "streaming_strided", "vertical_slash", "block_sparse", "quest",

@@ -1,5 +1,5 @@
 """The project's imports, read from the source (issue 18): no import cycles, no import of a module that does not exist,
-and the method table read through utils.methods.
+and the method table read through utils.methods; and no top-level script over 400 lines.
 
 The graph is built by parsing, not by importing: every `import` and `from ... import` statement of every project
 file, including those inside functions (a function-level import is a cycle that is only hidden until the function
@@ -147,6 +147,30 @@ def test_no_import_cycles():
 def test_every_project_import_exists():
     missing = missing_modules()
     assert not missing, "imports of project modules that do not exist:\n" + "\n".join(missing)
+
+
+MAX_SCRIPT_LINES = 400  # issue 18: a runner a newcomer reads in one sitting; reusable parts live in the packages
+
+
+def long_scripts(root: Path = REPO_ROOT, most: int = MAX_SCRIPT_LINES) -> dict[str, int]:
+    """The top-level scripts (every .py file at the repository root: run_*.py, eval_*.py, visualize_*.py) longer
+    than `most` lines, with their line counts."""
+    counts = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in sorted(root.glob("*.py"))}
+    return {name: n for name, n in counts.items() if n > most}
+
+
+def test_long_scripts_are_found(tmp_path):
+    (tmp_path / "run_short.py").write_text("x = 1\n" * 3)
+    (tmp_path / "run_long.py").write_text("x = 1\n" * 4)
+    assert long_scripts(tmp_path, most=3) == {"run_long.py": 4}
+
+
+def test_no_top_level_script_over_400_lines():
+    scripts = {path.name for path in REPO_ROOT.glob("*.py")}
+    assert {"run_attention_recall.py", "eval_longbench.py", "run_latency_test.py"} <= scripts  # the glob found them
+    found = long_scripts()
+    assert not found, (f"top-level scripts over {MAX_SCRIPT_LINES} lines (move self-contained parts into utils/ or "
+                       f"data/): " + ", ".join(f"{name} {n}" for name, n in found.items()))
 
 
 def test_method_table_is_read_through_utils_methods():

@@ -17,6 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import triton
+except ImportError:  # the compile check is skipped (needs_triton)
+    triton = None
+
 from utils import kernels
 from utils.attention import sparse_attention
 from utils.boundaries import as_boundary_list, fixed_size_ends
@@ -581,3 +586,141 @@ def test_cuda_exact_tail_on_the_fused_path():
     ref_kept.scatter_(-1, reference.key_index[:, :, :first].long() % (L + 1), True)
     agree = (kept & ref_kept)[..., :L].sum() / ref_kept[..., :L].sum()
     assert agree > 0.97, agree  # fused vs PyTorch chunk scores: the same kept set up to ties
+
+
+# ---------------------------------------------------------------------------------------------- RTX 3090 tile configs
+
+def test_rtx3090_gets_smaller_tiles_that_fit(monkeypatch):
+    """With 99 KB per block (RTX 3090, sm_86) the configs shrink to fit, by the kernels' own accounting, and the
+    H100's stay as tuned; the limit is forced by shared_memory_limit or DHSA_SHARED_MEMORY."""
+    from utils.kernels.select import max_pooled_config
+    from utils.kernels.shared_memory import H100, RTX_3090, shared_memory_limit, shared_memory_per_block
+    from utils.kernels.sparse_prefill import default_config
+
+    assert default_config(128, 4, shared_memory=H100) == dict(rows=256, block_n=64, num_warps=16, num_stages=5)
+    with shared_memory_limit(RTX_3090):
+        assert shared_memory_per_block() == RTX_3090
+        assert default_config(128, 4) == dict(rows=128, block_n=64, num_warps=8, num_stages=2)
+        assert default_config(128, 4, block_mode=True) == dict(rows=128, block_n=64, num_warps=4, num_stages=2,
+                                                               tma=True)  # TMA needs sm_90: a 3090 loads rows
+        assert max_pooled_config(256) == dict(rows=64, block_c=64, num_warps=8, num_stages=2)
+        assert max_pooled_config(128, element_size=4) == dict(rows=128, block_c=32, num_warps=4, num_stages=2)
+        for D in (64, 128, 256):
+            for block_mode in (False, True):
+                c = default_config(D, 4, block_mode)
+                assert 2 * D * (c["rows"] + 2 * c["num_stages"] * c["block_n"]) <= RTX_3090, (D, c)
+            for size in (2, 4):
+                c = max_pooled_config(D, size)
+                assert size * D * (c["rows"] + c["num_stages"] * c["block_c"]) <= RTX_3090, (D, size, c)
+    assert max_pooled_config(128, shared_memory=H100) == dict(rows=128, block_c=64, num_warps=4, num_stages=4)
+    monkeypatch.setenv("DHSA_SHARED_MEMORY", str(RTX_3090))
+    assert shared_memory_per_block() == RTX_3090
+    monkeypatch.setenv("DHSA_SHARED_MEMORY", "99KB")
+    with pytest.raises(ValueError, match="DHSA_SHARED_MEMORY must be a number of bytes .* e.g. 101376"):
+        shared_memory_per_block()
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
+                  torch.int32: "*i32"}
+
+
+def shared_memory_on_sm86(kernel, args, kwargs) -> int:
+    """Bytes of shared memory per block of one recorded launch, compiled for Ampere sm_86 (an RTX 3090) by Triton's
+    own compiler: no GPU needed, the number the driver would check at launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    signature = {name: "constexpr" if name in kwargs else _POINTER_TYPES[values[name].dtype]
+                 if isinstance(values[name], torch.Tensor) else "fp32" if isinstance(values[name], float) else "i32"
+                 for name in kernel.arg_names}
+    constants = {(kernel.arg_names.index(name),): value for name, value in kwargs.items()}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 86, 32),
+                              options=options)
+    return compiled.metadata.shared
+
+
+def launches_of(monkeypatch, limit: int) -> list[tuple]:
+    """(kernel, args, kwargs) of the Triton launches that the kernels' wrappers make under a shared-memory limit,
+    for the layer shapes of the latency tables (head dims 64/128/256, token and block mode, bf16, fp32 scoring)."""
+    from utils.kernels import select as select_module
+    from utils.kernels import sparse_prefill as prefill_module
+    from utils.kernels.shared_memory import shared_memory_limit
+
+    recorders = {}
+    for module, name in ((prefill_module, "_sparse_prefill_kernel"), (select_module, "_max_pooled_scores_kernel"),
+                         (select_module, "_dhsa_pick_kernel")):
+        kernel = getattr(module, name)
+        recorders[name] = _LaunchRecorder(kernel.kernel if isinstance(kernel, _LaunchRecorder) else kernel)
+        monkeypatch.setattr(module, name, recorders[name])
+    with shared_memory_limit(limit):
+        for Hq, Hkv, D in ((32, 8, 128), (12, 2, 128), (9, 3, 64), (8, 4, 256)):
+            q, k = torch.zeros(1, Hq, 256, D, dtype=torch.bfloat16), torch.zeros(1, Hkv, 256, D, dtype=torch.bfloat16)
+            idx = torch.zeros(1, Hkv, 4, 64, dtype=torch.long)
+            prefill_module.sparse_prefill(q, k, k, idx, query_chunk=64, sorted_keys=True)
+            prefill_module.sparse_prefill(q, k, k, idx[:, :, :2, :2], query_chunk=128, block_size=128, sorted_keys=True)
+            prefill_module.sparse_prefill(q, k, k, idx, query_chunk=64, softcap=50.0)
+            for dtype in (torch.bfloat16, torch.float32):
+                select_module.max_pooled_chunk_scores_gpu(q[0].to(dtype), torch.zeros(Hkv, 40, D), 64)
+        for chunks in (2000, 8000, 32768):  # chunk scores of a tile: 32K to 512K keys at 16 keys per chunk
+            select_module.pick_keys(torch.zeros(1, 1, chunks), torch.arange(1, chunks + 1), num_queries=1,
+                                    q_offset=chunks - 1, budget=64, query_chunk=64, sink_tokens=16, local_tokens=16,
+                                    num_slots=64)
+    return [(recorder.kernel, args, kwargs) for recorder in recorders.values() for args, kwargs in recorder.launches]
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETER, reason="compiles for a GPU target")
+def test_rtx3090_configs_compile_within_its_shared_memory(monkeypatch):
+    """Every kernel launch the wrappers make with a 3090's 99 KB, compiled for sm_86 by Triton (on any machine):
+    each fits in 99 KB per block. The H100's configs do not all fit (fp32 scoring), so the limit is what keeps them
+    in; that is also checked, so that this test cannot pass by compiling nothing that could overflow."""
+    from utils.kernels.shared_memory import H100, RTX_3090
+
+    small = launches_of(monkeypatch, RTX_3090)
+    assert len(small) == 4 * 5 + 3
+    for kernel, args, kwargs in small:
+        used = shared_memory_on_sm86(kernel, args, kwargs)
+        assert used <= RTX_3090, (kernel.fn.__name__, {n: v for n, v in kwargs.items() if not n.isupper()}, used)
+    large = [shared_memory_on_sm86(*launch) for launch in launches_of(monkeypatch, H100)
+             if launch[0].fn.__name__ == "_max_pooled_scores_kernel" and launch[2]["IEEE"]]
+    assert max(large) > RTX_3090, large
+
+
+@cuda_only
+def test_cuda_rtx3090_configs(monkeypatch):
+    """The tile configs an RTX 3090 gets (99 KB of shared memory per block, no TMA), forced on this GPU: the
+    attention kernel (token and block mode, soft-capping, sliding windows), the fused selection and the
+    max-pooled scoring kernel give the PyTorch path's results, within the tolerances of the tests above."""
+    from utils.kernels import sparse_prefill as prefill_module
+    from utils.kernels.shared_memory import RTX_3090, shared_memory_limit
+
+    monkeypatch.setattr(prefill_module, "_tma_usable", lambda *tensors: False)  # sm_86 has no TMA
+    with shared_memory_limit(RTX_3090):
+        for D in (64, 128, 256):
+            check_kernel_matches_executor("cuda", torch.bfloat16, 1, 32 if D == 128 else 8, 8 if D == 128 else 2,
+                                          1500, D, 64, 200)
+        check_kernel_matches_executor("cuda", torch.float16, 2, 12, 2, 900, 128, 128, 300)  # Qwen2.5-1.5B heads
+        check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 4, 600, 256, 64, 100, softcap=50.0)  # Gemma-2
+        check_kernel_matches_executor("cuda", torch.bfloat16, 1, 8, 2, 600, 128, 64, 100, per_query_head=True)
+        check_sliding_window("cuda", torch.bfloat16, 1, 8, 4, 3000, 3000, 256, 512)
+        for dtype, Hq, H, L, D, T, Nc in [(torch.bfloat16, 32, 8, 3000, 128, 64, 190),
+                                          (torch.float16, 8, 2, 1000, 256, 64, 70),
+                                          (torch.float32, 8, 2, 600, 128, 64, 60)]:
+            check_max_pooled_scores("cuda", dtype, Hq, H, L, D, T, Nc)
+        check_fused_selection("cuda", 2, 8, 2, 2000, 128, 250, None, 64, 64)
+        test_cuda_dispatch_equals_reference_path()  # selection + attention through the dispatch, Llama heads
+        check_block_path("cuda", torch.bfloat16, 1, 32, 8, 2048, 128, 128, 512)
+        check_peer_baselines("cuda", torch.bfloat16, 1, 12, 2, 3000, 3000, 128, 128, 384)

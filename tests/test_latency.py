@@ -160,3 +160,110 @@ def test_block_variants_under_triton_interpreter():
     result = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ decode mode
+
+def test_decode_step_runs_the_registry_decode_with_the_selection_inside():
+    """DecodeStep is run_method's sparse decode step (Algorithm 2 for DHSA: the prompt's chunks in the layer state,
+    the new token reading at most N_b keys, itself included), and each call selects again for its query."""
+    from utils.latency_decode import DecodeStep, decode_inputs
+    from utils.methods import run_method
+
+    shape = dict(name="tiny", heads=4, kv_heads=2, head_dim=16, scale=None, softcap=None)
+    q, k, v = decode_inputs(shape, 1, 400, torch.float32, "cpu", seed=0)
+    config = SparseAttentionConfig(density=0.125)
+    step = DecodeStep("dhsa", q, k, v, config)
+    assert step.config.decode == "sparse" and step.context.state["dhsa"]["prompt_len"] == 399
+    selection = step.select()
+    kept = selection.key_index[0, :, 0]
+    assert selection.key_index.shape[-1] == config.resolve_budget(400) and (kept == 399).any(-1).all()
+    context = LayerContext()
+    expected = run_method(METHODS["dhsa"], q, k, v, config.replace(decode="sparse"), context)
+    torch.testing.assert_close(step(), expected)
+    torch.testing.assert_close(step(), step.attend(selection))
+    assert not torch.equal(step(), run_method(METHODS["dhsa"], q, k, v, config, LayerContext()))  # dense decode
+
+    other = decode_inputs(shape, 1, 400, torch.float32, "cpu", seed=1)[0]
+    step.q = other
+    new_selection = step.select()
+    assert not torch.equal(new_selection.key_index, selection.key_index)
+    torch.testing.assert_close(step(), step.attend(new_selection))
+
+
+def test_pinned_dense_decode_reads_each_kv_head_for_its_group():
+    """The pinned SDPA entries pass a GQA group's heads as queries of their KV head: the same output as dense
+    attention with K/V shared per group (here on SDPA's math backend, which the CPU has)."""
+    from utils.attention import dense_attention
+    from utils.latency_decode import _pinned, decode_inputs
+
+    shape = dict(name="tiny", heads=6, kv_heads=2, head_dim=16, scale=None, softcap=None)
+    q, k, v = decode_inputs(shape, 2, 50, torch.float32, "cpu", seed=3)
+    torch.testing.assert_close(_pinned("math")(q, k, v, 0.3, None), dense_attention(q, k, v, scale=0.3))
+
+
+def test_decode_mode_writes_and_resumes_the_csv(tmp_path):
+    flags = ["--mode", "decode", "--device", "cpu", "--lengths", "300", "--densities", "0.25", "--methods", "sdpa",
+             "dhsa", "quest", "streaming", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]
+    run_latency_test.main(flags)
+    [path] = tmp_path.glob("decode_*.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["method"], r["part"]) for r in rows] == [("sdpa", "total")] + [
+        (m, part) for m in ("dhsa", "quest", "streaming") for part in ("select", "attn", "total")]
+    assert {r["shape"] for r in rows} == {"smollm2-135m"} and {r["decode"] for r in rows} == {"sparse"}
+    assert all(float(r["median_ms"]) > 0 for r in rows) and rows[0]["density"] == "1.0"
+    dense = float(rows[0]["median_ms"])
+    for r in rows[1:]:
+        if r["part"] == "total":
+            # the CSV rounds milliseconds to 1e-4 (each off by <= 5e-5); the speed-up was computed before rounding
+            ms = float(r["median_ms"])
+            assert float(r["speedup_vs_dense"]) == pytest.approx(dense / ms, rel=1e-4 / min(dense, ms) + 1e-6)
+            assert not r["speedup_vs_flash"] and not r["rel_err"]  # no flash on the CPU; error checked on the GPU
+    assert path.with_suffix(".png").is_file()
+
+    run_latency_test.main(flags)  # everything measured: nothing is timed again
+    assert len(list(csv.DictReader(path.open()))) == len(rows)
+    run_latency_test.main(flags[:5] + ["300", "400"] + flags[6:])  # a new cache length: only it is timed
+    assert [r["length"] for r in csv.DictReader(path.open())][len(rows):] == ["400"] * len(rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "decode", "--device", "cpu", "--methods", "sdpa_flash"], "sdpa_flash need\\(s\\) a CUDA GPU"),
+    (["--mode", "decode", "--device", "cpu", "--methods", "dhsa_block"],
+     "unknown decode method\\(s\\) \\['dhsa_block'\\]; choose from sdpa, sdpa_flash, sdpa_cudnn, .*quest"),
+    (["--mode", "decode", "--device", "cpu", "--lengths", "1"], "a KV cache of at least 2 keys"),
+])
+def test_decode_bad_flags_give_one_line_errors(flags, message):
+    with pytest.raises(SystemExit, match=message) as err:
+        run_latency_test.parse_args(flags)
+    assert "\n" not in str(err.value)
+
+
+def test_decode_defaults():
+    args = run_latency_test.parse_args(["--mode", "decode", "--device", "cpu"])
+    assert args.methods == ["sdpa", "dhsa", "quest", "streaming"] and args.shape == "smollm2-135m"
+    assert args.lengths == [4096, 8192, 16384] and args.dtype == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_mode_on_cuda(tmp_path):
+    """Every default entry on the GPU at small caches: dense backends agree, sparse steps match the executor."""
+    from utils.latency_decode import DENSE_DECODE, decode_inputs
+
+    shape = run_latency_test.layer_shape("llama-3.1-8b")
+    q, k, v = decode_inputs(shape, 1, 4096, torch.bfloat16, "cuda", seed=0)
+    ref = DENSE_DECODE["sdpa"].attend(q, k, v, None, None)
+    for name in ("sdpa_flash", "sdpa_cudnn"):
+        try:
+            out = DENSE_DECODE[name].attend(q, k, v, None, None)
+        except RuntimeError as exc:  # cuDNN may not take a single query on every version: the mode writes an error row
+            assert name == "sdpa_cudnn", exc
+            continue
+        assert run_latency_test.rel_err(out, ref) < 1e-2, name
+    run_latency_test.main(["--mode", "decode", "--lengths", "4096", "8192", "--densities", "0.0625", "--repeats",
+                           "3", "--warmup", "1", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("decode_*.csv")
+    rows = list(csv.DictReader(path.open()))
+    totals = [r for r in rows if r["part"] == "total" and r["method"] in ("dhsa", "quest", "streaming")]
+    assert len(totals) == 6 and all(r["speedup_vs_dense"] and r["speedup_vs_flash"] for r in totals)
+    assert all(float(r["rel_err"]) < 1e-2 for r in totals)

@@ -9,7 +9,8 @@ import pytest
 import eval_longbench as ev
 import run_longbench as rl
 from data import longbench as lb
-from utils import models
+from data import longbench_metrics as lm
+from utils import longbench_plots, longbench_tables, models
 from utils.patch import patch_model
 
 # Test fixture only (the product never reads it): LongBench's multi_news etc. in ../shared beside the repository.
@@ -60,38 +61,38 @@ OFFICIAL = [
 
 @pytest.mark.parametrize("metric,prediction,reference,classes,expected", OFFICIAL)
 def test_metrics_match_official_values(metric, prediction, reference, classes, expected):
-    assert getattr(ev, metric)(prediction, reference, all_classes=classes) == expected
+    assert getattr(lm, metric)(prediction, reference, all_classes=classes) == expected
 
 
 def test_normalisation_edge_cases():
-    assert ev.normalize_answer("  The  Cat, an Owl & a DOG! ") == "cat owl dog"
-    assert ev.normalize_answer("theatre another") == "theatre another"  # only whole-word articles
-    assert ev.normalize_zh_answer("“北京”， 是 首都！") == "北京是首都"
-    assert ev.fuzz_ratio("", "") == 100 and ev.fuzz_ratio("a", "") == 0
+    assert lm.normalize_answer("  The  Cat, an Owl & a DOG! ") == "cat owl dog"
+    assert lm.normalize_answer("theatre another") == "theatre another"  # only whole-word articles
+    assert lm.normalize_zh_answer("“北京”， 是 首都！") == "北京是首都"
+    assert lm.fuzz_ratio("", "") == 100 and lm.fuzz_ratio("a", "") == 0
 
 
 def test_dataset_scores_first_line_and_best_answer():
     records = [{"pred": "\nAnimal\nColor", "answers": ["Animal"], "all_classes": ["Animal", "Color"], "length": 10},
                {"pred": "Color Animal", "answers": ["Animal"], "all_classes": ["Animal", "Color"], "length": 10}]
-    assert ev.dataset_score("trec", records) == 75.0   # first line only on trec: 1 and 1/2
-    assert ev.dataset_score("lcc", [{"pred": "x = 1", "answers": ["y = 2", "x = 1"], "length": 1}]) == 100.0
-    assert ev.dataset_score("triviaqa", [{"pred": "Paris\nLondon", "answers": ["London"], "length": 1}]) == 0.0
+    assert lm.dataset_score("trec", records) == 75.0   # first line only on trec: 1 and 1/2
+    assert lm.dataset_score("lcc", [{"pred": "x = 1", "answers": ["y = 2", "x = 1"], "length": 1}]) == 100.0
+    assert lm.dataset_score("triviaqa", [{"pred": "Paris\nLondon", "answers": ["London"], "length": 1}]) == 0.0
     with pytest.raises(ValueError):
-        ev.sample_score("not_a_dataset", "x", ["x"])
+        lm.sample_score("not_a_dataset", "x", ["x"])
 
 
 def test_longbench_e_buckets():
     records = [{"pred": "12", "answers": ["12"], "length": n} for n in (3999, 4000, 7999)]
     records.append({"pred": "1", "answers": ["12"], "length": 4500})
-    assert ev.dataset_score_by_length("passage_count", records) == {"0-4k": 100.0, "4-8k": 66.67, "8k+": None}
+    assert lm.dataset_score_by_length("passage_count", records) == {"0-4k": 100.0, "4-8k": 66.67, "8k+": None}
 
 
 def test_rounding_matches_official_per_scorer():
     # official eval.py: the LongBench score rounds a Python float (0.025 -> 0.03), LongBench-E a numpy float
     # (0.025 -> 0.02); one sample whose prediction holds 4000 numbers, one of them right
     records = [{"pred": "12 " + "7 " * 3999, "answers": ["12"], "length": 100}]
-    assert ev.dataset_score("passage_count", records) == 0.03
-    assert ev.dataset_score_by_length("passage_count", records)["0-4k"] == 0.02
+    assert lm.dataset_score("passage_count", records) == 0.03
+    assert lm.dataset_score_by_length("passage_count", records)["0-4k"] == 0.02
 
 
 def test_group_summary_uses_dataset_mean():
@@ -99,10 +100,10 @@ def test_group_summary_uses_dataset_mean():
     groups = {"Single-Doc QA": 22.0, "Multi-Doc QA": 10.5, "Summarization": 29.4, "Few-shot Learning": 68.3,
               "Synthetic": 44.0, "Code": 22.3}
     scores = {d: groups[g] for g, members in lb.GROUPS.items() for d in members if d in lb.ENGLISH_DATASETS}
-    row = ev.summarize(scores, lb.ENGLISH_DATASETS)
+    row = longbench_tables.summarize(scores, lb.ENGLISH_DATASETS)
     assert round(row["Average"], 1) == 32.7
-    assert ev.summarize({"multi_news": 20.0}, lb.ENGLISH_DATASETS)["Summarization"] == 20.0
-    assert ev.summarize({"multi_news": 20.0}, lb.ENGLISH_DATASETS)["Code"] is None
+    assert longbench_tables.summarize({"multi_news": 20.0}, lb.ENGLISH_DATASETS)["Summarization"] == 20.0
+    assert longbench_tables.summarize({"multi_news": 20.0}, lb.ENGLISH_DATASETS)["Code"] is None
 
 
 # ------------------------------------------------------------------------------------ prompts and data
@@ -282,7 +283,7 @@ def test_run_then_eval_end_to_end(tmp_path, monkeypatch):
         rl.main(args + ["--method", "no_such_method"])
 
     ev.main(["--results-dir", str(out)])
-    expected = ev.dataset_score("hotpotqa", records)
+    expected = lm.dataset_score("hotpotqa", records)
     assert json.loads((run_dir / "result.json").read_text()) == {"hotpotqa": expected}
     table = (out / "results.md").read_text()
     assert f"| tiny | dhsa | 0.25 | dense | {expected:.2f} | {expected:.2f} | 2 |" in table   # every run, by dataset
@@ -406,7 +407,7 @@ def test_describe_run_from_folder_names_without_run_config(tmp_path):
     (tmp_path / "m" / "old").mkdir(parents=True)                                      # a run_config.json without decode
     (tmp_path / "m" / "old" / "run_config.json").write_text(json.dumps({"attention": {"method": "dhsa",
                                                                                       "density": 0.125}}))
-    assert described("old") == ("dhsa", 0.125, None, "unrecorded")
+    assert described("old") == ("dhsa", 0.125, None, "sparse")  # Algorithm 2 before the setting
 
 
 def write_predictions(run_dir: Path, dataset: str, right: list[bool], config: dict | None = None) -> None:
@@ -475,7 +476,7 @@ def test_tables_2_to_4_and_density_plot(tmp_path):
 
     png = (tmp_path / "density.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    assert ev.plot_density([r for r in ev.result_rows([]) if r], tmp_path / "none.png") is None
+    assert longbench_plots.plot_density(longbench_tables.result_rows([]), tmp_path / "none.png") is None
 
 
 def test_relative_to_dense_only_on_the_same_samples(tmp_path):

@@ -27,6 +27,7 @@ import triton.language as tl
 from ..config import DHSAOptions
 from ..dhsa_math import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
 from ..selection import KernelSelection
+from .shared_memory import shared_memory_per_block
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
 
@@ -263,6 +264,31 @@ def _max_pooled_scores_kernel(Q, C, Out, Visible, KeyMean, Weight, stride_qh, st
             tl.store(ptrs, best, mask=store_ok)
 
 
+def max_pooled_config(head_dim: int, element_size: int = 2, shared_memory: int | None = None) -> dict:
+    """Tile shape of the max-pooled scoring kernel per head dim: query rows per program, chunks per step, warps,
+    pipeline depth. The head-dim-128 choice was measured on an H100 at 128K tokens, T = 64: 2.8 ms (128 x 128 chunks,
+    8 warps: 3.0 ms). shared_memory (bytes per block, default: the current GPU's, or the one forced by
+    utils/kernels/shared_memory.py) shrinks the pipeline, then the chunks per step, then the rows, until the tiles
+    fit: the queries (rows x D) plus num_stages chunk tiles (block_c x D), of element_size bytes (4 for fp32 q). An
+    RTX 3090 (99 KB) gets, at head dim 256, 2 stages instead of 3; with fp32 queries also smaller tiles."""
+    if head_dim <= 64:
+        cfg = dict(rows=128, block_c=128, num_warps=4, num_stages=3)
+    elif head_dim <= 128:
+        cfg = dict(rows=128, block_c=64, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(rows=64, block_c=64, num_warps=8, num_stages=3)
+    if shared_memory is None:
+        shared_memory = shared_memory_per_block()
+    need = lambda c: element_size * head_dim * (c["rows"] + c["num_stages"] * c["block_c"])  # noqa: E731
+    while need(cfg) > shared_memory and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > shared_memory and cfg["block_c"] > 32:
+        cfg["block_c"] //= 2
+    while need(cfg) > shared_memory and cfg["rows"] > 32:
+        cfg["rows"] //= 2
+    return cfg
+
+
 def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,
                                 ends: torch.Tensor | None = None, q_offset: int = 0, centring=None,
                                 config: dict | None = None) -> torch.Tensor:
@@ -290,13 +316,7 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
         raise ValueError(f"max_pooled_chunk_scores_gpu takes fp16/bf16/fp32 queries, got {q.dtype}")
     T = query_chunk
     n_tiles = math.ceil(Lq / T)
-    if D <= 64:
-        cfg = dict(rows=128, block_c=128, num_warps=4, num_stages=3)
-    elif D <= 128:  # measured on an H100, 128K tokens, T = 64: 2.8 ms (128 x 128 chunks, 8 warps: 3.0 ms)
-        cfg = dict(rows=128, block_c=64, num_warps=4, num_stages=4)
-    else:
-        cfg = dict(rows=64, block_c=64, num_warps=8, num_stages=3)
-    cfg.update(config or {})
+    cfg = dict(max_pooled_config(D, 4 if q.dtype == torch.float32 else 2), **(config or {}))
     tile_rows = min(triton.next_power_of_2(T), cfg["rows"])
     tiles = max(1, cfg["rows"] // tile_rows)
     if q.stride(-1) != 1:
@@ -435,5 +455,5 @@ def dhsa_block_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     return KernelSelection(key_index, block_size, Lk - Lq, counts=counts, block_size=block_size)
 
 
-__all__ = ["chunk_vectors_gpu", "tile_vectors_gpu", "max_pooled_chunk_scores_gpu", "pick_keys", "dhsa_select_fused",
-           "dhsa_block_select", "snap_to_blocks", "MAX_CHUNKS"]
+__all__ = ["chunk_vectors_gpu", "tile_vectors_gpu", "max_pooled_chunk_scores_gpu", "max_pooled_config", "pick_keys",
+           "dhsa_select_fused", "dhsa_block_select", "snap_to_blocks", "MAX_CHUNKS"]

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._interpreter import interpreting
+from .shared_memory import shared_memory_per_block
 
 try:  # Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -180,8 +181,10 @@ def _tma_usable(*tensors: torch.Tensor) -> bool:
 def default_config(head_dim: int, group: int, block_mode: bool = False, shared_memory: int | None = None) -> dict:
     """Tile shape per head dim: rows (G heads x M queries) per program, keys per step, warps, pipeline depth, and
     whether block mode reads K/V through TMA descriptors. The head-dim-128 choices were measured on an H100 at 128K
-    tokens (notes/kernel_notes.md). shared_memory (bytes per block, default: the current GPU's) shrinks the pipeline,
-    then the rows, until the tiles fit: Q (rows x D) plus num_stages K/V tiles (2 x block_n x D), 16-bit."""
+    tokens (notes/kernel_notes.md). shared_memory (bytes per block, default: the current GPU's, or the one forced by
+    utils/kernels/shared_memory.py) shrinks the pipeline, then the rows, until the tiles fit: Q (rows x D) plus
+    num_stages K/V tiles (2 x block_n x D), 16-bit. An RTX 3090 (99 KB) gets, at head dim 128, rows 128, 8 warps and
+    2 stages (token mode) and rows 128, 4 warps (block mode, no TMA before sm_90)."""
     if head_dim <= 64:
         cfg = dict(rows=128, block_n=64, num_warps=4, num_stages=3)
     elif head_dim <= 128:
@@ -192,7 +195,7 @@ def default_config(head_dim: int, group: int, block_mode: bool = False, shared_m
     else:
         cfg = dict(rows=64, block_n=32, num_warps=4, num_stages=2)
     if shared_memory is None:
-        shared_memory = _shared_memory_per_block()
+        shared_memory = shared_memory_per_block()
     need = lambda c: 2 * head_dim * (c["rows"] + 2 * c["num_stages"] * c["block_n"])  # noqa: E731
     while need(cfg) > shared_memory and cfg["num_stages"] > 2:
         cfg["num_stages"] -= 1
@@ -200,14 +203,6 @@ def default_config(head_dim: int, group: int, block_mode: bool = False, shared_m
         cfg["rows"] //= 2
         cfg["num_warps"] = max(4, cfg["num_warps"] // 2)
     return cfg
-
-
-def _shared_memory_per_block() -> int:
-    """Opt-in shared memory per block of the current GPU (227 KB on an H100, 99 KB on an RTX 3090)."""
-    if torch.cuda.is_available() and not interpreting():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        return int(getattr(props, "shared_memory_per_block_optin", 99 * 1024))
-    return 227 * 1024
 
 
 def sparse_prefill(
