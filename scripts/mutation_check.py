@@ -1,15 +1,17 @@
 """Mutation check: do the tests notice when a line of the attention code is wrong? (Not part of CI: minutes per mutant.)
 
 Each mutant replaces one exact source snippet of the DHSA selection or the executor (utils/dhsa_math.py,
-utils/dhsa.py, utils/attention.py, utils/selection.py; found by its text, not by line number, since these files
-change) with a plausible mistake, in a temporary copy of the repository, and runs the tests that should catch it
-(stopping at the first failure). A mutant is KILLED when a test fails and SURVIVES when all pass; a surviving
-mutant points at behaviour no test checks. A mutant whose snippet is no longer in the file is skipped with a
-warning (update its snippet when the code changes).
+utils/dhsa.py, utils/dhsa_method.py, utils/attention.py, utils/selection.py; found by its text, not by line number,
+since these files change) with a plausible mistake, in a temporary copy of the repository, and runs the tests that
+should catch it (stopping at the first failure), after checking that the unmutated code passes them. A mutant is
+KILLED when a test fails and SURVIVES when all pass; a surviving mutant points at behaviour no test checks. Every
+snippet must occur exactly once in its file: if one does not (the code moved or changed), the script stops with an
+error before any test runs; update that mutant's path or snippet.
 
     python scripts/mutation_check.py                 # every mutant
     python scripts/mutation_check.py --list          # names and snippets
     python scripts/mutation_check.py --only causal_visible forced_local_cap
+    python scripts/mutation_check.py --only decode_tail --no-baseline   # one mutant, tests known to pass
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_forced_keys.py", "tests/test_decode.py", "tests/test_dhsa.py", "tests/test_baselines.py",
-         "tests/test_patch.py", "tests/test_sparse_vs_dense.py"]
+         "tests/test_patch.py", "tests/test_sparse_vs_dense.py", "tests/test_token_rescore.py"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,35 @@ MUTANTS = [
            "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).amax(2)",
            "out[:, t0:t1] = scores.view(H, t1 - t0, T, Nc).mean(2)",
            'query_pooling="max" averages the tile\'s scores instead'),
+    Mutant("sink_keeps_key_zero", "utils/dhsa_math.py",
+           "    if sink_tokens > 0:\n        sink = torch.maximum(sink, torch.clamp(budget_per_tile - local, max=1))\n",
+           "",
+           "key 0 no longer kept when the budget leaves no room for sinks (a query may read no key)"),
+    Mutant("decode_tail", "utils/dhsa_math.py",
+           "        else [num_keys - 1, num_keys]",
+           "        else [num_keys]",
+           "Algorithm 2: the current token shares the generated tokens' chunk instead of having its own"),
     Mutant("decode_prompt_chunks", "utils/dhsa_math.py",
            "kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]",
            "kept = prompt_ends[prompt_ends < min(prompt_len, num_keys - 1)]",
            "Algorithm 2 drops the prompt's last chunk end"),
+    Mutant("exact_tail_tiles", "utils/dhsa.py",
+           "first_exact = max(0, (Lq - options.exact_tail) // T)",
+           "first_exact = max(0, (Lq - options.exact_tail) // T + 1)",
+           "exact_tail leaves out the first tile that holds one of the last exact_tail queries"),
+    Mutant("rescore_causal", "utils/dhsa.py",
+           "blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None])",
+           "blocked = (cand[:, None, :, None, :] >= query_pos[None, None, :, :, None])",
+           "token rescoring: a query does not weigh its own key"),
+    Mutant("rescore_forced", "utils/dhsa.py",
+           "weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)",
+           "weight = torch.where(top[:, s0:s1] == float(\"-inf\"), top[:, s0:s1], weight)",
+           "token rescoring: sink and local keys compete on their weight instead of staying forced"),
+    # utils/dhsa_method.py (the decode step of a patched model)
+    Mutant("decode_keeps_generated", "utils/dhsa_method.py",
+           'local_tokens=max(options.local_tokens, Lk - state["prompt_len"])',
+           'local_tokens=max(options.local_tokens, Lk - state["prompt_len"] - 1)',
+           "a sparse decode step no longer forces the current token (the generated tokens but the newest)"),
     # utils/attention.py and utils/selection.py
     Mutant("executor_causal", "utils/attention.py",
            "mask = k_pos <= q_pos[None, None, :, :, None]",
@@ -154,11 +181,21 @@ def main(argv=None) -> None:
     parser.add_argument("--tests", nargs="+", default=TESTS, help="test files run against each mutant")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the check that the unmutated code passes the tests (when you just ran them)")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if args.only is None or m.name in args.only]
     unknown = set(args.only or ()) - {m.name for m in MUTANTS}
     if unknown:
         sys.exit(f"error: unknown mutant(s) {sorted(unknown)}; see --list")
+    missing = [(m, (REPO / m.path).read_text(encoding="utf-8").count(m.old) if (REPO / m.path).is_file() else None)
+               for m in chosen]
+    missing = [(m, count) for m, count in missing if count != 1]
+    if missing:
+        for m, count in missing:
+            found = "the file does not exist" if count is None else f"the snippet occurs {count} times (needs 1)"
+            print(f"error: mutant {m.name}: {m.path}: {found}:\n    {m.old!r}", file=sys.stderr)
+        sys.exit(f"error: {len(missing)} mutant(s) no longer apply; update their path/snippet in {Path(__file__).name}")
     if args.list:
         for m in chosen:
             print(f"{m.name}: {m.path}: {m.why}\n    - {m.old!r}\n    + {m.new!r}")
@@ -169,16 +206,22 @@ def main(argv=None) -> None:
         copy = Path(tmp) / "repo"
         copy_repository(copy)
         print(f"repository copied to {copy}; tests: {' '.join(args.tests)}", flush=True)
+        if not args.no_baseline:  # unmutated, the tests must pass: otherwise every mutant would look killed
+            status, detail, seconds = run_tests(copy, args.tests, args.timeout)
+            if status != "SURVIVED":
+                sys.exit(f"error: the tests fail without any mutant ({detail}); fix them first")
+            print(f"{'PASSED':8s} {'(no mutant)':24s} {seconds:6.0f} s  the unmutated code passes", flush=True)
         for m in chosen:
             path = copy / m.path
             original = path.read_text(encoding="utf-8")
-            count = original.count(m.old)
-            if count != 1:
-                print(f"warning: {m.name}: snippet found {count} times in {m.path} (needs exactly 1); skipped",
-                      file=sys.stderr, flush=True)
-                results.append((m, "SKIPPED", f"snippet found {count} times", 0.0))
-                continue
-            path.write_text(original.replace(m.old, m.new), encoding="utf-8")
+            if original.count(m.old) != 1:  # checked in the repository above; the copy must be the same
+                sys.exit(f"error: mutant {m.name}: snippet not found once in the copy of {m.path}")
+            mutated = original.replace(m.old, m.new)
+            try:  # a mutant that does not compile would be "killed" by an import error: a broken mutant, not a test
+                compile(mutated, str(path), "exec")
+            except SyntaxError as err:
+                sys.exit(f"error: mutant {m.name} makes {m.path} invalid Python ({err}); fix its replacement")
+            path.write_text(mutated, encoding="utf-8")
             try:
                 status, detail, seconds = run_tests(copy, args.tests, args.timeout)
             finally:
@@ -186,14 +229,14 @@ def main(argv=None) -> None:
             results.append((m, status, detail, seconds))
             print(f"{status:8s} {m.name:24s} {seconds:6.0f} s  {detail}", flush=True)
 
-    print("\nmutant                   status    file                why / first failing test")
+    print(f"\n{'mutant':24s} {'status':9s} {'file':20s} why / first failing test")
     for m, status, detail, _ in results:
-        print(f"{m.name:24s} {status:9s} {m.path:18s} {m.why}\n{'':53s}{detail}")
+        print(f"{m.name:24s} {status:9s} {m.path:20s} {m.why}\n{'':55s}{detail}")
     survivors = [m.name for m, status, _, _ in results if status == "SURVIVED"]
     print(f"\n{sum(s == 'KILLED' for _, s, _, _ in results)} killed, {len(survivors)} survived"
           f"{': ' + ', '.join(survivors) if survivors else ''}, "
-          f"{sum(s == 'SKIPPED' for _, s, _, _ in results)} skipped, {sum(s == 'ERROR' for _, s, _, _ in results)} errors")
-    sys.exit(1 if survivors else 0)
+          f"{sum(s == 'ERROR' for _, s, _, _ in results)} errors")
+    sys.exit(1 if survivors or any(s == "ERROR" for _, s, _, _ in results) else 0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -396,3 +397,65 @@ def test_longbench_two_processes_split_runs_and_datasets_exactly_once(tmp_path, 
     assert results(tmp_path / "two") == results(tmp_path / "one")
     assert_disjoint_shares(written_by_rank(tmp_path / "writes", lambda r: r["_id"]), 12)
     assert "dhsa_0.25 multifieldqa_zh: 3/3 predictions" in output and output.count("predictions ->") == 4
+
+
+# ------------------------------------------------------------------------------------------------ RULER
+# Last in the file: the fake data wheels (test_ruler.fake_wheels, module-scoped) stay in the environment until the
+# module ends. The in-process reference run unpacks them into DHSA_CACHE, which the killed subprocess inherits (it
+# would not accept the fake wheels' hashes, but reads the cached data).
+
+from test_ruler import fake_wheels  # noqa: E402,F401  (a fixture: RULER's data from small fake wheels, no network)
+
+RULER = Runner("run_ruler", family="qwen2")
+RULER_FIELDS = ("score", "prediction", "answer", "prompt_tokens", "budget", "density", "decode", "config")
+
+
+def ruler_args(out: Path) -> list[str]:
+    # 2 tasks x 2 samples, each with dense then dhsa: writes alternate dense.jsonl, dhsa_0.25.jsonl (8 in all)
+    return ["--model", "tiny", "--methods", "dense", "dhsa", "--density", "0.25", "--tasks", "fwe", "qa_1",
+            "--lengths", "1K", "--num-samples", "2", "--output-dir", str(out), "--device", "cpu"]
+
+
+def ruler_results(out: Path) -> dict:
+    return {run: by_key(jsonl_records(out / "tiny" / f"{run}.jsonl"), lambda r: (r["task"], r["length"], r["index"]),
+                        RULER_FIELDS) for run in ("dense", "dhsa_0.25")}
+
+
+@pytest.fixture(scope="module")
+def ruler_reference(tmp_path_factory, fake_wheels):
+    out = tmp_path_factory.mktemp("ruler_reference")
+    RULER.run_here(ruler_args(out))
+    results = ruler_results(out)
+    assert {run: sorted(r) for run, r in results.items()} == {
+        run: [(t, 1024, i) for t in ("fwe", "qa_1") for i in range(2)] for run in ("dense", "dhsa_0.25")}
+    return results
+
+
+def test_ruler_killed_mid_write_resumes_exactly_once(tmp_path, ruler_reference):
+    args = ruler_args(tmp_path / "out")
+    # the 4th write is the dhsa record of the 2nd sample: dense.jsonl is then one sample ahead of dhsa_0.25.jsonl
+    crash_mid_write(RULER, args, tmp_path, 4, tmp_path / "out" / "tiny" / "dhsa_0.25.jsonl")
+    assert len(jsonl_records(tmp_path / "out" / "tiny" / "dense.jsonl")) == 2
+    RULER.run_here(args)
+    assert ruler_results(tmp_path / "out") == ruler_reference
+    tables = (tmp_path / "out" / "tiny" / "results.csv").read_text().splitlines()
+    assert len(tables) == 1 + 2 * 3 and all(row.endswith(",2") for row in tables[1:])  # 2 samples per cell
+
+
+def test_ruler_killed_at_random_resumes_exactly_once(tmp_path, ruler_reference):
+    args = ruler_args(tmp_path / "out")
+    crash_at_random(RULER, args, tmp_path, tmp_path / "out" / "tiny" / "dense.jsonl", seed=2, max_delay=2.0)
+    RULER.run_here(args)
+    assert ruler_results(tmp_path / "out") == ruler_reference
+
+
+# ------------------------------------------------------------------------------------------------ every runner
+
+def test_every_runner_has_a_kill_and_resume_test():
+    """A new run_*.py needs its own kill-and-resume test in this file (a Runner for it, used by a test)."""
+    import inspect
+
+    source = inspect.getsource(sys.modules[__name__])
+    runners = sorted(path.stem for path in REPO.glob("run_*.py"))
+    tested = sorted(set(re.findall(r'Runner\("(run_\w+)"', source)))
+    assert runners == tested, f"runners without a kill-and-resume test: {sorted(set(runners) - set(tested))}"
