@@ -35,8 +35,8 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
-from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder
-from utils.config import add_config_args, config_from_args
+from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, sweep_configs
+from utils.config import add_config_args
 from utils.generation import eos_token_ids, greedy_generate
 from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
 from utils.sharding import Shard, distributed
@@ -217,19 +217,7 @@ def _patched_decode(model) -> str | None:
 
 def run_configs(args: argparse.Namespace) -> list:
     """One attention config per requested run: methods x densities (dense once). Raises ValueError for bad input."""
-    from utils.methods import method_names
-
-    methods = args.methods or [args.method]
-    unknown = [m for m in methods if m not in method_names()]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose one of: {', '.join(method_names())}")
-    configs = []
-    for method in dict.fromkeys(methods):
-        if method == "dense":
-            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
-            continue
-        for density in dict.fromkeys(args.densities or [args.density]):
-            configs.append(config_from_args(args, method=method, density=density))
+    configs = sweep_configs(args)
     if args.run_name and len(configs) > 1:
         raise ValueError("--run-name names one run; with several methods/densities leave it out")
     return configs

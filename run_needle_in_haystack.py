@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
-from utils.cli import add_rope_scaling_arg, model_folder, parse_length, user_errors
-from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.cli import add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.config import SparseAttentionConfig, add_config_args
 from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.rope_scaling import apply_rope_scaling, too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
@@ -92,28 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_configs(args) -> list[SparseAttentionConfig]:
-    """One config per requested run: methods x densities (dense once). Raises ValueError for bad input."""
-    from utils.methods import method_names
-
-    methods = args.methods or [args.method]
-    densities = args.densities or [args.density]
-    unknown = [m for m in methods if m not in method_names()]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(method_names())}")
-    configs = []
-    for method in dict.fromkeys(methods):
-        if method == "dense":
-            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
-            continue
-        for density in dict.fromkeys(densities):
-            configs.append(config_from_args(args, method=method, density=density))
-    return configs
-
-
 def check_args(args) -> list[SparseAttentionConfig]:
     """Everything about the flags that can be checked without the model; returns the run configs."""
-    configs = run_configs(args)
+    configs = sweep_configs(args)
     if args.output and len(configs) > 1:
         raise ValueError("--output names one file; with several methods/densities use --output-dir")
     bad = [d for d in args.depths if not 0 <= d <= 100]

@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
-from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, user_errors
-from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.config import SparseAttentionConfig, add_config_args
 from utils.generation import eos_token_ids, greedy_generate
 from utils.rope_scaling import too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
@@ -84,24 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> list[SparseAttentionConfig]:
     """Everything about the flags that can be checked without the model or data; returns one config per run."""
-    from utils.methods import method_names
-
     unknown = [t for t in args.tasks if t not in TASK_NAMES]
     if unknown:
         raise ValueError(f"unknown RULER task {unknown[0]!r}; choose from: {', '.join(TASK_NAMES)}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    methods = args.methods or [args.method]
-    bad = [m for m in methods if m not in method_names()]
-    if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; choose from: {', '.join(method_names())}")
-    configs = []
-    for method in dict.fromkeys(methods):
-        if method == "dense":
-            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
-            continue
-        for density in dict.fromkeys(args.densities or [args.density]):
-            configs.append(config_from_args(args, method=method, density=density))
+    configs = sweep_configs(args)
     if args.output and len(configs) > 1:
         raise ValueError("--output names one file; with several methods/densities use --output-dir")
     return configs

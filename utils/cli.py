@@ -65,4 +65,24 @@ def user_errors():
         raise SystemExit(f"error: {err}") from None
 
 
-__all__ = ["parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "model_folder", "HelpFormatter", "user_errors"]
+def sweep_configs(args: argparse.Namespace) -> list:
+    """One SparseAttentionConfig per requested run: --methods (else --method) x --densities (else --density), dense
+    once whatever the density, in the order given. Raises ValueError naming the choices for an unknown method."""
+    from .config import config_from_args
+    from .methods import method_names
+
+    methods = args.methods or [args.method]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose one of: {', '.join(method_names())}")
+    configs = []
+    for method in dict.fromkeys(methods):
+        if method == "dense":
+            configs.append(config_from_args(args, method="dense", density=None, budget=None, min_budget=0))
+            continue
+        for density in dict.fromkeys(args.densities or [args.density]):
+            configs.append(config_from_args(args, method=method, density=density))
+    return configs
+
+
+__all__ = ["sweep_configs", "parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "model_folder", "HelpFormatter", "user_errors"]
