@@ -9,7 +9,7 @@ date +%s > /tmp/exp/t0
 rm -f /tmp/blob
 date +%s > /tmp/exp/t_converted
 Q=qwen2.5-coder-1.5b-instruct
-NV="python3 .carry/jobs2/niah_variants.py --variants .carry/jobs2/variants.json --lengths 8192 16384 32768 --depths 0 25 50 75 100 --cases sf:.carry/pg trondheim:.carry/news"
+NV="python3 notes/accuracy_stages/niah_variants.py --variants .carry/jobs2/variants.json --lengths 8192 16384 32768 --depths 0 25 50 75 100 --cases sf:.carry/pg trondheim:.carry/news"
 ( CUDA_VISIBLE_DEVICES=0 $NV --model $Q --out /tmp/exp/explore_qwen_a.jsonl --only base tail64 tail256 c8 > /tmp/exp/explore_a.log 2>&1
   CUDA_VISIBLE_DEVICES=0 $NV --model gemma-3-270m --out /tmp/exp/explore_gemma.jsonl --only base tail64 tail256 c8 tail64_r2 all4 > /tmp/exp/explore_g.log 2>&1 ) &
 ( CUDA_VISIBLE_DEVICES=1 $NV --model $Q --out /tmp/exp/explore_qwen_b.jsonl --only tail64_r2 all4 tail64_sparse tail64_r2_sparse > /tmp/exp/explore_b.log 2>&1 ) &
