@@ -85,8 +85,18 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
             # attention reads K/V in place.
             expand = q.shape[1] // k.shape[1]
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
-    if q.shape[2] == 1 and options.exact_tail:
-        options = options.replace(exact_tail=0)  # a decode step is no prefill tail: it keeps the cheap chunk scores
+    if q.shape[2] == 1 and (options.exact_tail or options.dense_tail):
+        # a decode step is no prefill tail: it keeps the cheap chunk scores and the budget
+        options = options.replace(exact_tail=0, dense_tail=0)
+    selection = _select(q, k, budget, boundaries, options, expand)
+    if options.dense_tail:  # the tiles holding the last dense_tail queries read every key (Selection.dense_from)
+        selection.dense_from = max(0, (q.shape[2] - options.dense_tail) // options.query_chunk) * options.query_chunk
+    return selection
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions,
+            expand: int) -> Selection:
+    """The key lists of every tile: the fused GPU selection where it applies, else the PyTorch path."""
     if q.is_cuda:  # None = the fused selection does not apply
         tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
