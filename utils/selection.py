@@ -76,6 +76,10 @@ class Selection:
             mask[:, :, self.dense_from:] = (k_pos[None, :] <= q_pos[self.dense_from:, None])
         return mask
 
+    def budget_rows(self, num_queries: int) -> int:
+        """How many leading queries read only their tile's list (so at most max_keys keys): all but a dense tail."""
+        return num_queries if self.dense_from is None else min(num_queries, self.dense_from)
+
     def sparse_part(self) -> "Selection":
         """The tiles before `dense_from` (all of them when it is None), as a selection without a dense tail."""
         if self.dense_from is None:
