@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from utils import kernels
 from utils.cli import parse_length, user_errors
 from utils.config import SparseAttentionConfig
 from utils.runs import append_jsonl, read_jsonl
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.0625, help="N_b / L")
     p.add_argument("--min-budget", type=int, default=512, help="floor on N_b")
     p.add_argument("--output-dir", default="results_recall", help="results go to <dir>/<model>/")
-    p.add_argument("--device", default="cpu", help="device of the capture forward (scoring runs on the CPU)")
+    p.add_argument("--device", default="cpu", help="device of the capture forward and of the scoring (fp32)")
     return p
 
 
@@ -195,7 +196,7 @@ def run(args) -> Path:
                         overrides = {**overrides, **{o: 0 for o in TAIL_OPTIONS}}
                     config = SparseAttentionConfig(method=method_name, budget=budget, **overrides)
                     context = LayerContext(layer, {}, {}, source)
-                    with torch.no_grad():
+                    with torch.no_grad(), kernels.disabled():  # the PyTorch selections, on any device
                         truth = truth or window_truth(q, k[:, :, :end], options, budget)
                         selection = METHODS[method_name].select(q, k[:, :, :end], config, context)
                         scores = score_selection(truth, selection, needle if name == "tail" else None)

@@ -85,15 +85,50 @@ def cache_path(cache_dir: Path, model_name: str, input_ids: list[int], starts: l
     return Path(cache_dir) / "testbed" / model_name / f"L{len(input_ids)}_{digest}.pt"
 
 
+def _exact_causal_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention function: exact causal attention with K/V repeated per query head, so that fp32 SDPA
+    on CUDA takes its memory-efficient kernel (with a mask or grouped heads it falls back to the math kernel,
+    an L x L matrix per head: 56 GB at 32K for Qwen2.5-0.5B)."""
+    groups = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _exact_attention_on_cuda(model):
+    """Switch a model on CUDA to _exact_causal_attention for the capture forward (no change elsewhere)."""
+    import contextlib
+
+    if model.device.type != "cuda":
+        return contextlib.nullcontext()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("testbed_exact", _exact_causal_attention)
+    AttentionMaskInterface.register("testbed_exact", sdpa_mask)
+
+    @contextlib.contextmanager
+    def switched():
+        before = model.config._attn_implementation
+        model.set_attn_implementation("testbed_exact")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(before)
+    return switched()
+
+
 def capture(model, input_ids: list[int], layers: list[int], starts: list[int], path: Path) -> dict:
-    """{layer: (q [1, Hq, rows, D] fp32 of every window, k [1, Hkv, L, D] fp32, options)}, cached at `path`."""
+    """{layer: (q [1, Hq, rows, D] fp32 of every window, k [1, Hkv, L, D] fp32, options)} on the model's device,
+    cached at `path`."""
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=False, map_location=model.device)
     from boundary_predictor.capture import capture_queries_and_keys
 
     rows = torch.cat(window_rows(len(input_ids), starts))
-    captured = capture_queries_and_keys(model, torch.tensor([input_ids]), layers, rows=rows)
-    data = {layer: (q.float().cpu(), k.float().cpu(), options) for layer, (q, k, options) in captured.items()}
+    with _exact_attention_on_cuda(model):
+        captured = capture_queries_and_keys(model, torch.tensor([input_ids]), layers, rows=rows)
+    data = {layer: (q.float(), k.float(), options) for layer, (q, k, options) in captured.items()}  # model device
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(data, tmp)
@@ -115,7 +150,7 @@ def score_selection(truth: dict, selection, needle: tuple[int, int] | None = Non
     read it (needle_heads, needle_heads_half, needle_mass, needle_kept)."""
     logits, probs = truth["logits"], truth["probs"]
     Hq, n, L = probs.shape[1:]
-    keys, valid = read_keys(selection, torch.arange(n))
+    keys, valid = read_keys(selection, torch.arange(n, device=probs.device))
     scores = recall_scores(logits, probs, keys, valid, truth["threshold"], truth["budget"])
     dense_tail_rows(selection, 0, L - n, scores)
     out = {name: scores[name].mean().item() for name in ("mass_recall", "topk_overlap", "keys_read")}
@@ -123,7 +158,7 @@ def score_selection(truth: dict, selection, needle: tuple[int, int] | None = Non
         lo, hi = needle
         Hs = keys.shape[1]
         inside = valid[0] & (keys[0] >= lo) & (keys[0] < hi)  # [Hs, n, K]: listed keys that hold the needle
-        kept = torch.zeros(Hs, n, hi - lo + 1, dtype=torch.bool)
+        kept = torch.zeros(Hs, n, hi - lo + 1, dtype=torch.bool, device=probs.device)
         kept.scatter_(-1, torch.where(inside, keys[0] - lo, hi - lo), True)
         kept = kept[..., : hi - lo].repeat_interleave(Hq // Hs, dim=0)  # [Hq, n, needle keys]
         if selection.dense_from is not None:

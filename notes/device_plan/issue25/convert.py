@@ -6,6 +6,7 @@ temp folder and renamed at the end, as utils.models.offline_model_dir does (whic
     python3 notes/device_plan/issue25/convert.py [/tmp/blob]
 """
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from utils.model_specs import get_spec  # noqa: E402
 from utils.wheels import cache_dir  # noqa: E402
 
-NAME = "qwen2.5-coder-1.5b-instruct"
+NAME = os.environ.get("MODEL_NAME", "qwen2.5-coder-1.5b-instruct")
 
 
 def main(blob: Path) -> None:
