@@ -198,6 +198,16 @@ LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse
                  "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper", "xattn_rule": "paper"}
 
 
+# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs.py
+# same_config), so a changed default of, say, XAttention's threshold does not split DHSA's results.
+METHOD_ONLY_FIELDS = {
+    "peer_budget": ("flexprefill", "xattention"),
+    "flex_gamma": ("flexprefill",), "flex_tau": ("flexprefill",), "flex_min_budget": ("flexprefill",),
+    "flex_rule": ("flexprefill",),
+    "xattn_threshold": ("xattention",), "xattn_stride": ("xattention",), "xattn_rule": ("xattention",),
+}
+
+
 def config_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(SparseAttentionConfig)]
 
@@ -235,4 +245,4 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
 
 
 __all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names",
-           "LEGACY_VALUES"]
+           "LEGACY_VALUES", "METHOD_ONLY_FIELDS"]
