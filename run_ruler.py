@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
+from utils.baselines.blocks import density_reached
 from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig, add_config_args
 from utils.generation import eos_token_ids, greedy_generate
@@ -166,7 +167,8 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
             "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
             "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
             "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
-            "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
+            "budget": config.resolve_budget(sample.prompt_tokens), "density_reached": density_reached(model),
+            "seconds": round(seconds, 3), **settings,
         }
         append_jsonl(path, record)
         bar.set_postfix(run=run_name(config), task=task, length=length, score=f"{record['score']:.0f}")

@@ -214,5 +214,12 @@ def reached_density(model) -> dict[str, float] | None:
     return {key: sum(float(r[key]) for r in records) / len(records) for key in records[0]}
 
 
-__all__ = ["BlockGrid", "check_matched", "cover_mask", "within_mask", "keep_blocks", "token_selection", "block_selection", "reached",
+def density_reached(model) -> float | None:
+    """The density (keys read / Lk, causal, exact) of the patched model's last prefill, averaged over its
+    layers, rounded to 4 digits, for a results record; None for methods that always read their budget."""
+    record = reached_density(model)
+    return None if record is None else round(record["density"], 4)
+
+
+__all__ = ["density_reached", "BlockGrid", "check_matched", "cover_mask", "within_mask", "keep_blocks", "token_selection", "block_selection", "reached",
            "reached_density", "REACHED"]
