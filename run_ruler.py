@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-style", choices=["auto", "chat", "completion"], default="auto",
                         help="auto: the chat template when the tokenizer has one (RULER's model templates), "
                              "else the bare task text (RULER's base template)")
+    parser.add_argument("--fill", choices=["official", "tight"], default="official",
+                        help="haystack size: official (RULER's one search per task and length, then whole-increment "
+                             "back-offs per sample) or tight (each sample filled to the length)")
     parser.add_argument("--output-dir", default="results_ruler", help="results go to <dir>/<model>/<run>.jsonl")
     parser.add_argument("--output", default=None, help="exact JSONL path (one method and density only)")
     parser.add_argument("--tables-only", action="store_true",
@@ -133,13 +136,17 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
     shard = Shard.from_env() if shard is None else shard
     configs = check_args(args)
     check_lengths(args.lengths, model_max or model_max_length(model), args.rope_scaling)
-    generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks())
+    generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks(),
+                               fill=getattr(args, "fill", "official"))
     wanted = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.num_samples)]
 
     runs = []  # every results file is checked before any sample runs
     for config in configs:
         path = output_path(args, config)
+        # generator 2: RULER's vt example fit and whitespace, fwe vocabulary, insert positions (records without
+        # it were made by the earlier generator and are not mixed with these)
         settings = {"model": Path(args.model.rstrip("/")).name, "prompt_style": generator.style, "seed": args.seed,
+                    "generator": 2, "fill": generator.fill,
                     "config": config_dict(config),
                     "rope_scaling": str(args.rope_scaling) if args.rope_scaling else None}
         records = read_jsonl(path)
