@@ -224,6 +224,10 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
     rows, overview, sections = [], [], []
     lengths = sorted({r["length"] for records in runs.values() for r in records})
     header = [_length_label(n) for n in lengths]
+    def reached(records) -> float | None:  # mean density_reached (FlexPrefill / XAttention record one)
+        values = [r["density_reached"] for r in records if r.get("density_reached") is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
     for name, records in sorted(runs.items(), key=lambda item: (item[0] != "dense", item[0])):
         means, counts = score_frame(records)
         first = records[0]
@@ -233,7 +237,9 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
                     rows.append({"model": folder.name, "run": name, "method": first["method"],
                                  "density": first["density"], "decode": first.get("decode", ""), "task": task,
                                  "length": n, "score": round(float(means.loc[task, n]), 2),
-                                 "samples": int(counts.loc[task, n])})
+                                 "samples": int(counts.loc[task, n]),
+                                 "density_reached": reached([r for r in records
+                                                             if r["task"] == task and r["length"] == n])})
         def cell(task: str, n: int) -> str:
             found = n in means.columns and counts.loc[task, n] > 0
             return f"{means.loc[task, n]:.1f}" if found else "–"
@@ -243,13 +249,17 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
         sections += [f"## {name}", "", _md_table(["task"] + header, table), "",
                      f"Samples per cell: {samples[0]}–{samples[-1]}." if len(samples) > 1
                      else f"Samples per cell: {samples[0]}.", ""]
-        overview.append([name, first["method"], f"{first['density']:g}", first.get("decode", "")]
+        run_reached = reached(records)
+        overview.append([name, first["method"], f"{first['density']:g}",
+                         "–" if run_reached is None else f"{run_reached:.3f}", first.get("decode", "")]
                         + [cell("average", n) for n in lengths])
     title = [f"# RULER: {folder.name}", "",
              "Scores 0–100: RULER's string match (all references for NIAH, vt, cwe, fwe; any reference for QA), "
              "the mean over samples. `average` is the mean over the tasks that have results at that length "
-             "(13 when complete). Written by run_ruler.py from the JSONL files beside this one.", "",
-             _md_table(["run", "method", "density", "decode"] + header, overview), ""]
+             "(13 when complete). `reached`: the density FlexPrefill / XAttention really read (keys read / L, "
+             "mean over samples; their adaptive runs do not use `density`). Written by run_ruler.py from the JSONL "
+             "files beside this one.", "",
+             _md_table(["run", "method", "density", "reached", "decode"] + header, overview), ""]
     md_path, csv_path = folder / "results.md", folder / "results.csv"
     md_path.write_text("\n".join(title + sections), encoding="utf-8")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:

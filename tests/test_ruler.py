@@ -432,7 +432,8 @@ def test_runner_writes_resumes_and_tabulates(fake_wheels, tokenizer, tmp_path, m
     assert "## dense" in text and "## dhsa_0.25" in text and "| fwe |" in text and "| average |" in text
     assert "| 1K |" in text and "Samples per cell: 3." in text
     rows = csv_path.read_text().splitlines()
-    assert rows[0] == "model,run,method,density,decode,task,length,score,samples" and len(rows) == 1 + 2 * 3
+    assert rows[0] == "model,run,method,density,decode,task,length,score,samples,density_reached"
+    assert len(rows) == 1 + 2 * 3
 
 
 def test_rope_scaling_is_recorded_in_its_own_folder(fake_wheels, tokenizer, tmp_path):
@@ -457,8 +458,12 @@ def test_every_registry_method_runs(fake_wheels, tokenizer, tmp_path):
     summaries = run_ruler.run(tiny_model("llama"), tokenizer, args)
     assert [s["records"][0]["method"] for s in summaries] == method_names()
     assert all(0 <= s["records"][0]["score"] <= 100 for s in summaries)
+    reached = {s["records"][0]["method"]: s["records"][0]["density_reached"] for s in summaries}
+    assert all(0 < reached[name] <= 1 for name in ("flexprefill", "xattention"))   # their adaptive density
+    assert reached["dhsa"] is None and reached["dense"] is None
     overview = run_ruler.write_tables(tmp_path / "tiny")[0].read_text()
     assert all(f"## {s['name']}" in overview for s in summaries)
+    assert "flexprefill_0.25_adaptive" in overview
 
 
 def test_runner_bad_flags(fake_wheels, tmp_path):
