@@ -29,11 +29,11 @@ Follows NVIDIA/RULER's current generator (scripts/data/synthetic/, commit c3f5e3
 fitted to <= 500 tokens (its input, from 5 noise lines on) and its answer follows after a space ("they are:  A
 B ..."), hop lines end in a space, needles and chain lines are inserted before a line (never after the last),
 fwe draws (L - 50) // 50 coded words, and the length fill is RULER's by default (`fill="official"`: one search
-per task and length, then whole-increment back-offs per sample; `fill="tight"` fills every sample).
+per task and length, then whole-increment back-offs per sample; `fill="tight"` fills every sample), and under a
+chat template cwe's worked example is its own templated turn with its answer, before the task's.
 Where this still departs from RULER's scripts (same task, simpler or deterministic code): sentences are split by a
 regular expression (RULER: NLTK punkt, which needs a download), distractor keys never equal a real key, the
-search runs on sample 0's draft (RULER: a fresh random draw per step), cwe's example sits in the one user turn
-under a chat template (RULER wraps example and task each in the model template), and the answer prefix of vt says
+search runs on sample 0's draft (RULER: a fresh random draw per step), and the answer prefix of vt says
 "assigned" (RULER's current text; the wheel's has the typo "assgined").
 """
 
@@ -215,7 +215,7 @@ def read_hotpotqa(path) -> tuple[list[dict], list[str]]:
 class Draft:
     """A sample's random content; `render(units)` gives (user text, answer prefix) with `units` haystack units."""
 
-    render: Callable[[int], tuple[str, str]]
+    render: Callable[[int], tuple]   # (user text, answer prefix[, worked example (user text, answer)])
     answers: list[str]
     min_units: int = 1
     max_units: int | None = None   # None: as many as fit
@@ -371,15 +371,18 @@ def draft_common_words(rng: random.Random, task: RulerTask, length: int, index: 
         return _numbered(listed)
 
     ex = rng.sample(data.words, ex_words)
-    example = (t["template"].format(context=word_list(ex, ex_cw, ex_ucw, rng), num_cw=num_cw)
-               + t["answer_prefix"].format(num_cw=num_cw) + " " + _numbered(ex[:num_cw]))
+    # RULER renders the worked example with the whole model template (its own user turn, then the answer prefix
+    # and the answer), then "\n" and the task in the template again (common_words_extraction.py:113-129,
+    # prepare.py:96-101): the third item of the render, which RulerGenerator.prompt lays out that way
+    example = (t["template"].format(context=word_list(ex, ex_cw, ex_ucw, rng), num_cw=num_cw),
+               t["answer_prefix"].format(num_cw=num_cw) + " " + _numbered(ex[:num_cw]))
     vocabulary = rng.sample(data.words, len(data.words))
     order_seed = rng.getrandbits(64)
 
-    def render(units: int) -> tuple[str, str]:
+    def render(units: int) -> tuple[str, str, tuple[str, str]]:
         context = word_list(vocabulary[:units], cw, ucw, random.Random(order_seed))
-        return example + "\n" + t["template"].format(context=context, num_cw=num_cw), \
-            t["answer_prefix"].format(num_cw=num_cw)
+        return t["template"].format(context=context, num_cw=num_cw), t["answer_prefix"].format(num_cw=num_cw), \
+            example
 
     return Draft(render, vocabulary[:num_cw], min_units=num_cw + 1, max_units=len(vocabulary))
 
@@ -544,8 +547,12 @@ class RulerGenerator:
         self.data = data if data is not None else RulerData()
         self._last_units: dict[tuple[str, int], int] = {}  # the next sample's first guess
 
-    def prompt(self, user_text: str, answer_prefix: str) -> str:
-        """The model's input text: the task as the user turn (chat) or bare (completion), then the answer prefix."""
+    def prompt(self, user_text: str, answer_prefix: str, example: tuple[str, str] | None = None) -> str:
+        """The model's input text: the task as the user turn (chat) or bare (completion), then the answer prefix.
+        An `example` (user text, answer prefix + answer) comes first, laid out the same way, then a line break
+        (RULER's cwe)."""
+        if example is not None:
+            return self.prompt(*example) + "\n" + self.prompt(user_text, answer_prefix)
         if self.style == "chat":
             turn = [{"role": "user", "content": user_text}]
             return self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) + answer_prefix

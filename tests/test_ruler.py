@@ -241,6 +241,19 @@ def test_chat_prompt_and_answer_prefix(fake_wheels):
         R.RulerGenerator(tiny_tokenizer(), "chat")
 
 
+def test_cwe_example_is_its_own_chat_turn(fake_wheels):
+    """RULER wraps cwe's worked example (with its answer) and then the task each in the model template."""
+    chat = tiny_tokenizer(chat_template=True)
+    sample = R.RulerGenerator(chat, seed=1).sample("cwe", 2048, 0)
+    example, task = sample.prompt.split("\n<s>user\n", 1)
+    assert example.startswith("<s>user\nBelow is a numbered list of words.") and sample.prompt.count("<s>user\n") == 2
+    assert re.search(r"</s>\n<s>assistant\n Answer: The top 10 words that appear most often in the list are: "
+                     r"1\. \w+ .* 10\. \w+$", example)
+    assert task.startswith("Below is a numbered list") and task.endswith("most often in the list are:")
+    plain = R.RulerGenerator(chat, "completion", seed=1).sample("cwe", 2048, 0).prompt   # bare: one text
+    assert "<s>" not in plain and re.search(r"10\. \w+\nBelow is a numbered list", plain)
+
+
 def _needles(prompt: str) -> list[tuple[str, str]]:
     return re.findall(r"One of the special magic \w+ for (\S+) is: (\S+)\.", prompt)
 
