@@ -15,9 +15,10 @@ Always kept (in this order of priority when n_keep is small): the block of the t
 query reads a key), the block of its last query (the diagonal) and block 0 (attention sinks); both FlexPrefill
 and XAttention keep the first column and the diagonal.
 
-Density reached. A threshold method may keep fewer than N_b keys. `reached(blocks, grid)` counts the
-(query, key) pairs the selection really reads (causal, exact) and the registry methods store it per layer in
-`context.state["reached"]` (see REACHED); `reached_density(model)` averages it over a patched model's layers.
+Density reached. A threshold method reads what its threshold asks for (adaptive), or possibly fewer than N_b
+keys (matched). `reached(blocks, grid)` counts the (query, key) pairs the selection really reads (causal, exact)
+and the registry methods store it per layer in `context.state["reached"]` (see REACHED); `reached_density(model)`
+averages it over a patched model's layers, and `density_reached(model)` is the number the runners' records keep.
 """
 
 from __future__ import annotations
