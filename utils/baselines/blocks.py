@@ -149,6 +149,8 @@ def keep_blocks(rank: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     top, chosen = torch.topk(rank, n, dim=-1)
     chosen = torch.where(top == float("-inf"), _NONE, chosen).sort(dim=-1).values
     chosen = torch.where(chosen == _NONE, -1, chosen)
+    if not grid.capped:  # no cap: as many slots as the fullest tile uses
+        chosen = chosen[..., :max(1, int((chosen >= 0).sum(-1).max()))]
     if grid.capped and grid.q_offset + min(grid.size, grid.num_queries) <= grid.budget:  # first tile is dense
         width = max(n, min(grid.n_blocks, (grid.budget - 1) // grid.size + 1))
         slots = torch.arange(width, device=chosen.device)
@@ -182,6 +184,14 @@ def block_selection(blocks: torch.Tensor, grid: BlockGrid) -> KernelSelection:
                          "use a budget >= the block size and --block-size 128 (or 64, 32, 16)")
     counts = (blocks >= 0).sum(-1, dtype=torch.int32)
     return KernelSelection(blocks.contiguous(), grid.size, grid.q_offset, counts=counts, block_size=grid.size)
+
+
+def method_selection(blocks: torch.Tensor, grid: BlockGrid, on_gpu: bool) -> KernelSelection:
+    """What the registry methods return: on a GPU the block form when blocks are a multiple of 16 keys (the block
+    kernel reads it; token lists of an uncapped selection grow as L^2 / block), else the token lists."""
+    if on_gpu and grid.size % 16 == 0:
+        return block_selection(blocks, grid)
+    return token_selection(blocks, grid)
 
 
 def reached(blocks: torch.Tensor, grid: BlockGrid) -> dict[str, torch.Tensor]:
@@ -222,5 +232,5 @@ def density_reached(model) -> float | None:
     return None if record is None else round(record["density"], 4)
 
 
-__all__ = ["density_reached", "BlockGrid", "check_matched", "cover_mask", "within_mask", "keep_blocks", "token_selection", "block_selection", "reached",
-           "reached_density", "REACHED"]
+__all__ = ["BlockGrid", "check_matched", "cover_mask", "within_mask", "keep_blocks", "token_selection",
+           "block_selection", "method_selection", "reached", "reached_density", "density_reached", "REACHED"]

@@ -38,7 +38,7 @@ Decode: FlexPrefill decodes densely (the default `decode="dense"`); with decode=
 with the new token as the only query.
 
 Selection: one list per query head and query tile (Hs = Hq, query_chunk = block size); `flexprefill_select(...,
-block_mode=True)` gives the block-number form the GPU block kernel reads.
+block_mode=True)` gives the block-number form the GPU block kernel reads (the registry method returns it on a GPU).
 
     .venv/bin/python -m utils.baselines.flexprefill     # prints both patterns on 64 tokens
 """
@@ -53,8 +53,8 @@ from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
 from .block_sparse import block_means
-from .blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks, reached,
-                     token_selection, within_mask)
+from .blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
+                     method_selection, reached, token_selection, within_mask)
 from .oracle import last_query_attention
 
 
@@ -180,7 +180,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig, con
                                          config.flex_rule, config.flex_min_budget)
     if q.shape[2] > 1:
         context.state[REACHED] = reached(blocks, grid)
-    return token_selection(blocks, grid)
+    return method_selection(blocks, grid, q.is_cuda)
 
 
 register(AttentionMethod("flexprefill", "FlexPrefill: per head vertical-slash or query-aware 128-blocks, sized to "

@@ -32,7 +32,7 @@ default `decode="dense"`); with decode="sparse" a step scores blocks with the ne
 of S pairs with the last key of every key group (a strided sample).
 
 Selection: one list per query head and query tile (Hs = Hq, query_chunk = block size); `xattention_select(...,
-block_mode=True)` gives the block-number form the GPU block kernel reads.
+block_mode=True)` gives the block-number form the GPU block kernel reads (the registry method returns it on a GPU).
 
     .venv/bin/python -m utils.baselines.xattention     # prints the pattern on 64 tokens
 """
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
-from .blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks, reached,
-                     token_selection)
+from .blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
+                     method_selection, reached, token_selection)
 
 _STEP_ELEMENTS = 1 << 24  # elements of the group-score temporaries of one step (4x on a GPU: fewer, larger steps)
 
@@ -150,7 +150,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig, con
                                      config.xattn_stride, config.xattn_rule)
     if q.shape[2] > 1:
         context.state[REACHED] = reached(blocks, grid)
-    return token_selection(blocks, grid)
+    return method_selection(blocks, grid, q.is_cuda)
 
 
 register(AttentionMethod("xattention", "XAttention: 128-blocks scored by strided antidiagonal sums, kept up to a "
