@@ -136,14 +136,17 @@ def capture_keys(model, input_ids: torch.Tensor, layers: list[int]) -> dict[int,
     return keys
 
 
-def capture_queries_and_keys(model, input_ids: torch.Tensor, layers: list[int], first_query: int = 0) -> dict:
+def capture_queries_and_keys(model, input_ids: torch.Tensor, layers: list[int], first_query: int = 0,
+                             rows: torch.Tensor | None = None) -> dict:
     """One forward pass; {layer: (q [B, Hq, L - first_query, D], k [B, Hkv, L, D], options)} for `layers` (model
     dtype, model device; options: scaling, sliding_window, softcap as the layer passes them to its attention
-    function). Only the queries from `first_query` on are kept (copied, so the rest can be freed)."""
+    function). Only the queries from `first_query` on are kept (copied, so the rest can be freed); or, with
+    `rows` (query positions), q is [B, Hq, len(rows), D], those queries only."""
     out = {}
 
     def keep(layer, query, key, options):
-        out[layer] = (query[:, :, first_query:].detach().clone(), key.detach(), options)
+        part = query[:, :, rows.to(query.device)] if rows is not None else query[:, :, first_query:]
+        out[layer] = (part.detach().clone(), key.detach(), options)
 
     with torch.no_grad(), capture_attention(model, layers, keep):
         model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)

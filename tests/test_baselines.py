@@ -105,15 +105,17 @@ def test_budget_causality_and_masks(name, shape, budget):
     selection = select(name, q, k, budget)
     w = weights_read(q, k, selection)
     read = w > 0
+    s = selection.budget_rows(L)  # the queries after s (DHSA's dense question tail) read every key before them
     assert not torch.triu(read, diagonal=1).any(), "a query read a future key"
-    assert read.sum(-1).max() <= budget, "a query read more keys than its budget"
+    assert read[:, :, :s].sum(-1).le(budget).all(), "a query read more keys than its budget"
+    assert torch.equal(read[:, :, s:], torch.ones(L, L, dtype=torch.bool).tril()[s:].expand_as(read[:, :, s:]))
     torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))  # every query reads at least one key
     # The mask of the selection and the recall script's per-query key lists describe what the executor reads.
     assert torch.equal(kept_mask(selection, L, L, Hq), read)
-    keys, valid = read_keys(selection, torch.arange(L))
-    listed = torch.zeros(B, keys.shape[1], L, L + 1, dtype=torch.bool)
+    keys, valid = read_keys(selection, torch.arange(s))
+    listed = torch.zeros(B, keys.shape[1], s, L + 1, dtype=torch.bool)
     listed.scatter_(-1, torch.where(valid, keys, L), True)
-    assert torch.equal(listed[..., :L].repeat_interleave(Hq // keys.shape[1], dim=1), read)
+    assert torch.equal(listed[..., :L].repeat_interleave(Hq // keys.shape[1], dim=1), read[:, :, :s])
 
 
 @pytest.mark.parametrize("name", DENSE_AT_FULL_BUDGET)
@@ -137,7 +139,8 @@ def test_decode_step_reads_at_most_budget(name):
     q, k, v = rand_qkv(B, Hq, Hkv, L + 3, D, seed=4)
     context = LayerContext()
     prefill = select(name, q[:, :, :L], k[:, :, :L], 20, context)
-    assert weights_read(q[:, :, :L], k[:, :, :L], prefill).gt(0).sum(-1).max() <= 20
+    read = weights_read(q[:, :, :L], k[:, :, :L], prefill).gt(0)[:, :, :prefill.budget_rows(L)]
+    assert read.sum(-1).max() <= 20
     for step in range(L, L + 3):  # three generated tokens
         for ctx in (context, LayerContext()):
             selection = select(name, q[:, :, step:step + 1], k[:, :, :step + 1], 20, ctx)
@@ -177,15 +180,20 @@ def test_oracle_recall_is_one_and_bounds_every_method(shape, budget):
     logits, probs = true_attention(q, k)
     threshold = topk_thresholds(logits, [budget])[budget]
     scores = {}
+    rows = {}
     for name in (name for name in SPARSE if not refused(name, budget)):
-        keys, valid = read_keys(select(name, q, k, budget), torch.arange(L))
+        selection = select(name, q, k, budget)
+        rows[name] = selection.budget_rows(L)  # a dense question tail reads more than the budget: not bounded
+        keys, valid = read_keys(selection, torch.arange(L))
         scores[name] = recall_scores(logits, probs, keys, valid, threshold, budget)
     oracle = scores["oracle_topk"]
     assert torch.equal(oracle["topk_overlap"], torch.ones_like(oracle["topk_overlap"]))
     torch.testing.assert_close(oracle["mass_recall"], probs.topk(budget, -1).values.sum(-1))
+    assert min(rows.values()) < L  # the DHSA variants have a dense tail by default
     for name, s in scores.items():
-        assert (s["mass_recall"] <= oracle["mass_recall"] + 1e-5).all(), name
-        assert (s["topk_overlap"] <= 1).all() and (s["keys_read"] <= budget).all(), name
+        n = rows[name]
+        assert (s["mass_recall"][..., :n] <= oracle["mass_recall"][..., :n] + 1e-5).all(), name
+        assert (s["topk_overlap"] <= 1).all() and (s["keys_read"][..., :n] <= budget).all(), name
 
 
 def test_oracle_keeps_the_true_top_keys():
@@ -199,7 +207,7 @@ def test_oracle_keeps_the_true_top_keys():
 
 def test_layer_recall_rows():
     q, k, _ = rand_qkv(1, 4, 2, 96, 16, seed=8)
-    config = small_config("oracle_topk", 8)
+    config = small_config("oracle_topk", 8, dense_tail=0)  # no dense question tail: every row within its budget
     rows = layer_recall(q[:, :, 32:], k, {}, ["oracle_topk", "streaming", "dhsa"], [8, 32], 48, config, 0, {}, None,
                         query_step=20)
     assert len(rows) == 6
@@ -227,7 +235,8 @@ def test_dhsa_without_dynamic_chunks_and_robust_repr_is_block_sparse(shape, budg
     q, k, v = rand_qkv(*shape, seed=budget)
     dhsa = METHODS["dhsa_no_robust_repr"].select(
         q, k, SparseAttentionConfig(method="dhsa_no_robust_repr", budget=budget, chunk_size=128, query_chunk=128,
-                                  query_pooling="mean", head_pooling="mean", sink_tokens=128, local_tokens=128),
+                                  query_pooling="mean", head_pooling="mean", sink_tokens=128, local_tokens=128,
+                                  dense_tail=0),
         LayerContext())  # no boundary source in the context: uniform chunks of chunk_size
     block = METHODS["block_sparse"].select(
         q, k, SparseAttentionConfig(method="block_sparse", budget=budget, block_size=128), LayerContext())
@@ -345,7 +354,8 @@ def test_patch_model_forward_and_generate(tiny_models, family, name, monkeypatch
 
     model = tiny_models[family]
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(0))
-    options = dict(query_chunk=8, block_size=8, page_size=4, last_q=8, chunk_size=4, boundary_source="fixed")
+    options = dict(query_chunk=8, block_size=8, page_size=4, last_q=8, chunk_size=4, boundary_source="fixed",
+                   dense_tail=8)  # DHSA's dense question tail: one tile of 8 of the 40 prompt queries
     with torch.no_grad():
         patch_model(model, method="dense")
         dense_logits = model(ids).logits

@@ -94,7 +94,8 @@ def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, so
     ends = as_boundary_list(fixed_size_ends(L, 7), B, L, device=device)
     with kernels.disabled():
         sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends,  # one list per KV head (GQA group)
-                          options=DHSAOptions(query_chunk=T, sink_tokens=4, local_tokens=8, head_pooling="mean"))
+                          options=DHSAOptions(query_chunk=T, sink_tokens=4, local_tokens=8, head_pooling="mean",
+                                              dense_tail=0))  # the kernel is called on the lists alone
         if per_query_head:  # one list per query head (e.g. baselines that select per head)
             sel = Selection(sel.key_index.repeat_interleave(Hq // Hkv, 1), T, sel.q_offset)
         ref = sparse_attention(q.float(), k.float(), v.float(), sel, softcap=softcap)
@@ -586,6 +587,33 @@ def test_cuda_exact_tail_on_the_fused_path():
     ref_kept.scatter_(-1, reference.key_index[:, :, :first].long() % (L + 1), True)
     agree = (kept & ref_kept)[..., :L].sum() / ref_kept[..., :L].sum()
     assert agree > 0.97, agree  # fused vs PyTorch chunk scores: the same kept set up to ties
+
+
+@cuda_only
+def test_cuda_dense_tail_and_decode_question_keys():
+    """The default dense question tail on the kernel path: the tail tiles equal dense attention, the tiles before it
+    equal the same selection without a tail; a sparse decode step with the question's keys keeps its budget."""
+    from utils.attention import dense_attention
+    from utils.dhsa import dhsa_attention
+    from utils.methods import METHODS, LayerContext
+    from utils.config import SparseAttentionConfig
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L, T = 3000, 64
+    q = torch.randn(1, 12, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 2, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 2, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    first = (L - 64) // T * T
+    out = dhsa_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], budget=256)
+    plain = dhsa_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], budget=256, dense_tail=0)
+    dense = dense_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L])
+    torch.testing.assert_close(out[:, :, first:], dense[:, :, first:], atol=2e-2, rtol=2e-2)
+    assert torch.equal(out[:, :, :first], plain[:, :, :first])
+    config = SparseAttentionConfig(method="dhsa", budget=256, decode="sparse")
+    context = LayerContext()
+    METHODS["dhsa"].select(q[:, :, :L], k[:, :, :L], config, context)
+    step = METHODS["dhsa"].select(q[:, :, L:], k, config, context)
+    assert context.state["dhsa"]["question_keys"].shape == (1, 12, 256)
+    assert step.key_index.shape == (1, 12, 1, 256) and step.dense_from is None
 
 
 # ---------------------------------------------------------------------------------------------- RTX 3090 tile configs

@@ -451,6 +451,34 @@ def test_ruler_killed_at_random_resumes_exactly_once(tmp_path, ruler_reference):
 
 # ------------------------------------------------------------------------------------------------ every runner
 
+# ------------------------------------------------------------------------------------------------ testbed
+
+TESTBED = Runner("run_selection_testbed", family="llama")
+
+
+def selection_bed_args(out: Path, essays: Path) -> list[str]:
+    return ["--model", "tiny", "--lengths", "1200", "--methods", "oracle_topk", "dhsa", "--min-budget", "64",
+            "--haystack-dir", str(essays), "--output-dir", str(out)]
+
+
+def selection_bed_results(out: Path) -> dict:
+    return by_key(jsonl_records(out / "tiny" / "testbed.jsonl"), lambda r: (r["window"], r["layer"], r["method"]),
+                  RECALL_METRICS)
+
+
+def test_testbed_killed_mid_write_resumes_exactly_once(tmp_path, essays, monkeypatch):
+    monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))  # the capture is cached there, by both runs
+    TESTBED.run_here(selection_bed_args(tmp_path / "reference", essays))
+    reference = selection_bed_results(tmp_path / "reference")
+    args = selection_bed_args(tmp_path / "out", essays)
+    crash_mid_write(TESTBED, args, tmp_path, 5, tmp_path / "out" / "tiny" / "testbed.jsonl")
+    TESTBED.run_here(args)
+    results = selection_bed_results(tmp_path / "out")
+    assert results.keys() == reference.keys() and len(results) > 5
+    for key, row in results.items():
+        assert row == pytest.approx(reference[key], rel=1e-6), key
+
+
 def test_every_runner_has_a_kill_and_resume_test():
     """A new run_*.py needs its own kill-and-resume test in this file (a Runner for it, used by a test)."""
     import inspect

@@ -104,9 +104,19 @@ def sparse_attention(
     """Attention of each query on its selected keys only, exact within that set.
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D]; v: [B, Hkv, Lk, Dv]; returns [B, Hq, Lq, Dv] in q's dtype. Causality is
-    always enforced (key position <= query position). The Triton kernel runs where it applies; on the PyTorch path
+    always enforced (key position <= query position); queries from `selection.dense_from` on read every key before
+    them (dense attention). The Triton kernel runs where it applies; on the PyTorch path
     the tiles are processed in groups so that the temporaries stay O(T * K) per tile, never O(Lq * Lk).
     """
+    if selection.dense_from is not None and selection.dense_from < q.shape[2]:
+        # dense tail: its queries read every key before them; the tiles before it run on their key lists
+        s = selection.dense_from
+        tail = dense_attention(q[:, :, s:], k[:, :, :selection.q_offset + q.shape[2]],
+                               v[:, :, :selection.q_offset + q.shape[2]], scale=scale, softcap=softcap)
+        if s == 0:
+            return tail
+        head = sparse_attention(q[:, :, :s], k, v, selection.sparse_part(), scale=scale, softcap=softcap)
+        return torch.cat([head, tail], dim=2)
     if q.is_cuda:  # Triton kernel that reads the selected keys in place (utils/kernels); None = not applicable
         out = kernels.try_sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
         if out is not None:

@@ -53,6 +53,9 @@ class SparseAttentionConfig:
                                            # them, are rescored key by key by the tile's queries; 0: chunk scores only
     exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
                                            # the first answer token) rescore every visible key; 0: off
+    dense_tail: int = 64                   # prefill: the tiles holding the last dense_tail queries (the question, the
+                                           # first answer token) read every visible key (the authors' instruction
+                                           # tail; the one exception to the N_b budget); 0: off
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -105,9 +108,10 @@ class SparseAttentionConfig:
             self.decode = "dense"
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
-        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
-            raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), exact_tail >= 0; "
-                             f"got {self.token_rescore}, {self.exact_tail}; e.g. --token-rescore 4 --exact-tail 64")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
+            raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), exact_tail and "
+                             f"dense_tail >= 0; got {self.token_rescore}, {self.exact_tail}, {self.dense_tail}; "
+                             "e.g. --token-rescore 4 --exact-tail 64 --dense-tail 0")
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
             raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
@@ -174,6 +178,7 @@ class DHSAOptions:
     center_keys: bool = SparseAttentionConfig.center_keys
     token_rescore: float = SparseAttentionConfig.token_rescore
     exact_tail: int = SparseAttentionConfig.exact_tail
+    dense_tail: int = SparseAttentionConfig.dense_tail
 
     def __post_init__(self) -> None:
         if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
@@ -183,9 +188,9 @@ class DHSAOptions:
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
-        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0:
-            raise ValueError(f"token_rescore must be 0 or >= 1 and exact_tail >= 0; got {self.token_rescore}, "
-                             f"{self.exact_tail}")
+        if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
+            raise ValueError(f"token_rescore must be 0 or >= 1, exact_tail and dense_tail >= 0; got "
+                             f"{self.token_rescore}, {self.exact_tail}, {self.dense_tail}")
 
     def replace(self, **changes) -> "DHSAOptions":
         return dataclasses.replace(self, **changes)
@@ -194,8 +199,9 @@ class DHSAOptions:
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
 # equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
-                 "exact_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8,
-                 "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper", "xattn_rule": "paper"}
+                 "exact_tail": 0, "dense_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
+                 "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
+                 "xattn_rule": "paper"}
 
 
 # Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs.py

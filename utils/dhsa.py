@@ -57,7 +57,7 @@ from .selection import Selection
 
 
 def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
-                options: DHSAOptions = DHSAOptions()) -> Selection:
+                options: DHSAOptions = DHSAOptions(), ranked_keys: torch.Tensor | None = None) -> Selection:
     """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; budget: N_b keys;
@@ -75,6 +75,12 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
     causal mean (tile_key_means), so that chunk length does not bias the ranking. robust_chunk_repr, sink_tokens,
     local_tokens, share_heads: see the module docstring.
 
+    dense_tail: the tiles holding the last dense_tail queries of a prefill read every visible key
+    (Selection.dense_from; the one exception to the budget). ranked_keys: optional [B, Hs, M] keys ranked best
+    first (-1 pads; Hs as the Selection's heads), e.g. the question's keys (tail_key_ranking) at a sparse decode
+    step: each tile keeps the first of them without scoring, as many as half of what its budget leaves after the
+    sinks and the local window.
+
     On CUDA the fused GPU selection (utils/kernels/select.py) runs where it applies: the same kept set up to ties.
     """
     expand = 1
@@ -85,8 +91,20 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
             # attention reads K/V in place.
             expand = q.shape[1] // k.shape[1]
         options = options.replace(head_pooling="mean")  # a group of one query head: its mean is itself
-    if q.shape[2] == 1 and options.exact_tail:
-        options = options.replace(exact_tail=0)  # a decode step is no prefill tail: it keeps the cheap chunk scores
+    if q.shape[2] == 1 and (options.exact_tail or options.dense_tail):
+        # a decode step is no prefill tail: it keeps the cheap chunk scores and the budget
+        options = options.replace(exact_tail=0, dense_tail=0)
+    selection = _select(q, k, budget, boundaries, options, expand, ranked_keys)
+    if options.dense_tail:  # the tiles holding the last dense_tail queries read every key (Selection.dense_from)
+        selection.dense_from = max(0, (q.shape[2] - options.dense_tail) // options.query_chunk) * options.query_chunk
+    return selection
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions,
+            expand: int, ranked_keys: torch.Tensor | None = None) -> Selection:
+    """The key lists of every tile: the fused GPU selection where it applies, else the PyTorch path."""
+    if ranked_keys is not None:  # kept keys given from outside (a decode step): the PyTorch path takes them
+        return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys)
     if q.is_cuda:  # None = the fused selection does not apply
         tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
@@ -103,7 +121,7 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
 
 
 def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor],
-                       options: DHSAOptions, expand: int = 1) -> Selection:
+                       options: DHSAOptions, expand: int = 1, ranked_keys: torch.Tensor | None = None) -> Selection:
     """dhsa_select on the PyTorch path, with head_pooling "mean" or "max". expand: query heads per KV head that
     select alone (head_pooling "none"): chunk vectors are built per KV head, then repeated per query head."""
     T, robust, share_heads = options.query_chunk, options.robust_chunk_repr, options.share_heads
@@ -129,6 +147,12 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     tile_budget = torch.clamp(tile_end, max=budget)
     sink, local = forced_key_counts(tile_budget, options.sink_tokens, options.local_tokens)
     key_pos = torch.arange(Lk, device=device)
+    if ranked_keys is not None:  # the first `extra` ranked keys of each tile are kept without scoring
+        extra = torch.clamp((tile_budget - sink - local) // 2, min=0)
+        rank_of_key = torch.full((B, ranked_keys.shape[1], Lk + 1), Lk, dtype=torch.long, device=device)
+        order = torch.arange(ranked_keys.shape[-1], device=device).expand_as(ranked_keys)
+        rank_of_key.scatter_(-1, torch.where(ranked_keys >= 0, ranked_keys, Lk), order)
+        rank_of_key = rank_of_key[..., :Lk]
 
     # Candidates per tile before token rescoring: every visible key for the exact tail of a prefill (tiles from
     # first_exact on), token_rescore x N_b for the other tiles (N_b: no rescoring)
@@ -159,6 +183,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
+            if ranked_keys is not None:
+                forced = forced | (visible & (rank_of_key[b][:, None, :] < extra[t0:t1, None]))  # [heads, g, Lk]
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
             width = Lk if t0 >= first_exact else width_other
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
@@ -215,6 +241,25 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     return best, best_idx
 
 
+def tail_key_ranking(q_tail: torch.Tensor, k: torch.Tensor, num: int, heads: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """Keys ranked by the attention the last queries of a prefill give them (the question's keys, as SnapKV's
+    observation window): softmax over every visible key, summed over those queries and over the query heads that
+    share a selection head. q_tail: [B, Hq, n, D] at positions Lk - n .. Lk - 1; k: [B, Hkv, Lk, D]; heads: the
+    selection heads (Hq, Hkv or 1). Returns [B, heads, min(num, Lk)] int64, best first."""
+    B, Hq, n, D = q_tail.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    future = torch.arange(Lk, device=k.device)[None, :] > (Lk - n + torch.arange(n, device=k.device))[:, None]
+    mass = torch.empty(B, Hq, Lk, dtype=torch.float32, device=k.device)
+    for h in range(Hkv):  # one KV head's query group at a time: [B, G, n, Lk] logits
+        logits = torch.matmul(q_tail[:, h * G:(h + 1) * G].float(), k[:, h:h + 1].float().transpose(-1, -2)) * scale
+        mass[:, h * G:(h + 1) * G] = torch.softmax(logits.masked_fill(future, float("-inf")), -1).sum(2)
+    mass = mass.view(B, heads, Hq // heads, Lk).sum(2)
+    return torch.topk(mass, min(num, Lk), dim=-1).indices
+
+
 def dhsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -255,4 +300,4 @@ def dhsa_attention(
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
-__all__ = ["dhsa_attention", "dhsa_select"]
+__all__ = ["dhsa_attention", "dhsa_select", "tail_key_ranking"]

@@ -6,7 +6,9 @@ Registers "dhsa" and the two ablations of Table 4: "dhsa_no_robust_repr" (plain 
     share_boundaries the first sparse layer of a forward computes them and the later layers reuse them;
   * decode step (one query, Algorithm 2): the prompt's chunks are remembered in the layer's `context.state`, the
     tokens generated so far form one more chunk and the current token its own, and the generated tokens are kept
-    without scoring. Only reached with `decode="sparse"`; with "dense" `run_method` runs decode steps dense.
+    without scoring, and so are the keys to which the prompt's question tail gave the most attention (ranked once
+    at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget. Only reached with
+    `decode="sparse"`; with "dense" `run_method` runs decode steps dense.
 The selection options come from the config in one piece, `config.dhsa_options()`.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from .boundaries import FixedSizeBoundaries, as_boundary_list
 from .config import SparseAttentionConfig
-from .dhsa import dhsa_select
+from .dhsa import dhsa_select, tail_key_ranking
 from .dhsa_math import decode_boundaries
 from .registry import AttentionMethod, LayerContext, register
 from .selection import Selection
@@ -54,11 +56,18 @@ def _dhsa(robust: bool | None, dynamic: bool):
                 context.state["dhsa"] = state
             ends = [decode_boundaries(e, state["prompt_len"], Lk) for e in state["ends"]]
             # Every decode step reads the tokens generated so far (the current one included) and the local window
-            # before them, as always-kept keys (capped at half of N_b like every local window).
+            # before them, as always-kept keys (capped at half of N_b like every local window), and the keys the
+            # prompt's question read most (its tail's attention, kept from the prefill), as many as fit.
             options = options.replace(local_tokens=max(options.local_tokens, Lk - state["prompt_len"]))
-        else:
-            ends = _prompt_boundaries(k, config, context, dynamic)
-            context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
+            return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options,
+                               ranked_keys=state.get("question_keys"))
+        ends = _prompt_boundaries(k, config, context, dynamic)
+        context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
+        tail = max(options.dense_tail, options.exact_tail)
+        if config.decode == "sparse" and tail and Lq > 1:
+            heads = 1 if options.share_heads else q.shape[1] if options.head_pooling == "none" else k.shape[1]
+            context.state["dhsa"]["question_keys"] = tail_key_ranking(q[:, :, -tail:], k, config.resolve_budget(Lk),
+                                                                      heads)
         return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options)
     return select
 

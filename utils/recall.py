@@ -79,6 +79,20 @@ def recall_scores(logits, probs, keys, valid, threshold, top_k: int) -> dict[str
             "keys_read": valid.sum(-1).view(B, Hq, n).float()}
 
 
+def dense_tail_rows(selection, first_row: int, q_offset: int, scores: dict[str, torch.Tensor]) -> None:
+    """Set, in place, the recall of the queries that read every key (rows >= selection.dense_from, DHSA's dense
+    tail) in `scores` of queries first_row .. first_row + n - 1 (recall_scores): they keep all the mass."""
+    if selection.dense_from is None:
+        return
+    n = scores["mass_recall"].shape[-1]
+    rows = first_row + torch.arange(n, device=scores["mass_recall"].device)
+    dense = rows >= selection.dense_from
+    if bool(dense.any()):
+        scores["mass_recall"][..., dense] = 1.0
+        scores["topk_overlap"][..., dense] = 1.0
+        scores["keys_read"][..., dense] = (q_offset + rows[dense] + 1).float()
+
+
 def kept_mask(selection, num_queries: int, num_keys: int, num_heads: int) -> torch.Tensor:
     """Boolean [B, Hq, Lq, Lk] of the (query, key) pairs a selection reads, per query head (small L: plots)."""
     if getattr(selection, "block_size", None):  # block form: key positions first
@@ -112,6 +126,7 @@ def layer_recall(q, k, options, methods, kept_keys, num_queries, base_config, la
                                                                 n - num_queries + part.stop, device=q.device))
                 scores = recall_scores(logits[:, :, part], probs[:, :, part], keys, valid,
                                        thresholds[N][:, :, part], N)
+                dense_tail_rows(selection, n - num_queries + part.start, L - n, scores)
                 for key in totals:
                     totals[key] += scores[key].sum().item()
             count = q.shape[0] * q.shape[1] * num_queries

@@ -12,6 +12,7 @@ other module of the project.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +37,9 @@ class Selection:
         depend on the head; q_pos is [g, T, 1].
     window: optional sliding window: keys with q_pos - k_pos >= window are dropped too (Gemma-2/3 local
         layers). Unlike `keep`, the GPU kernel applies it, so windowed layers run on the kernel.
+    dense_from: optional query index (a multiple of query_chunk): the queries from there on read every key
+        before them, whatever key_index lists for their tiles (DHSA's dense question tail: the one stated
+        exception to the per-query budget). None: every query reads only its tile's list.
     """
 
     key_index: torch.Tensor
@@ -43,6 +47,7 @@ class Selection:
     q_offset: int = 0
     keep: KeepRule | None = None
     window: int | None = None
+    dense_from: int | None = None
 
     @property
     def max_keys(self) -> int:
@@ -67,7 +72,23 @@ class Selection:
             mask &= rule.reshape(rule.shape[:-3] + (num_queries, num_keys)) if rule.dim() == 5 else rule
         if self.window is not None:
             mask &= (q_pos[:, None] - k_pos[None, :] < self.window)
+        if self.dense_from is not None:
+            mask[:, :, self.dense_from:] = (k_pos[None, :] <= q_pos[self.dense_from:, None])
         return mask
+
+    def budget_rows(self, num_queries: int) -> int:
+        """How many leading queries read only their tile's list (so at most max_keys keys): all but a dense tail."""
+        return num_queries if self.dense_from is None else min(num_queries, self.dense_from)
+
+    def sparse_part(self) -> "Selection":
+        """The tiles before `dense_from` (all of them when it is None), as a selection without a dense tail."""
+        if self.dense_from is None:
+            return self
+        n = self.dense_from // self.query_chunk
+        parts = {"key_index": self.key_index[:, :, :n], "dense_from": None}
+        if getattr(self, "counts", None) is not None:
+            parts["counts"] = self.counts[:, :, :n]
+        return dataclasses.replace(self, **parts)
 
 
 @dataclass

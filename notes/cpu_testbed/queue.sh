@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The CPU accuracy runs of issue 27, one after another (2 threads each), from a snapshot of the tree so that edits
+# made while they run do not change them. Results go to the real checkout ($REPO). Log: $LOG.
+set -u
+REPO=/work/main
+SNAP=${SNAP:-/work/snap}
+LOG=${LOG:-/work/queue.log}
+export DHSA_CACHE=$REPO/.cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
+rm -rf "$SNAP"; mkdir -p "$SNAP"
+(cd $REPO && git ls-files -co --exclude-standard | grep -v '^results_' | tar cf - -T -) | tar xf - -C "$SNAP"
+cd "$SNAP"
+PY=$REPO/.venv/bin/python
+Q=qwen2.5-coder-0.5b-instruct
+NIAH="$PY run_needle_in_haystack.py --model $Q --device cpu --densities 0.0625 --min-budget 512"
+job() { echo "$(date +%T) start $1" >> $LOG; shift; "$@" >> $LOG.out 2>&1; echo "$(date +%T) end rc=$?" >> $LOG; }
+while read -r name cmd; do
+  [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+  job "$name" bash -c "$cmd"
+done <<JOBS
+tb16 $PY run_selection_testbed.py --model $Q --lengths 16K --output-dir $REPO/results_recall
+n32_new $NIAH --methods dhsa --lengths 32K --depths 20 --output-dir $REPO/results_needle
+n32_dense $NIAH --methods dense --lengths 32K --depths 20 --output-dir $REPO/results_needle
+n16_new $NIAH --methods dhsa --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
+n16_dense $NIAH --methods dense --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
+n32_old $NIAH --methods dhsa --dense-tail 0 --lengths 32K --depths 20 --output-dir $REPO/results_needle/no_question_tail
+tb32 $PY run_selection_testbed.py --model $Q --lengths 32K --output-dir $REPO/results_recall
+JOBS
+echo "$(date +%T) QUEUE DONE" >> $LOG
