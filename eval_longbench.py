@@ -96,6 +96,13 @@ def describe_run(run_dir: Path) -> dict:
             "run": str(run_dir)}
 
 
+def density_reached_of(run_dir: Path) -> float | None:
+    """Mean density_reached of a run's predictions (FlexPrefill / XAttention record it); None when none has one."""
+    values = [r["density_reached"] for files in prediction_files(run_dir).values() for path in files.values()
+              for r in read_predictions(path) if r.get("density_reached") is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -182,6 +189,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: {err}")
         run = describe_run(run_dir)
         run["scores"] = scores
+        run["density_reached"] = density_reached_of(run_dir)
         runs.append(run)
         result = {d: s for d, (s, _) in scores["longbench"].items()}
         result.update({f"{d}_e": s for d, (s, _) in scores["longbench_e"].items()})

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
+from utils.baselines.blocks import density_reached
 from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, sweep_configs
 from utils.config import add_config_args
 from utils.generation import eos_token_ids, greedy_generate
@@ -187,7 +188,7 @@ def predict(model, tokenizer, dataset: str, sample: dict, built: dict, decode: s
             "answers": sample["answers"], "all_classes": sample.get("all_classes"),
             "length": sample["length"], "dataset": dataset, "language": sample.get("language"),
             "prompt_tokens": built["prompt_tokens"], "input_tokens": len(built["input_ids"]),
-            "truncated": built["truncated"], "decode": decode}
+            "truncated": built["truncated"], "decode": decode, "density_reached": density_reached(model)}
 
 
 def predict_dataset(model, tokenizer, dataset: str, samples: list[dict], out_path: Path, *, max_length: int,

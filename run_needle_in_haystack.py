@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
+from utils.baselines.blocks import density_reached
 from utils.cli import add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig, add_config_args
 from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
@@ -223,7 +224,8 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
             "exact_match": scores["exact_match"], "answer": answer,
             "prompt_tokens": prompt_tokens, "haystack_tokens": sample.haystack_tokens,
             "needle_depth": round(sample.needle_depth, 2),
-            "budget": config.resolve_budget(prompt_tokens), "seconds": round(seconds, 3), **settings,
+            "budget": config.resolve_budget(prompt_tokens), "density_reached": density_reached(model),
+            "seconds": round(seconds, 3), **settings,
         }
         append_jsonl(path, record)
         bar.set_postfix(run=run_name(config), length=length, depth=f"{depth:g}", score=f"{scores['score']:.0f}")

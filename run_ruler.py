@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
+from utils.baselines.blocks import density_reached
 from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig, add_config_args
 from utils.generation import eos_token_ids, greedy_generate
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-style", choices=["auto", "chat", "completion"], default="auto",
                         help="auto: the chat template when the tokenizer has one (RULER's model templates), "
                              "else the bare task text (RULER's base template)")
+    parser.add_argument("--fill", choices=["official", "tight"], default="official",
+                        help="haystack size: official (RULER's one search per task and length, then whole-increment "
+                             "back-offs per sample) or tight (each sample filled to the length)")
     parser.add_argument("--output-dir", default="results_ruler", help="results go to <dir>/<model>/<run>.jsonl")
     parser.add_argument("--output", default=None, help="exact JSONL path (one method and density only)")
     parser.add_argument("--tables-only", action="store_true",
@@ -132,13 +136,17 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
     shard = Shard.from_env() if shard is None else shard
     configs = check_args(args)
     check_lengths(args.lengths, model_max or model_max_length(model), args.rope_scaling)
-    generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks())
+    generator = RulerGenerator(tokenizer, args.prompt_style, args.seed, tasks=load_tasks(),
+                               fill=getattr(args, "fill", "official"))
     wanted = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.num_samples)]
 
     runs = []  # every results file is checked before any sample runs
     for config in configs:
         path = output_path(args, config)
+        # generator 2: RULER's vt example fit and whitespace, fwe vocabulary, insert positions (records without
+        # it were made by the earlier generator and are not mixed with these)
         settings = {"model": Path(args.model.rstrip("/")).name, "prompt_style": generator.style, "seed": args.seed,
+                    "generator": 2, "fill": generator.fill,
                     "config": config_dict(config),
                     "rope_scaling": str(args.rope_scaling) if args.rope_scaling else None}
         records = read_jsonl(path)
@@ -166,7 +174,8 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
             "density": 1.0 if config.method == "dense" else config.density, "decode": config.decode,
             "score": score(generator.tasks[task], prediction, sample.answers), "answer": sample.answers,
             "prediction": prediction, "prompt_tokens": sample.prompt_tokens,
-            "budget": config.resolve_budget(sample.prompt_tokens), "seconds": round(seconds, 3), **settings,
+            "budget": config.resolve_budget(sample.prompt_tokens), "density_reached": density_reached(model),
+            "seconds": round(seconds, 3), **settings,
         }
         append_jsonl(path, record)
         bar.set_postfix(run=run_name(config), task=task, length=length, score=f"{record['score']:.0f}")
@@ -215,6 +224,10 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
     rows, overview, sections = [], [], []
     lengths = sorted({r["length"] for records in runs.values() for r in records})
     header = [_length_label(n) for n in lengths]
+    def reached(records) -> float | None:  # mean density_reached (FlexPrefill / XAttention record one)
+        values = [r["density_reached"] for r in records if r.get("density_reached") is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
     for name, records in sorted(runs.items(), key=lambda item: (item[0] != "dense", item[0])):
         means, counts = score_frame(records)
         first = records[0]
@@ -224,7 +237,9 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
                     rows.append({"model": folder.name, "run": name, "method": first["method"],
                                  "density": first["density"], "decode": first.get("decode", ""), "task": task,
                                  "length": n, "score": round(float(means.loc[task, n]), 2),
-                                 "samples": int(counts.loc[task, n])})
+                                 "samples": int(counts.loc[task, n]),
+                                 "density_reached": reached([r for r in records
+                                                             if r["task"] == task and r["length"] == n])})
         def cell(task: str, n: int) -> str:
             found = n in means.columns and counts.loc[task, n] > 0
             return f"{means.loc[task, n]:.1f}" if found else "–"
@@ -234,13 +249,17 @@ def write_tables(folder: Path) -> tuple[Path, Path] | None:
         sections += [f"## {name}", "", _md_table(["task"] + header, table), "",
                      f"Samples per cell: {samples[0]}–{samples[-1]}." if len(samples) > 1
                      else f"Samples per cell: {samples[0]}.", ""]
-        overview.append([name, first["method"], f"{first['density']:g}", first.get("decode", "")]
+        run_reached = reached(records)
+        overview.append([name, first["method"], f"{first['density']:g}",
+                         "–" if run_reached is None else f"{run_reached:.3f}", first.get("decode", "")]
                         + [cell("average", n) for n in lengths])
     title = [f"# RULER: {folder.name}", "",
              "Scores 0–100: RULER's string match (all references for NIAH, vt, cwe, fwe; any reference for QA), "
              "the mean over samples. `average` is the mean over the tasks that have results at that length "
-             "(13 when complete). Written by run_ruler.py from the JSONL files beside this one.", "",
-             _md_table(["run", "method", "density", "decode"] + header, overview), ""]
+             "(13 when complete). `reached`: the density FlexPrefill / XAttention really read (keys read / L, "
+             "mean over samples; their adaptive runs do not use `density`). Written by run_ruler.py from the JSONL "
+             "files beside this one.", "",
+             _md_table(["run", "method", "density", "reached", "decode"] + header, overview), ""]
     md_path, csv_path = folder / "results.md", folder / "results.csv"
     md_path.write_text("\n".join(title + sections), encoding="utf-8")
     with open(csv_path, "w", newline="", encoding="utf-8") as f:

@@ -25,9 +25,15 @@ Samples are seeded by (seed, task, length, index): the same call gives the same 
 i does not depend on the samples before it. Metrics (RULER's eval): string_match_all = the share of reference
 strings found in the prediction (case-insensitive) x 100, string_match_part = 100 if any is found.
 
-Where this departs from RULER's scripts (same task, simpler or deterministic code): sentences are split by a
+Follows NVIDIA/RULER's current generator (scripts/data/synthetic/, commit c3f5e3b): vt's worked example is
+fitted to <= 500 tokens (its input, from 5 noise lines on) and its answer follows after a space ("they are:  A
+B ..."), hop lines end in a space, needles and chain lines are inserted before a line (never after the last),
+fwe draws (L - 50) // 50 coded words, and the length fill is RULER's by default (`fill="official"`: one search
+per task and length, then whole-increment back-offs per sample; `fill="tight"` fills every sample), and under a
+chat template cwe's worked example is its own templated turn with its answer, before the task's.
+Where this still departs from RULER's scripts (same task, simpler or deterministic code): sentences are split by a
 regular expression (RULER: NLTK punkt, which needs a download), distractor keys never equal a real key, the
-worked examples of vt/cwe have a fixed size instead of a 500-token fit, and the answer prefix of vt says
+search runs on sample 0's draft (RULER: a fresh random draw per step), and the answer prefix of vt says
 "assigned" (RULER's current text; the wheel's has the typo "assgined").
 """
 
@@ -86,7 +92,8 @@ NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 DOCUMENT = "Document {i}:\n{document}"
 DEPTHS = [round(100 * i / 39) for i in range(40)]  # needle depths (percent) RULER samples from
-EXAMPLE_NOISE_LINES = 20  # vt's worked example: ~450 tokens with common tokenizers (RULER fits it to 500)
+EXAMPLE_NOISE_LINES = 20  # vt's worked example: the first guess of its fit to EXAMPLE_TOKENS
+EXAMPLE_TOKENS = 500      # RULER's size of vt's worked example (its input, without the answer)
 
 
 # ---- tasks ----------------------------------------------------------------------------------------------
@@ -208,14 +215,16 @@ def read_hotpotqa(path) -> tuple[list[dict], list[str]]:
 class Draft:
     """A sample's random content; `render(units)` gives (user text, answer prefix) with `units` haystack units."""
 
-    render: Callable[[int], tuple[str, str]]
+    render: Callable[[int], tuple]   # (user text, answer prefix[, worked example (user text, answer)])
     answers: list[str]
     min_units: int = 1
     max_units: int | None = None   # None: as many as fit
 
 
 def _positions(fractions: list[float], units: int) -> list[int]:
-    return sorted(min(units, int(f * (units + 1))) for f in fractions)
+    """Insert positions before one of the `units` lines, never after the last one (RULER inserts before a line
+    drawn from range(units): niah.py:179-181, variable_tracking.py:154-156)."""
+    return sorted(min(units - 1, int(f * units)) for f in fractions)
 
 
 def _interleave(lines: list[str], inserts: list[str], positions: list[int]) -> list[str]:
@@ -263,7 +272,8 @@ def _distinct(rng: random.Random, count: int, draw: Callable[[], str], avoid=())
     return out
 
 
-def draft_niah(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData) -> Draft:
+def draft_niah(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData,
+               count=None) -> Draft:
     a = task.args
     k_type, v_type, haystack = a["type_needle_k"], a["type_needle_v"], a.get("type_haystack", "essay")
     num_q, num_v = a.get("num_needle_q", 1), a.get("num_needle_v", 1)
@@ -310,7 +320,8 @@ def _chain_lines(rng: random.Random, num_chains: int, num_hops: int, name_len: i
     for c in range(num_chains):
         chain = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
         values.append(str(rng.randint(10000, 99999)))
-        statements = [f"VAR {chain[0]} = {values[-1]}"] + [f"VAR {chain[j + 1]} = VAR {chain[j]}"
+        # RULER's hop lines end in a space (variable_tracking.py:112); the first does not
+        statements = [f"VAR {chain[0]} = {values[-1]}"] + [f"VAR {chain[j + 1]} = VAR {chain[j]} "
                                                             for j in range(num_hops)]
         chains.append((chain, statements, [rng.random() for _ in statements]))
 
@@ -323,12 +334,19 @@ def _chain_lines(rng: random.Random, num_chains: int, num_hops: int, name_len: i
     return chains[0][0], values[0], context
 
 
-def draft_variable_tracking(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData) -> Draft:
+def draft_variable_tracking(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData,
+                            count: Callable[[str], int] | None = None) -> Draft:
     num_chains, num_hops = task.args.get("num_chains", 1), task.args.get("num_hops", 4)
     t = TEMPLATES["variable_tracking"]
-    ex_names, ex_value, ex_context = _chain_lines(rng, num_chains, num_hops, 3)
-    example = (t["template"].format(context=ex_context(EXAMPLE_NOISE_LINES), query=ex_value)
-               + t["answer_prefix"].format(num_v=num_hops + 1, query=ex_value) + " ".join(ex_names))
+    ex_names, ex_value, ex_context = _chain_lines(rng, num_chains, min(10, num_hops), 3)
+    ex_prefix = t["answer_prefix"].format(num_v=min(10, num_hops) + 1, query=ex_value)
+    ex_input = lambda lines: t["template"].format(context=ex_context(lines), query=ex_value) + ex_prefix  # noqa
+    # RULER fits the example's input (template and answer prefix, noise lines from 5 on) to <= 500 tokens
+    # (variable_tracking.py:191-254, 303-307), counted without special tokens; then its answer follows after a
+    # space, so after "they are: " two spaces (217-218)
+    count = count or (lambda text: len(text.split()))
+    lines, _ = fit_units(lambda n: (count(ex_input(n)),), EXAMPLE_TOKENS, EXAMPLE_NOISE_LINES, 5, 10_000)
+    example = ex_input(lines or 5) + " " + " ".join(ex_names)
     names, value, context = _chain_lines(rng, num_chains, num_hops, 5)
     prefix = t["answer_prefix"].format(num_v=num_hops + 1, query=value)
     return Draft(lambda units: (example + "\n\n" + t["template"].format(context=context(units), query=value),
@@ -339,7 +357,8 @@ def _numbered(words: list[str]) -> str:
     return " ".join(f"{i + 1}. {word}" for i, word in enumerate(words))
 
 
-def draft_common_words(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData) -> Draft:
+def draft_common_words(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData,
+                       count=None) -> Draft:
     a, t = task.args, TEMPLATES["common_words_extraction"]
     num_cw = a.get("num_cw", 10)
     # RULER: below 4K the lists repeat less (example 20 words 3x/1x, task 6x/1x).
@@ -352,15 +371,18 @@ def draft_common_words(rng: random.Random, task: RulerTask, length: int, index: 
         return _numbered(listed)
 
     ex = rng.sample(data.words, ex_words)
-    example = (t["template"].format(context=word_list(ex, ex_cw, ex_ucw, rng), num_cw=num_cw)
-               + t["answer_prefix"].format(num_cw=num_cw) + " " + _numbered(ex[:num_cw]))
+    # RULER renders the worked example with the whole model template (its own user turn, then the answer prefix
+    # and the answer), then "\n" and the task in the template again (common_words_extraction.py:113-129,
+    # prepare.py:96-101): the third item of the render, which RulerGenerator.prompt lays out that way
+    example = (t["template"].format(context=word_list(ex, ex_cw, ex_ucw, rng), num_cw=num_cw),
+               t["answer_prefix"].format(num_cw=num_cw) + " " + _numbered(ex[:num_cw]))
     vocabulary = rng.sample(data.words, len(data.words))
     order_seed = rng.getrandbits(64)
 
-    def render(units: int) -> tuple[str, str]:
+    def render(units: int) -> tuple[str, str, tuple[str, str]]:
         context = word_list(vocabulary[:units], cw, ucw, random.Random(order_seed))
-        return example + "\n" + t["template"].format(context=context, num_cw=num_cw), \
-            t["answer_prefix"].format(num_cw=num_cw)
+        return t["template"].format(context=context, num_cw=num_cw), t["answer_prefix"].format(num_cw=num_cw), \
+            example
 
     return Draft(render, vocabulary[:num_cw], min_units=num_cw + 1, max_units=len(vocabulary))
 
@@ -371,9 +393,11 @@ def zeta(alpha: float, terms: int = 10_000) -> float:
     return head + terms ** (1 - alpha) / (alpha - 1) + 0.5 * terms ** -alpha + alpha * terms ** (-alpha - 1) / 12
 
 
-def draft_freq_words(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData) -> Draft:
+def draft_freq_words(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData,
+                     count=None) -> Draft:
     alpha, t = float(task.args.get("alpha", 2.0)), TEMPLATES["freq_words_extraction"]
-    vocab_size = max(5, length // 50)  # RULER: max_seq_length // 50 coded words of 6 letters
+    # RULER: (max_seq_length - tokens_to_generate) // 50 coded words of 6 letters (freq_words_extraction.py:113-114)
+    vocab_size = max(5, (length - TEMPLATES["freq_words_extraction"]["max_new_tokens"]) // 50)
     vocab = sorted(_distinct(rng, vocab_size, lambda: "".join(rng.choices(string.ascii_lowercase, k=6))))
     rng.shuffle(vocab)
     vocab[0] = "..."  # the most frequent "word" is noise
@@ -387,7 +411,8 @@ def draft_freq_words(rng: random.Random, task: RulerTask, length: int, index: in
     return Draft(render, vocab[1:4], min_units=int(4 ** alpha * norm) + 1)
 
 
-def draft_qa(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData) -> Draft:
+def draft_qa(rng: random.Random, task: RulerTask, length: int, index: int, data: RulerData,
+             count=None) -> Draft:
     name = task.args.get("dataset")
     if name not in ("squad", "hotpotqa"):
         raise ValueError(f"unknown QA dataset {name!r}; RULER has squad and hotpotqa")
@@ -450,10 +475,10 @@ class RulerSample:
     units: int                     # haystack units in the prompt (words, lines, list words, documents)
 
 
-def fit_units(build: Callable[[int], tuple], budget: int, guess: int, low: int, high: int):
+def fit_units(build: Callable[[int], tuple], budget: int, guess: int, low: int, high: int, exact: bool = False):
     """The most haystack units in [low, high] whose prompt has at most `budget` tokens, to within 1/512 of
-    them; `build(units)` returns a tuple whose last item is the token count. Steps away from `guess` (doubling)
-    until the answer is bracketed, then bisects. Returns (units, build(units))."""
+    them (exact=True: exactly); `build(units)` returns a tuple whose last item is the token count. Steps away
+    from `guess` (doubling) until the answer is bracketed, then bisects. Returns (units, build(units))."""
     fits, best, too_long = None, None, high + 1
     units = min(max(guess, low), high)
     step = max(1, units // 512)
@@ -471,25 +496,50 @@ def fit_units(build: Callable[[int], tuple], budget: int, guess: int, low: int, 
             if units == high:
                 return fits, best
             units, step = min(high, units + step), step * 2
-        elif too_long - fits <= max(1, fits // 512):
+        elif too_long - fits <= (1 if exact else max(1, fits // 512)):
             return fits, best
         else:
             units = (fits + too_long) // 2
+
+
+def official_increment(task: RulerTask, length: int) -> int:
+    """RULER's step (haystack units) when a sample is too long for the searched size: niah.py:214-222,
+    variable_tracking.py:201-208, common_words_extraction.py / qa.py (10), freq_words_extraction.py:121
+    ((L - 50) // 32 words)."""
+    haystack = task.args.get("type_haystack", "essay" if task.family == "niah" else "noise")
+    if task.family == "niah":
+        step = 500 if haystack == "essay" else 25
+    elif task.family == "variable_tracking":
+        step = 500 if haystack == "essay" else 10
+    elif task.family == "freq_words_extraction":
+        return max(1, (length - task.max_new_tokens) // 32)
+    else:
+        return 10
+    return 5 if haystack != "essay" and length < 4096 else step
 
 
 class RulerGenerator:
     """RULER samples for one tokenizer (or, with tokenizer=None, lengths counted in whitespace-separated words).
 
     prompt_style: auto (the chat template when the tokenizer has one, else completion) | chat | completion.
+    fill: how many haystack units a sample gets. "official" (RULER's generator): one search per (task, length),
+    on sample 0's draft, for the most units that fit (fwe: from (L - 50) // 6 words up in steps of (L - 50) // 32,
+    then one step back, as freq_words_extraction.py:100-105); every sample starts there and steps back whole
+    increments (official_increment) while it is too long, so a sample that is longer per unit than sample 0
+    loses a whole increment. "tight": each sample gets the most units that fit it (to within 1/512).
     `sample(task, length, index)` is deterministic in (seed, task, length, index).
     """
 
     def __init__(self, tokenizer=None, prompt_style: str = "auto", seed: int = 42,
-                 tasks: dict[str, RulerTask] | None = None, data: RulerData | None = None):
+                 tasks: dict[str, RulerTask] | None = None, data: RulerData | None = None, fill: str = "official"):
         from data.haystack import resolve_prompt_style
 
         if prompt_style not in ("auto", "chat", "completion"):
             raise ValueError(f"unknown prompt style {prompt_style!r}; choose auto, chat or completion")
+        if fill not in ("official", "tight"):
+            raise ValueError(f"unknown fill {fill!r}; choose official (RULER's) or tight")
+        self.fill = fill
+        self._searched: dict[tuple[str, int], int] = {}  # official fill: the searched units per (task, length)
         self.tokenizer = tokenizer
         self.style = "completion" if tokenizer is None else resolve_prompt_style(tokenizer, prompt_style)
         self.seed = seed
@@ -497,12 +547,22 @@ class RulerGenerator:
         self.data = data if data is not None else RulerData()
         self._last_units: dict[tuple[str, int], int] = {}  # the next sample's first guess
 
-    def prompt(self, user_text: str, answer_prefix: str) -> str:
-        """The model's input text: the task as the user turn (chat) or bare (completion), then the answer prefix."""
+    def prompt(self, user_text: str, answer_prefix: str, example: tuple[str, str] | None = None) -> str:
+        """The model's input text: the task as the user turn (chat) or bare (completion), then the answer prefix.
+        An `example` (user text, answer prefix + answer) comes first, laid out the same way, then a line break
+        (RULER's cwe)."""
+        if example is not None:
+            return self.prompt(*example) + "\n" + self.prompt(user_text, answer_prefix)
         if self.style == "chat":
             turn = [{"role": "user", "content": user_text}]
             return self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) + answer_prefix
         return user_text + answer_prefix
+
+    def count(self, text: str) -> int:
+        """Tokens of a bare text, without special tokens (RULER's text_to_tokens); words without a tokenizer."""
+        if self.tokenizer is None:
+            return len(text.split())
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode(self, prompt: str) -> list[int] | None:
         if self.tokenizer is None:
@@ -515,21 +575,55 @@ class RulerGenerator:
         if task_name not in self.tasks:
             raise ValueError(f"unknown RULER task {task_name!r}; choose from {', '.join(self.tasks)}")
         task = self.tasks[task_name]
-        rng = random.Random(f"ruler/{self.seed}/{task_name}/{length}/{index}")
-        draft = DRAFTS[task.family](rng, task, length, index, self.data)
+        draft = self._draft(task, length, index)
         budget = length - task.max_new_tokens
-
-        def build(units: int):
-            prompt = self.prompt(*draft.render(units))
-            ids = self.encode(prompt)
-            return prompt, ids, len(prompt.split()) if ids is None else len(ids)
-
+        build = self._builder(draft)
         high = draft.max_units if draft.max_units is not None else 4 * budget + draft.min_units
-        guess = self._last_units.get((task_name, length), draft.min_units)
-        units, (prompt, ids, tokens) = fit_units(build, budget, guess, draft.min_units, high)
+        if self.fill == "official":
+            units = min(max(self._official_units(task, length, budget), draft.min_units), high)
+            step = official_increment(task, length)
+            prompt, ids, tokens = build(units)
+            while tokens > budget and units - step >= draft.min_units:
+                units -= step
+                prompt, ids, tokens = build(units)
+            if tokens > budget:
+                units = None
+        else:
+            guess = self._last_units.get((task_name, length), draft.min_units)
+            units, (prompt, ids, tokens) = fit_units(build, budget, guess, draft.min_units, high)
         if units is None:
             raise ValueError(f"length {length} is too short for {task_name}: its smallest prompt has {tokens} tokens "
                              f"and the answer needs {task.max_new_tokens} more; use a longer length")
         self._last_units[task_name, length] = units
         return RulerSample(task_name, length, index, prompt, ids, tokens, list(draft.answers), task.max_new_tokens,
                            units)
+
+    def _draft(self, task: RulerTask, length: int, index: int) -> Draft:
+        rng = random.Random(f"ruler/{self.seed}/{task.name}/{length}/{index}")
+        return DRAFTS[task.family](rng, task, length, index, self.data, count=self.count)
+
+    def _builder(self, draft: Draft) -> Callable[[int], tuple]:
+        def build(units: int):
+            prompt = self.prompt(*draft.render(units))
+            ids = self.encode(prompt)
+            return prompt, ids, len(prompt.split()) if ids is None else len(ids)
+        return build
+
+    def _official_units(self, task: RulerTask, length: int, budget: int) -> int:
+        """RULER's one search per (task, length), here on sample 0's draft (qa.py searches on question 0 too)."""
+        key = (task.name, length)
+        if key not in self._searched:
+            draft = self._draft(task, length, 0)
+            build = self._builder(draft)
+            high = draft.max_units if draft.max_units is not None else 4 * budget + draft.min_units
+            if task.family == "freq_words_extraction":
+                step, units = official_increment(task, length), max(draft.min_units, budget // 6)
+                while units < high and build(units)[-1] < budget:
+                    units += step
+                units = max(draft.min_units, units - step)
+            else:
+                step = official_increment(task, length)
+                units, _ = fit_units(build, budget, draft.min_units, draft.min_units, high, exact=True)
+                units = units if units is not None else max(draft.min_units, step)
+            self._searched[key] = units
+        return self._searched[key]

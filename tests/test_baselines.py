@@ -23,6 +23,14 @@ ISSUE_METHODS = ["streaming", "streaming_dilated", "streaming_strided", "vertica
 # Dilated windows skip every other key by design, so even a full budget is not dense attention.
 NOT_DENSE_AT_FULL_BUDGET = {"streaming_dilated", "streaming_strided"}
 DENSE_AT_FULL_BUDGET = [name for name in SPARSE if name not in NOT_DENSE_AT_FULL_BUDGET]
+# FlexPrefill and XAttention run without a budget by default (the authors' adaptive density): the budget contract
+# is checked on their matched mode, with 4-key blocks; it refuses budgets leaving <= 2 blocks per tile (< 12 keys).
+PEERS = {"flexprefill", "xattention"}
+PEER_OPTIONS = dict(peer_budget="matched", flex_min_budget=0, block_size=4)
+
+
+def refused(name, budget):
+    return name in PEERS and budget is not None and budget < 3 * PEER_OPTIONS["block_size"]
 
 SHAPES = [  # B, Hq, Hkv, L, D
     (1, 4, 4, 97, 16),    # MHA, L not a multiple of tiles, blocks or pages
@@ -41,6 +49,8 @@ def small_config(name, budget=None, **options):
     """Small tiles, blocks and pages so that short random sequences exercise every code path."""
     values = dict(method=name, budget=budget, density=None if budget else 1.0, query_chunk=16, block_size=16,
                   page_size=4, last_q=8, chunk_size=8)
+    if name in PEERS:
+        values.update(PEER_OPTIONS)
     values.update(options)
     return SparseAttentionConfig(**values)
 
@@ -88,6 +98,10 @@ def test_issue_methods_are_registered():
 def test_budget_causality_and_masks(name, shape, budget):
     q, k, _ = rand_qkv(*shape, seed=budget)
     B, Hq, L = shape[0], shape[1], shape[3]
+    if refused(name, budget):
+        with pytest.raises(ValueError, match="peer_budget='matched' keeps at most 1 block"):
+            select(name, q, k, budget)
+        return
     selection = select(name, q, k, budget)
     w = weights_read(q, k, selection)
     read = w > 0
@@ -167,7 +181,7 @@ def test_oracle_recall_is_one_and_bounds_every_method(shape, budget):
     threshold = topk_thresholds(logits, [budget])[budget]
     scores = {}
     rows = {}
-    for name in SPARSE:
+    for name in (name for name in SPARSE if not refused(name, budget)):
         selection = select(name, q, k, budget)
         rows[name] = selection.budget_rows(L)  # a dense question tail reads more than the budget: not bounded
         keys, valid = read_keys(selection, torch.arange(L))
@@ -346,6 +360,8 @@ def test_patch_model_forward_and_generate(tiny_models, family, name, monkeypatch
         patch_model(model, method="dense")
         dense_logits = model(ids).logits
         dense_tokens = model.generate(ids, max_new_tokens=3, do_sample=False)
+        if name in PEERS:
+            options.update(PEER_OPTIONS)
         patch_model(model, method=name, budget=12, decode="sparse", **options)
         logits = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=3, do_sample=False)

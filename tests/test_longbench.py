@@ -479,6 +479,24 @@ def test_tables_2_to_4_and_density_plot(tmp_path):
     assert longbench_plots.plot_density(longbench_tables.result_rows([]), tmp_path / "none.png") is None
 
 
+def test_reached_density_of_the_peers_is_tabulated(tmp_path):
+    """FlexPrefill / XAttention record density_reached per prediction: its mean is a results.csv column, shown in
+    the tables beside the config density, and the density plot places the run there."""
+    import csv
+
+    write_predictions(tmp_path / "m" / "dense", "multi_news", [True] * 2, {"method": "dense", "density": None})
+    run = tmp_path / "m" / "xattention_0.125_adaptive"
+    write_predictions(run, "multi_news", [True, False], {"method": "xattention", "density": 0.125})
+    lines = (run / "multi_news.jsonl").read_text(encoding="utf-8").splitlines()
+    (run / "multi_news.jsonl").write_text("".join(json.dumps({**json.loads(line), "density_reached": value}) + "\n"
+                                                  for line, value in zip(lines, (0.25, 0.35))), encoding="utf-8")
+    ev.main(["--results-dir", str(tmp_path)])
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "results.csv", encoding="utf-8"))}
+    assert float(rows["xattention"]["density_reached"]) == pytest.approx(0.3) and rows["dense"]["density_reached"] == ""
+    assert "| m | xattention | 0.125 (reached 0.300) | dense |" in (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_relative_to_dense_only_on_the_same_samples(tmp_path):
     for name, config, right in (("dense", {"method": "dense"}, [True] * 4),
                                 ("dhsa_0.125", {"method": "dhsa", "density": 0.125}, [True, False])):

@@ -26,7 +26,11 @@ def rand(*shape, seed=0):
 
 
 def config(name, budget, **options):
-    return SparseAttentionConfig(method=name, budget=budget, density=None, block_size=16, **options)
+    """A matched budget (budget None: the authors' adaptive mode), blocks of 16, FlexPrefill without a floor."""
+    values = dict(peer_budget="matched" if budget else "adaptive", flex_min_budget=0)
+    values.update(options)
+    return SparseAttentionConfig(method=name, budget=budget, density=None if budget else 0.125, block_size=16,
+                                 **values)
 
 
 def kept(blocks, tile, head=0):
@@ -65,7 +69,8 @@ def test_keep_blocks_caps_each_tile_and_keeps_first_block_and_diagonal_first():
 
 
 @pytest.mark.parametrize("name", PEERS)
-@pytest.mark.parametrize("Lq, Lk, budget", [(200, 200, 64), (120, 200, 40), (97, 97, 50), (1, 150, 48)])
+@pytest.mark.parametrize("Lq, Lk, budget", [(200, 200, 64), (120, 200, 48), (97, 97, 50), (1, 150, 48),
+                                             (200, 200, None), (120, 200, None)])
 def test_reported_density_is_what_the_executor_reads(name, Lq, Lk, budget):
     q, k = rand(2, 4, Lq, 16), rand(2, 2, Lk, 16, seed=1)
     context = LayerContext()
@@ -79,7 +84,7 @@ def test_reported_density_is_what_the_executor_reads(name, Lq, Lk, budget):
     assert float(record["density"]) == pytest.approx(counts.mean().item() / Lk)
     visible = (Lk - Lq + torch.arange(1, Lq + 1)).double()
     assert float(record["causal_fraction"]) == pytest.approx((counts.sum(-1) / visible.sum()).mean().item())
-    assert counts.max() <= budget
+    assert budget is None or counts.max() <= budget
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -106,14 +111,14 @@ def test_patched_qwen2_records_its_density(name):
     ids = torch.randint(3, 300, (1, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense = model(ids).logits
-        patch_model(model, method=name, density=1.0, block_size=16)
+        patch_model(model, method=name, density=1.0, block_size=16, peer_budget="matched")
         torch.testing.assert_close(model(ids).logits, dense, atol=1e-4, rtol=1e-4)
         assert reached_density(model)["density"] == pytest.approx(97 / 2 / 96)   # dense: (L + 1) / 2 keys
-        patch_model(model, method=name, budget=32, block_size=16)
+        patch_model(model, method=name, budget=48, block_size=16, peer_budget="matched")
         assert torch.isfinite(model(ids).logits).all()
         record = reached_density(model)
         patch_model(model, method="dense")
-    assert 0 < record["keys_read"] <= 32 and record["density"] == pytest.approx(record["keys_read"] / 96)
+    assert 0 < record["keys_read"] <= 48 and record["density"] == pytest.approx(record["keys_read"] / 96)
     assert reached_density(model) is None                # the dense patch dropped the layers' contexts
 
 
@@ -176,20 +181,37 @@ def sparse_tiles(grid):
     return [t for t in range(grid.n_tiles) if not bool(grid.dense()[t])]
 
 
+# A planted line holds gamma of the attention in a few tokens: the official count (tokens // block + 1, the
+# forced block included) is then the forced block alone, and the authors' floor min_budget finds the line; the
+# paper's count (ceil(tokens / block) besides the forced block) finds it without a floor.
+FINDERS = [dict(rule="official", min_budget=2 * BS), dict(rule="paper")]
+
+
 @pytest.mark.parametrize("distance", [37, 70])
-def test_flexprefill_finds_a_slash_line(distance):
+@pytest.mark.parametrize("options", FINDERS)
+def test_flexprefill_finds_a_slash_line(distance, options):
     q, k = slash_inputs(distance)
-    blocks, grid, aware = flexprefill_blocks(q, k, budget=64, block_size=BS)
+    blocks, grid, aware = flexprefill_blocks(q, k, budget=64, block_size=BS, **options)
     assert not aware.any()                               # mean-pooled blocks cannot see a line: vertical-slash
     offset = distance // BS                              # the block diagonal holding most of the line
     for t in sparse_tiles(grid):
         if t - offset >= 0:
             assert t - offset in kept(blocks, t), (t, kept(blocks, t))
+    adaptive, grid, _ = flexprefill_blocks(q, k, block_size=BS, **options)   # no cap: the same line
+    assert all(t - offset in kept(adaptive, t) for t in range(offset, grid.n_tiles))
+
+
+def test_flexprefill_official_count_without_floor_keeps_the_forced_blocks_only():
+    q, k = slash_inputs(37)
+    blocks, grid, _ = flexprefill_blocks(q, k, block_size=BS, rule="official", min_budget=0)
+    assert all(kept(blocks, t) == {0, t} for t in range(1, grid.n_tiles))
 
 
 def test_flexprefill_and_xattention_find_a_vertical_line():
     q, k = vertical_inputs(150)
-    for blocks, grid in (flexprefill_blocks(q, k, 48, BS)[:2], xattention_blocks(q, k, 48, BS, stride=4)):
+    for blocks, grid in (flexprefill_blocks(q, k, 48, BS, min_budget=2 * BS)[:2],
+                         flexprefill_blocks(q, k, 48, BS, rule="paper")[:2],
+                         xattention_blocks(q, k, 48, BS, stride=4)):
         for t in sparse_tiles(grid):
             if t > 150 // BS:
                 assert 150 // BS in kept(blocks, t)

@@ -133,12 +133,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def generator(fake_wheels, tokenizer):
-    return R.RulerGenerator(tokenizer, "completion", seed=42)
+    return R.RulerGenerator(tokenizer, "completion", seed=42, fill="tight")
 
 
 @pytest.fixture(scope="module")
 def word_generator(fake_wheels):
-    return R.RulerGenerator(None, seed=42)   # lengths in words
+    return R.RulerGenerator(None, seed=42, fill="tight")   # lengths in words
 
 
 # ---- packaged data ------------------------------------------------------------------------------------
@@ -241,6 +241,19 @@ def test_chat_prompt_and_answer_prefix(fake_wheels):
         R.RulerGenerator(tiny_tokenizer(), "chat")
 
 
+def test_cwe_example_is_its_own_chat_turn(fake_wheels):
+    """RULER wraps cwe's worked example (with its answer) and then the task each in the model template."""
+    chat = tiny_tokenizer(chat_template=True)
+    sample = R.RulerGenerator(chat, seed=1).sample("cwe", 2048, 0)
+    example, task = sample.prompt.split("\n<s>user\n", 1)
+    assert example.startswith("<s>user\nBelow is a numbered list of words.") and sample.prompt.count("<s>user\n") == 2
+    assert re.search(r"</s>\n<s>assistant\n Answer: The top 10 words that appear most often in the list are: "
+                     r"1\. \w+ .* 10\. \w+$", example)
+    assert task.startswith("Below is a numbered list") and task.endswith("most often in the list are:")
+    plain = R.RulerGenerator(chat, "completion", seed=1).sample("cwe", 2048, 0).prompt   # bare: one text
+    assert "<s>" not in plain and re.search(r"10\. \w+\nBelow is a numbered list", plain)
+
+
 def _needles(prompt: str) -> list[tuple[str, str]]:
     return re.findall(r"One of the special magic \w+ for (\S+) is: (\S+)\.", prompt)
 
@@ -290,10 +303,48 @@ def test_variable_tracking_chain(word_generator):
     assert len(names) == 5 and all(re.fullmatch(r"[A-Z]{5}", n) for n in names)
     value = re.search(rf"VAR {names[0]} = (\d{{5}})", task).group(1)
     lines = [line for line in task.split("\n") if line.startswith("VAR ")]
-    assert lines == [f"VAR {names[0]} = {value}"] + [f"VAR {names[i + 1]} = VAR {names[i]}" for i in range(4)]
+    # RULER's exact whitespace: hop lines end in a space, the example's answer follows "they are: " after a space
+    assert lines == [f"VAR {names[0]} = {value}"] + [f"VAR {names[i + 1]} = VAR {names[i]} " for i in range(4)]
     assert f"assigned the value {value} in the text above" in task
     assert sample.prompt.endswith(f"5 variables are assigned the value {value}, they are: ")
-    assert example.startswith("Memorize and track") and re.search(r"they are: [A-Z]{3}( [A-Z]{3}){4}$", example)
+    assert example.startswith("Memorize and track") and re.search(r"they are:  [A-Z]{3}( [A-Z]{3}){4}$", example)
+    assert task.split("\nQuestion:")[0].split("\n")[-1] == R.NOISE          # nothing after the last line
+
+
+def test_variable_tracking_example_fits_500_tokens(word_generator, generator):
+    """RULER fits the worked example's input (template + answer prefix) to <= 500 tokens with noise lines, 5 at
+    least (the tiny tokenizer spends ~4 tokens on a word: 5 lines are already more than 500 tokens)."""
+    for length in (3072, 6144):
+        example = word_generator.sample("vt", length, 0).prompt.split("\n\nMemorize and track", 1)[0]
+        example_input = example.rsplit("they are: ", 1)[0] + "they are: "
+        assert 500 - len(R.NOISE.split()) < len(example_input.split()) <= 500
+    example = generator.sample("vt", 3072, 0).prompt.split("\n\nMemorize and track", 1)[0]
+    assert example.count(R.NOISE) == 5
+
+
+def test_insert_positions_never_follow_the_last_line():
+    assert R._positions([0.0, 0.5, 0.99999], 10) == [0, 5, 9]
+    assert R._interleave(["a", "b"], ["N"], R._positions([0.999], 2))[-1] == "b"
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_single_2", "vt", "cwe", "fwe", "qa_1"])
+def test_official_fill_steps_back_whole_increments(fake_wheels, tokenizer, task):
+    """RULER's fill: one search per (task, length), then each sample steps back whole increments."""
+    official = R.RulerGenerator(tokenizer, "completion", seed=42)
+    assert official.fill == "official"
+    length = 6144                        # the tiny tokenizer spends ~4 tokens on a word
+    samples = [official.sample(task, length, i) for i in range(4)]
+    searched = official._searched[task, length]
+    step = R.official_increment(official.tasks[task], length)
+    for sample in samples:
+        assert sample.prompt_tokens <= length - sample.max_new_tokens
+        assert sample.units <= searched and (searched - sample.units) % step == 0
+    assert samples[0].units == searched or task == "fwe"
+    assert R.official_increment(official.tasks["niah_single_2"], length) == 500          # essay words
+    assert R.official_increment(official.tasks["niah_single_1"], 2048) == 5              # noise lines < 4K
+    assert R.official_increment(official.tasks["fwe"], 4096) == (4096 - 50) // 32
+    with pytest.raises(ValueError, match="unknown fill"):
+        R.RulerGenerator(tokenizer, fill="loose")
 
 
 def test_common_words_counts(word_generator):
@@ -394,7 +445,8 @@ def test_runner_writes_resumes_and_tabulates(fake_wheels, tokenizer, tmp_path, m
     assert "## dense" in text and "## dhsa_0.25" in text and "| fwe |" in text and "| average |" in text
     assert "| 1K |" in text and "Samples per cell: 3." in text
     rows = csv_path.read_text().splitlines()
-    assert rows[0] == "model,run,method,density,decode,task,length,score,samples" and len(rows) == 1 + 2 * 3
+    assert rows[0] == "model,run,method,density,decode,task,length,score,samples,density_reached"
+    assert len(rows) == 1 + 2 * 3
 
 
 def test_rope_scaling_is_recorded_in_its_own_folder(fake_wheels, tokenizer, tmp_path):
@@ -419,8 +471,12 @@ def test_every_registry_method_runs(fake_wheels, tokenizer, tmp_path):
     summaries = run_ruler.run(tiny_model("llama"), tokenizer, args)
     assert [s["records"][0]["method"] for s in summaries] == method_names()
     assert all(0 <= s["records"][0]["score"] <= 100 for s in summaries)
+    reached = {s["records"][0]["method"]: s["records"][0]["density_reached"] for s in summaries}
+    assert all(0 < reached[name] <= 1 for name in ("flexprefill", "xattention"))   # their adaptive density
+    assert reached["dhsa"] is None and reached["dense"] is None
     overview = run_ruler.write_tables(tmp_path / "tiny")[0].read_text()
     assert all(f"## {s['name']}" in overview for s in summaries)
+    assert "flexprefill_0.25_adaptive" in overview
 
 
 def test_runner_bad_flags(fake_wheels, tmp_path):

@@ -83,6 +83,9 @@ def test_run_names():
     assert run_name(SparseAttentionConfig(method="streaming", density=0.125, min_budget=512)) == "streaming_0.125_min512"
     assert run_name(SparseAttentionConfig(method="dhsa", density=0.125, decode="sparse")) == "dhsa_0.125_decode-sparse"
     assert run_name(SparseAttentionConfig(method="quest", density=0.125)) == "quest_0.125"  # always sparse decode
+    assert run_name(SparseAttentionConfig(method="xattention", density=0.125)) == "xattention_0.125_adaptive"
+    assert run_name(SparseAttentionConfig(method="flexprefill", density=0.125, peer_budget="matched")) == \
+        "flexprefill_0.125"
 
 
 def test_check_same_settings_names_what_changed(tmp_path):
@@ -163,6 +166,25 @@ def test_records_older_than_a_config_field_resume_only_with_its_legacy_value(tmp
     # center_keys predates nothing here: a record without it was made with the old behaviour (False)
     with pytest.raises(ValueError, match="other config"):
         check_same_settings(tmp_path / "r.jsonl", [{"model": "m", "config": old}], {"model": "m", "config": current})
+
+
+def test_peer_fields_split_only_the_peers_runs(tmp_path):
+    """FlexPrefill's / XAttention's fields (new defaults: the authors' settings) leave other methods' records
+    resumable; a peer's record without them was a capped run with the paper's rules (LEGACY_VALUES)."""
+    peers = ("peer_budget", "flex_min_budget", "flex_rule", "xattn_rule")
+    dhsa = config_dict(SparseAttentionConfig(method="dhsa", density=0.0625))
+    old = {**{k: v for k, v in dhsa.items() if k not in peers}, "xattn_threshold": 0.9, "xattn_stride": 8}
+    check_same_settings(tmp_path / "r.jsonl", [{"config": old}], {"config": dhsa})
+    for name in ("flexprefill", "xattention"):
+        current = config_dict(SparseAttentionConfig(method=name, density=0.125))
+        old = {k: v for k, v in current.items() if k not in peers}
+        old.update(xattn_threshold=0.9, xattn_stride=8)
+        with pytest.raises(ValueError, match="other config"):
+            check_same_settings(tmp_path / "r.jsonl", [{"config": old}], {"config": current})
+        legacy = config_dict(SparseAttentionConfig(method=name, density=0.125, peer_budget="matched",
+                                                   flex_min_budget=0, flex_rule="paper", xattn_rule="paper",
+                                                   xattn_threshold=0.9, xattn_stride=8))
+        check_same_settings(tmp_path / "r.jsonl", [{"config": old}], {"config": legacy})
 
 
 def test_dense_runs_resume_whatever_the_sparse_options():

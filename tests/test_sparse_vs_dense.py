@@ -13,8 +13,8 @@ from utils.models import TINY_FAMILIES, tiny_model
 from utils.patch import patch_model
 from utils.selection import Selection
 
-from test_baselines import (DENSE_AT_FULL_BUDGET, NOT_DENSE_AT_FULL_BUDGET, SHAPES, SPARSE, dense_reference,
-                            rand_qkv, select, small_config)
+from test_baselines import (DENSE_AT_FULL_BUDGET, NOT_DENSE_AT_FULL_BUDGET, PEERS, SHAPES, SPARSE,
+                            dense_reference, rand_qkv, refused, select, small_config)
 
 
 # ------------------------------------------------------------------------------------------------ causality
@@ -26,7 +26,8 @@ def test_selection_lists_only_keys_its_tile_may_see(name, shape, budget):
     """Before the executor's causal mask: each tile lists keys that its last query may read (position <= that
     query's), ascending and without repeats, so no budget slot goes to a future key."""
     q, k, _ = rand_qkv(*shape, seed=budget)
-    selection = select(name, q, k, budget)
+    # a budget the peers' matched mode refuses: their adaptive mode (no cap) instead
+    selection = select(name, q, k, budget, **(dict(peer_budget="adaptive") if refused(name, budget) else {}))
     idx, T, L = selection.key_index, selection.query_chunk, q.shape[2]
     n_tiles = idx.shape[2]
     last_query = selection.q_offset + torch.clamp(torch.arange(1, n_tiles + 1) * T, max=L) - 1
@@ -136,7 +137,9 @@ def test_every_method_stays_close_to_dense_on_tiny_models(family):
     failures = []
     for name in SPARSE:
         for density in (0.5, 0.9, 1.0):
-            patch_model(model, name, density=density, **OPTIONS)
+            # the peers' matched mode: their default (adaptive) has no density to compare with
+            extra = dict(peer_budget="matched", flex_min_budget=0) if name in PEERS else {}
+            patch_model(model, name, density=density, **OPTIONS, **extra)
             logprobs = next_token_logprobs(model, ids)
             if density == 1.0:
                 if name in DENSE_AT_FULL_BUDGET:

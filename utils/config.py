@@ -65,11 +65,22 @@ class SparseAttentionConfig:
     sink_fraction: float = 0.2             # streaming*: share of the budget given to initial tokens
     last_q: int = 64                       # vertical_slash: queries that estimate the pattern
     page_size: int = 16                    # quest: keys per page
-    # flexprefill / xattention: thresholds that size their selections below the cap N_b (papers' defaults)
+    # flexprefill / xattention: defaults are the authors' code as they run it (README "Peers")
+    peer_budget: str = "adaptive"          # "adaptive": their thresholds alone size each tile (no cap; the density
+                                           # and budget are unused, the density reached is recorded); "matched":
+                                           # at most floor(N_b / 128) blocks per tile (refused at <= 2 blocks)
     flex_gamma: float = 0.9                # flexprefill: attention mass the kept blocks must cover (gamma)
     flex_tau: float = 0.1                  # flexprefill: sqrt-JS divergence below which a head is query-aware (tau)
-    xattn_threshold: float = 0.9           # xattention: share of a block row's antidiagonal score kept (tau)
-    xattn_stride: int = 8                  # xattention: antidiagonal stride S (paper: 8 or 16)
+    flex_min_budget: int = 1024            # flexprefill: at least this many tokens of vertical and of slash blocks
+                                           # (their RULER/InfiniteBench scripts: 1024); 0: none
+    flex_rule: str = "official"            # flexprefill counting: "official" (tokens // 128 + 1 blocks with the
+                                           # forced one, query-aware cover cumsum <= gamma) or "paper" (smallest
+                                           # set reaching gamma, ceil(tokens / 128) blocks besides the forced one)
+    xattn_threshold: float = 0.8           # xattention: share of a block row's antidiagonal score kept (their
+                                           # Xattention_prefill default; their Llama runs use tuned per-head values)
+    xattn_stride: int = 16                 # xattention: antidiagonal stride S (their LLM default; paper: 8 or 16)
+    xattn_rule: str = "official"           # xattention counting: "official" (their code: one block past the
+                                           # threshold in the first 16K-ish queries, block 0 kept) or "paper"
 
     def __post_init__(self) -> None:
         if self.density is not None and not (0.0 < self.density <= 1.0):
@@ -109,6 +120,14 @@ class SparseAttentionConfig:
         if not (0.0 < self.flex_gamma <= 1.0 and 0.0 < self.xattn_threshold <= 1.0):
             raise ValueError(f"flex_gamma and xattn_threshold must be in (0, 1], got {self.flex_gamma}, "
                              f"{self.xattn_threshold}; e.g. --flex-gamma 0.9")
+        if self.peer_budget not in ("adaptive", "matched"):
+            raise ValueError(f"peer_budget must be adaptive or matched, got {self.peer_budget!r}; "
+                             "e.g. --peer-budget matched")
+        if self.flex_rule not in ("official", "paper") or self.xattn_rule not in ("official", "paper"):
+            raise ValueError(f"flex_rule and xattn_rule must be official or paper, got {self.flex_rule!r}, "
+                             f"{self.xattn_rule!r}; e.g. --flex-rule paper")
+        if self.flex_min_budget < 0:
+            raise ValueError(f"flex_min_budget must be >= 0 tokens, got {self.flex_min_budget}")
         if self.flex_tau < 0 or self.xattn_stride < 1:
             raise ValueError(f"flex_tau must be >= 0 and xattn_stride >= 1, got {self.flex_tau}, {self.xattn_stride}")
         self.dense_layers = tuple(int(i) for i in self.dense_layers)
@@ -180,7 +199,19 @@ class DHSAOptions:
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
 # equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
-                 "exact_tail": 0, "dense_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9, "xattn_stride": 8}
+                 "exact_tail": 0, "dense_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
+                 "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
+                 "xattn_rule": "paper"}
+
+
+# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs.py
+# same_config), so a changed default of, say, XAttention's threshold does not split DHSA's results.
+METHOD_ONLY_FIELDS = {
+    "peer_budget": ("flexprefill", "xattention"),
+    "flex_gamma": ("flexprefill",), "flex_tau": ("flexprefill",), "flex_min_budget": ("flexprefill",),
+    "flex_rule": ("flexprefill",),
+    "xattn_threshold": ("xattention",), "xattn_stride": ("xattention",), "xattn_rule": ("xattention",),
+}
 
 
 def config_field_names() -> list[str]:
@@ -220,4 +251,4 @@ def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionCo
 
 
 __all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names",
-           "LEGACY_VALUES"]
+           "LEGACY_VALUES", "METHOD_ONLY_FIELDS"]

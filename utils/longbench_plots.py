@@ -28,7 +28,9 @@ def plot_density(rows: list[dict], path: Path) -> Path | None:
         mine = [r for r in sparse if (r["model"], r["decode"]) == (model, decode)]
         colors, markers = plt.get_cmap("tab20").colors, "osD^vP*Xh<>"  # a dozen methods stay apart
         for n, method in enumerate(sorted({r["method"] for r in mine}, key=method_order)):
-            points = sorted((r["density"], r["Average"]) for r in mine if r["method"] == method)
+            # FlexPrefill / XAttention record the density they reached: plotted there (their papers' x axis)
+            points = sorted((r["density"] if r.get("density_reached") is None else r["density_reached"],
+                             r["Average"]) for r in mine if r["method"] == method)
             style = dict(linewidth=2.5, zorder=3) if method == "dhsa" else dict(linewidth=1.2)
             ax.plot([100 * x for x, _ in points], [y for _, y in points], marker=markers[n % len(markers)],
                     color=colors[n % len(colors)], label=method, **style)

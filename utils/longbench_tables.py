@@ -48,9 +48,10 @@ def _fmt(value) -> str:
 def _density_text(run: dict) -> str:
     if run["method"] == "dense":
         return "–"
+    reached = f" (reached {run['density_reached']:.3f})" if run.get("density_reached") is not None else ""
     if run.get("budget"):
-        return f"{run['budget']} keys"
-    return f"{run['density']:g}" if run.get("density") is not None else "–"
+        return f"{run['budget']} keys{reached}"
+    return (f"{run['density']:g}" if run.get("density") is not None else "–") + reached
 
 
 def _coverage(scored: dict, datasets: list[str]) -> str:
@@ -74,7 +75,8 @@ def result_rows(runs: list[dict]) -> list[dict]:
         if not scored:
             continue
         row = {"model": run["model"], "method": run["method"], "density": run.get("density"),
-               "budget": run.get("budget"), "decode": run["decode"], "run": run["run"]}
+               "budget": run.get("budget"), "decode": run["decode"], "run": run["run"],
+               "density_reached": run.get("density_reached")}
         row.update(summarize({d: s for d, (s, _) in scored.items()}, ALL_DATASETS))
         row["datasets"] = _coverage(scored, ALL_DATASETS)
         row.update({d: scored[d][0] if d in scored else None for d in ALL_DATASETS})

@@ -18,6 +18,7 @@ import torch
 
 from utils.baselines.oracle import query_key_scores
 from utils.methods import METHODS, LayerContext
+from utils.selection import block_selection_to_tokens
 
 METRICS = ("mass_recall", "topk_overlap")
 
@@ -46,6 +47,8 @@ def topk_thresholds(logits: torch.Tensor, kept_keys: list[int]) -> dict[int, tor
 def read_keys(selection, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys that queries `rows` (indices into the selection's queries) read: keys [B, Hs, n, K] and a mask
     `valid` of the same shape (listed for the query's tile, causal, and allowed by the per-query rule)."""
+    if getattr(selection, "block_size", None):  # block form (a GPU's FlexPrefill / XAttention): key positions
+        selection = block_selection_to_tokens(selection, selection.q_offset + int(rows.max()) + 1)
     keys = selection.key_index[:, :, rows // selection.query_chunk]           # [B, Hs, n, K]
     q_pos = selection.q_offset + rows
     valid = (keys >= 0) & (keys <= q_pos[:, None])
@@ -92,6 +95,8 @@ def dense_tail_rows(selection, first_row: int, q_offset: int, scores: dict[str, 
 
 def kept_mask(selection, num_queries: int, num_keys: int, num_heads: int) -> torch.Tensor:
     """Boolean [B, Hq, Lq, Lk] of the (query, key) pairs a selection reads, per query head (small L: plots)."""
+    if getattr(selection, "block_size", None):  # block form: key positions first
+        selection = block_selection_to_tokens(selection, num_keys)
     mask = selection.mask(num_queries, num_keys)
     return mask.repeat_interleave(num_heads // mask.shape[1], dim=1) if mask.shape[1] != num_heads else mask
 

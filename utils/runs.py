@@ -188,7 +188,8 @@ def config_dict(config) -> dict:
 
 
 def run_name(config) -> str:
-    """File stem of a run: dense, dhsa_0.0625, dhsa_0.0625_min512, quest_budget2048, dhsa_0.0625_decode-sparse.
+    """File stem of a run: dense, dhsa_0.0625, dhsa_0.0625_min512, quest_budget2048, dhsa_0.0625_decode-sparse,
+    xattention_0.125_adaptive.
 
     The decode protocol is named only when it is not the default one, so that names of earlier runs stay valid.
     """
@@ -197,6 +198,10 @@ def run_name(config) -> str:
     name = f"{config.method}_budget{config.budget}" if config.budget is not None else f"{config.method}_{config.density:g}"
     if config.min_budget:
         name += f"_min{config.min_budget}"
+    # FlexPrefill / XAttention as their authors run them (no cap: the density is unused) get their own name, so
+    # that the earlier capped runs' files (no such field: peer_budget "matched") keep their names
+    if config.method in ("flexprefill", "xattention") and getattr(config, "peer_budget", "matched") == "adaptive":
+        name += "_adaptive"
     # the method's default protocol (Quest acts only at decode: its decode is always sparse, never named)
     default_decode = dataclasses.replace(config, decode=type(config)().decode).decode if hasattr(config, "decode") \
         else None
@@ -208,15 +213,18 @@ def run_name(config) -> str:
 def same_config(recorded: dict | None, current: dict) -> bool:
     """Whether a recorded config (config_dict) is the current one; a field the record lacks (it predates the field)
     counts as its LEGACY_VALUES entry, the behaviour before the field existed. Dense attention ignores every
-    option, so any two dense configs are the same run (a DHSA flag on the command line does not split it)."""
-    from .config import LEGACY_VALUES
+    option, so any two dense configs are the same run (a DHSA flag on the command line does not split it); fields
+    that only other methods read (METHOD_ONLY_FIELDS: FlexPrefill's and XAttention's) are ignored likewise."""
+    from .config import LEGACY_VALUES, METHOD_ONLY_FIELDS
 
     if recorded is None:
         return False
     if current.get("method") == "dense":
         return recorded.get("method") == "dense"
     missing = object()
-    return all(recorded.get(name, LEGACY_VALUES.get(name, missing)) == value for name, value in current.items())
+    method = current.get("method")
+    return all(recorded.get(name, LEGACY_VALUES.get(name, missing)) == value for name, value in current.items()
+               if method in METHOD_ONLY_FIELDS.get(name, (method,)))
 
 
 def check_same_settings(path, records: list[dict], settings: dict) -> None:

@@ -10,9 +10,10 @@ Importing this package registers every baseline in `utils.registry.METHODS`:
                                                                      covering gamma of the attention (FlexPrefill)
   xattention                                         xattention.py  blocks by antidiagonal scores, kept up to a
                                                                     cumulative threshold (XAttention)
-All are configured by one budget N_b (`density` * L or `budget`), and no query reads more than N_b keys.
-flexprefill and xattention may stop below N_b (their thresholds); they record the density they reached
-(blocks.py: context.state["reached"], `reached_density(model)`).
+All but flexprefill and xattention take one budget N_b (`density` * L or `budget`), and no query reads more than N_b keys.
+flexprefill and xattention run as their authors run them by default (peer_budget="adaptive"): their thresholds
+alone decide how much each tile reads; with peer_budget="matched" they are capped at N_b and may stop below it.
+Both record the density they reached (blocks.py: context.state["reached"], `reached_density(model)`).
 """
 
 # each module registers its methods

@@ -3,16 +3,22 @@
 every consumer, block lists for the GPU block kernel) and the density a selection really reached.
 
 Grid. Keys are cut into blocks of `size` tokens from position 0; queries (at positions Lk - Lq .. Lk - 1) into
-tiles of `size` consecutive queries from the first one. size = min(block_size, N_b), so that one block never
-exceeds the budget. A tile keeps at most n_keep = floor(N_b / size) blocks, so no query reads more than N_b keys.
+tiles of `size` consecutive queries from the first one. Two budget modes:
+  adaptive (budget None, the authors' setting): size = block_size and no cap: the method's own threshold decides
+    how many blocks a tile reads (the density it reaches is recorded, see below);
+  matched (a budget N_b): size = min(block_size, N_b), so that one block never exceeds the budget, and a tile
+    keeps at most n_keep = floor(N_b / size) blocks, so no query reads more than N_b keys. A tile whose last
+    query sees at most N_b keys reads all of them, as in every method here, so N_b >= L is dense attention
+    whatever the threshold. `check_matched` refuses budgets that leave <= 2 blocks per tile (only the forced
+    ones: no data-dependent choice is left).
 Always kept (in this order of priority when n_keep is small): the block of the tile's first query (so every
 query reads a key), the block of its last query (the diagonal) and block 0 (attention sinks); both FlexPrefill
-and XAttention keep the first column and the diagonal. A tile whose last query sees at most N_b keys reads all
-of them, as in every method here, so N_b >= L is dense attention whatever the threshold.
+and XAttention keep the first column and the diagonal.
 
-Density reached. A threshold method may keep fewer than N_b keys. `reached(blocks, grid)` counts the
-(query, key) pairs the selection really reads (causal, exact) and the registry methods store it per layer in
-`context.state["reached"]` (see REACHED); `reached_density(model)` averages it over a patched model's layers.
+Density reached. A threshold method reads what its threshold asks for (adaptive), or possibly fewer than N_b
+keys (matched). `reached(blocks, grid)` counts the (query, key) pairs the selection really reads (causal, exact)
+and the registry methods store it per layer in `context.state["reached"]` (see REACHED); `reached_density(model)`
+averages it over a patched model's layers, and `density_reached(model)` is the number the runners' records keep.
 """
 
 from __future__ import annotations
@@ -37,12 +43,19 @@ class BlockGrid:
 
     num_queries: int
     num_keys: int
-    budget: int      # N_b, at most num_keys
+    budget: int      # N_b, at most num_keys (num_keys when not capped)
     size: int        # keys per block = queries per tile
     device: torch.device | str | None = None
+    capped: bool = True  # matched budget: at most n_keep blocks per tile; False: adaptive, no cap
 
     @classmethod
-    def make(cls, num_queries: int, num_keys: int, budget: int, block_size: int, device=None) -> "BlockGrid":
+    def make(cls, num_queries: int, num_keys: int, budget: int | None, block_size: int, device=None
+             ) -> "BlockGrid":
+        """budget None: adaptive (no cap, blocks of block_size); else matched to N_b = budget."""
+        if budget is None:
+            if block_size < 1:
+                raise ValueError(f"block_size must be >= 1, got {block_size}")
+            return cls(num_queries, num_keys, num_keys, block_size, device, capped=False)
         if block_size < 1 or budget < 1:
             raise ValueError(f"block_size and budget must be >= 1, got {block_size}, {budget}")
         budget = min(budget, num_keys)
@@ -54,7 +67,7 @@ class BlockGrid:
 
     @property
     def n_keep(self) -> int:
-        return self.budget // self.size
+        return self.budget // self.size if self.capped else self.n_blocks
 
     @property
     def n_tiles(self) -> int:
@@ -84,8 +97,21 @@ class BlockGrid:
                 + (block == (self.last() // self.size)[:, None]) * 2.0 + (block == 0) * 1.0)
 
     def dense(self) -> torch.Tensor:
-        """[n_tiles] bool: the tile's last query sees at most N_b keys, so the tile reads everything."""
+        """[n_tiles] bool: the tile's last query sees at most N_b keys, so the tile reads everything (matched
+        budget only; never when adaptive)."""
+        if not self.capped:
+            return torch.zeros(self.n_tiles, dtype=torch.bool, device=self.device)
         return self.last() + 1 <= self.budget
+
+
+def check_matched(grid: BlockGrid, method: str) -> None:
+    """Refuse a matched budget that leaves at most 2 blocks per tile where some tile is not dense: the forced
+    first and diagonal blocks would be all it reads, with no choice of the method's own left."""
+    if grid.capped and grid.n_keep <= 2 and not bool(grid.dense().all()):
+        raise ValueError(f"{method} with peer_budget='matched' keeps at most {grid.n_keep} block(s) of "
+                         f"{grid.size} keys per query tile at N_b={grid.budget} (the forced ones: nothing of "
+                         f"{method} is left); use --peer-budget adaptive (the authors' setting) or a budget of "
+                         f">= 3 blocks")
 
 
 def cover_mask(values: torch.Tensor, fraction: float, first: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,11 +126,21 @@ def cover_mask(values: torch.Tensor, fraction: float, first: torch.Tensor | None
     return torch.zeros_like(keep).scatter(-1, index, keep)
 
 
+def within_mask(values: torch.Tensor, limit) -> torch.Tensor:
+    """The entries along the last dim that, taken in decreasing order, keep the inclusive cumulative sum at or
+    below `limit` (a number or a tensor broadcast over [..., 1]): FlexPrefill's official cover (the entry that
+    crosses the limit is not kept, unlike cover_mask). values: [..., n] >= 0; returns bool [..., n]."""
+    ranked, index = values.sort(dim=-1, descending=True)
+    keep = ranked.cumsum(-1) <= limit
+    return torch.zeros_like(keep).scatter(-1, index, keep)
+
+
 def keep_blocks(rank: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     """Blocks per tile from a ranking. rank: [B, H, n_tiles, n_blocks], higher first, -inf = not wanted.
 
-    Adds the always-kept blocks, drops blocks no query of the tile can see, keeps at most n_keep per tile, and
-    every visible block for dense tiles. Returns block numbers [B, H, n_tiles, W], ascending, -1 after.
+    Adds the always-kept blocks, drops blocks no query of the tile can see, keeps at most n_keep per tile (all
+    wanted ones when the grid is not capped), and every visible block for dense tiles. Returns block numbers
+    [B, H, n_tiles, W], ascending, -1 after.
     """
     forced = grid.forced()
     rank = torch.where(forced > 0, forced * _BIG, rank.float())
@@ -113,7 +149,9 @@ def keep_blocks(rank: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     top, chosen = torch.topk(rank, n, dim=-1)
     chosen = torch.where(top == float("-inf"), _NONE, chosen).sort(dim=-1).values
     chosen = torch.where(chosen == _NONE, -1, chosen)
-    if grid.q_offset + min(grid.size, grid.num_queries) <= grid.budget:  # the first tile (at least) is dense
+    if not grid.capped:  # no cap: as many slots as the fullest tile uses
+        chosen = chosen[..., :max(1, int((chosen >= 0).sum(-1).max()))]
+    if grid.capped and grid.q_offset + min(grid.size, grid.num_queries) <= grid.budget:  # first tile is dense
         width = max(n, min(grid.n_blocks, (grid.budget - 1) // grid.size + 1))
         slots = torch.arange(width, device=chosen.device)
         everything = torch.where(slots[None, :] <= (grid.last() // grid.size)[:, None], slots[None, :], -1)
@@ -148,6 +186,14 @@ def block_selection(blocks: torch.Tensor, grid: BlockGrid) -> KernelSelection:
     return KernelSelection(blocks.contiguous(), grid.size, grid.q_offset, counts=counts, block_size=grid.size)
 
 
+def method_selection(blocks: torch.Tensor, grid: BlockGrid, on_gpu: bool) -> KernelSelection:
+    """What the registry methods return: on a GPU the block form when blocks are a multiple of 16 keys (the block
+    kernel reads it; token lists of an uncapped selection grow as L^2 / block), else the token lists."""
+    if on_gpu and grid.size % 16 == 0:
+        return block_selection(blocks, grid)
+    return token_selection(blocks, grid)
+
+
 def reached(blocks: torch.Tensor, grid: BlockGrid) -> dict[str, torch.Tensor]:
     """What a block choice really reads (causal, exact): mean keys per query and query head, that over Lk (the
     density, comparable with N_b / L) and over the causally visible keys. 0-d fp64 tensors (no GPU sync)."""
@@ -179,5 +225,12 @@ def reached_density(model) -> dict[str, float] | None:
     return {key: sum(float(r[key]) for r in records) / len(records) for key in records[0]}
 
 
-__all__ = ["BlockGrid", "cover_mask", "keep_blocks", "token_selection", "block_selection", "reached",
-           "reached_density", "REACHED"]
+def density_reached(model) -> float | None:
+    """The density (keys read / Lk, causal, exact) of the patched model's last prefill, averaged over its
+    layers, rounded to 4 digits, for a results record; None for methods that always read their budget."""
+    record = reached_density(model)
+    return None if record is None else round(record["density"], 4)
+
+
+__all__ = ["BlockGrid", "check_matched", "cover_mask", "within_mask", "keep_blocks", "token_selection",
+           "block_selection", "method_selection", "reached", "reached_density", "density_reached", "REACHED"]

@@ -2,41 +2,50 @@
 a vertical-slash pattern and a query-aware block pattern, each sized by a cumulative-attention threshold gamma.
 
 What it keeps, per query head, on the block grid of utils/baselines/blocks.py (blocks of `block_size` = 128 keys,
-query tiles of 128; at most floor(N_b / 128) blocks per tile, so no query reads more than N_b keys):
+query tiles of 128). By default (peer_budget="adaptive", as the authors run it) gamma alone sizes every tile:
+there is no cap and the density it reaches is recorded; peer_budget="matched" caps each tile at
+floor(N_b / 128) blocks (refused when that leaves <= 2 blocks).
   1. The last 128 queries' true attention a (softmax of q . k / sqrt(D), causal) gives a vertical distribution
      (attention per key, averaged over those queries) and a slash distribution (attention per distance
      q_pos - k_pos). Pooled into blocks, the vertical one is the true block distribution of the last queries.
   2. The estimated block distribution is softmax(mean of the last queries . block means of the keys / sqrt(D)).
      If its square-root Jensen-Shannon divergence from the true one is below tau (0.1), mean-pooled blocks
      describe this head well: it is *query-aware*. Otherwise it is *vertical-slash*.
-  3. Vertical-slash head: take the fewest key columns (and, separately, distances) that cover gamma (0.9) of the
-     vertical (slash) attention, round each count up to blocks, and keep that many best vertical blocks (plus
-     block 0) and best block diagonals (plus the main one). A tile reads its vertical blocks and the blocks at
-     its chosen diagonals; when that is more than the cap, the blocks with the most estimated attention
-     (vertical + slash score) are kept.
-  4. Query-aware head: every tile scores the blocks it sees by softmax(mean of its queries . block means /
-     sqrt(D)); the highest (tile, block) scores of the head are kept until they cover gamma of the head's total
-     (each tile's row adds up to 1), then each tile is capped at floor(N_b / 128) by score.
-Always kept: the first block and the diagonal (the tile's own block). Tiles whose last query sees at most N_b keys
-read everything, so N_b >= L is dense attention. gamma and tau are `flex_gamma` / `flex_tau` in
-SparseAttentionConfig; because gamma can stop short of the cap, the registry method stores the density it
-reached in `context.state["reached"]` (blocks.py).
+  3. Counts. t = the fewest key columns (separately: distances) covering gamma of the vertical (slash) attention.
+     rule="official" (the authors' code, the default): t is the number of sorted entries whose cumulative sum
+     is <= gamma, plus one, and the set holds t // 128 + 1 blocks *including* the forced one (block 0 for
+     vertical, the main diagonal for slash). rule="paper": ceil(t / 128) best blocks *besides* the forced one.
+     Both: at least ceil(min_budget / 128) blocks (`flex_min_budget`, 1024 tokens in the authors' scripts: 8
+     blocks), at most all of them. A query-aware head's vertical and slash sets hold that minimum.
+  4. Vertical-slash part: each tile reads its vertical blocks and the blocks at its chosen block diagonals.
+  5. Query-aware head, besides: every tile scores the blocks it sees by softmax(mean of its queries . block means
+     / sqrt(D)); the (tile, block) scores of the head are taken in decreasing order while their cumulative sum
+     is <= gamma x n_tiles (rule="official": each tile's row adds up to 1; rule="paper": up to and including
+     the entry that reaches it).
+Always kept: the first block and the diagonal (the tile's own block). Adaptive: a sequence of at most
+max(2 x 128, min_budget rounded up to blocks) keys is read densely (the authors' short-sequence rule). Matched:
+a tile whose last query sees at most N_b keys reads everything (N_b >= L is dense attention); when a tile wants
+more than its cap, the blocks with the most estimated attention (vertical + slash score; query-aware: the block
+score) are kept. The registry method stores the density reached in `context.state["reached"]` (blocks.py).
 
-Differences from the authors' code, all to fit the shared harness: the budget cap per tile (their max_budget only
-caps a head's vertical and slash counts, and is off by default) and no floor (their min_budget, 1024 tokens in their
-runs, keeps at least 8 vertical and 8 slash blocks); so that a concentrated line is still found without that floor,
-a set holds ceil(tokens / block) best blocks on top of the always-kept one (their count, tokens // 128 + 1, includes
-it); a tile whose last query sees at most N_b keys is dense (theirs: sequences up to 2 blocks or min_budget).
+Where the authors' code differs and this one does not follow it: when L % 128 != 0 their slash distribution is
+pooled into blocks from the far end (distance L - 1 down), so their "block diagonal" o holds the distances
+r + 128 (o - 1) .. r + 128 o - 1 (r = L mod 128, o = 0: distances < r); here block diagonals stay aligned to the
+block grid (distances 128 o .. 128 o + 127). Their counts divide by a literal 128 (here: the block size; equal
+at 128). They need q_len == k_len; here the queries may be the last Lq of Lk keys (tiles from the first query).
+Scores per query head against the shared KV head (theirs repeat K: the same numbers).
 Decode: FlexPrefill decodes densely (the default `decode="dense"`); with decode="sparse" a step runs the same rule
 with the new token as the only query.
 
 Selection: one list per query head and query tile (Hs = Hq, query_chunk = block size); `flexprefill_select(...,
-block_mode=True)` gives the block-number form the GPU block kernel reads.
+block_mode=True)` gives the block-number form the GPU block kernel reads (the registry method returns it on a GPU).
 
     .venv/bin/python -m utils.baselines.flexprefill     # prints both patterns on 64 tokens
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -44,7 +53,8 @@ from ..config import SparseAttentionConfig
 from ..registry import AttentionMethod, LayerContext, register
 from ..selection import Selection
 from .block_sparse import block_means
-from .blocks import REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached, token_selection
+from .blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
+                     method_selection, reached, token_selection, within_mask)
 from .oracle import last_query_attention
 
 
@@ -58,18 +68,26 @@ def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (0.5 * kl_to_mid(p) + 0.5 * kl_to_mid(q)).clamp(min=0).sqrt()
 
 
-def _blocks_needed(distribution: torch.Tensor, gamma: float, size: int) -> torch.Tensor:
-    """Blocks that the fewest tokens covering gamma of `distribution` [..., L] fill: ceil(tokens / size), [...]."""
-    tokens = cover_mask(distribution, gamma).sum(-1)
-    return torch.div(tokens + size - 1, size, rounding_mode="floor")
+def blocks_needed(distribution: torch.Tensor, gamma: float, size: int, rule: str = "official",
+                  min_blocks: int = 1) -> torch.Tensor:
+    """How many blocks a vertical or slash set holds, including its forced block, [...]. distribution: [..., L]
+    (sums to 1). official: t = #(sorted cumulative sum <= gamma) + 1 tokens, t // size + 1 blocks; paper: t = the
+    fewest tokens reaching gamma, ceil(t / size) + 1 blocks. At least min_blocks, at most ceil(L / size)."""
+    if rule == "official":
+        count = within_mask(distribution, gamma).sum(-1) + 1
+        count = torch.div(count, size, rounding_mode="floor") + 1
+    else:
+        tokens = cover_mask(distribution, gamma).sum(-1)
+        count = torch.div(tokens + size - 1, size, rounding_mode="floor") + 1
+    return count.clamp(min=min_blocks, max=math.ceil(distribution.shape[-1] / size))
 
 
 def _top_set(scores: torch.Tensor, count: torch.Tensor, always: int) -> torch.Tensor:
-    """[..., n] bool: entry `always` and the `count` [...] best others of `scores` [..., n]."""
+    """[..., n] bool: entry `always` and the best others of `scores` [..., n], `count` [...] entries in all."""
     order = scores.clone()
     order[..., always] = float("inf")
     rank = order.argsort(dim=-1, descending=True).argsort(dim=-1)
-    return rank <= count[..., None]
+    return rank < count[..., None]
 
 
 def _sum_pool(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -78,11 +96,11 @@ def _sum_pool(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, size)).sum(-1)
 
 
-def head_patterns(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, gamma: float, tau: float, block_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def head_patterns(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, gamma: float, tau: float, block_size: int,
+                  rule: str = "official", min_budget: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranking of the blocks each tile wants, and which heads are query-aware.
 
-    Returns rank [B, Hq, n_tiles, n_blocks] (-inf = not wanted; higher = kept first under the cap) and
+    Returns rank [B, Hq, n_tiles, n_blocks] (-inf = not wanted; higher = kept first under a cap) and
     query_aware [B, Hq] bool. See the module docstring for the rule."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -98,58 +116,78 @@ def head_patterns(q: torch.Tensor, k: torch.Tensor, grid: BlockGrid, gamma: floa
     estimate = torch.softmax(estimate.view(B, Hq, n_blocks), dim=-1)
     query_aware = sqrt_js_divergence(estimate, vertical_blocks) < tau
 
-    # Vertical-slash heads: vertical blocks and block diagonals sized by gamma.
-    is_vertical = _top_set(vertical_blocks, _blocks_needed(vertical, gamma, size), always=0)      # [B, Hq, nb]
-    is_slash = _top_set(slash_blocks, _blocks_needed(slash, gamma, size), always=0)               # offsets
-    tile_block = grid.last() // size                                                              # [n_tiles]
-    offset = tile_block[:, None] - torch.arange(n_blocks, device=q.device)[None, :]               # [nt, nb]
+    # Vertical and slash sets sized by gamma (query-aware heads: the minimum).
+    min_blocks = max(1, math.ceil(min_budget / size))
+    n_vertical = torch.where(query_aware, min_blocks, blocks_needed(vertical, gamma, size, rule, min_blocks))
+    n_slash = torch.where(query_aware, min_blocks, blocks_needed(slash, gamma, size, rule, min_blocks))
+    is_vertical = _top_set(vertical_blocks, n_vertical, always=0)                       # [B, Hq, nb]
+    is_slash = _top_set(slash_blocks, n_slash, always=0)                                # offsets
+    tile_block = grid.last() // size                                                    # [n_tiles]
+    offset = tile_block[:, None] - torch.arange(n_blocks, device=q.device)[None, :]     # [nt, nb]
     at = offset.clamp(min=0).expand(B, Hq, -1, -1).flatten(-2)
     on_slash = is_slash.gather(-1, at).view(B, Hq, *offset.shape) & (offset >= 0)
     slash_score = slash_blocks.gather(-1, at).view(B, Hq, *offset.shape)
-    wanted = is_vertical[:, :, None, :] | on_slash
-    rank_vs = torch.where(wanted, vertical_blocks[:, :, None, :] + slash_score, float("-inf"))
+    wanted_vs = is_vertical[:, :, None, :] | on_slash
+    rank_vs = torch.where(wanted_vs, vertical_blocks[:, :, None, :] + slash_score, float("-inf"))
 
     # Query-aware heads: mean-pooled tile x block attention, covered to gamma over the whole head.
     tile_means = block_means(q, size)                                                   # [B, Hq, n_tiles, D]
     scores = torch.matmul(tile_means.view(B, Hkv, -1, D), key_means.transpose(-1, -2)) * D ** -0.5
     scores = scores.view(B, Hq, grid.n_tiles, n_blocks).masked_fill(~grid.visible(), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    chosen = cover_mask(probs.flatten(-2), gamma).view_as(probs)
-    rank_qa = torch.where(chosen, probs, float("-inf"))
+    if rule == "official":
+        chosen = within_mask(probs.flatten(-2), gamma * grid.n_tiles).view_as(probs)
+    else:
+        chosen = cover_mask(probs.flatten(-2), gamma).view_as(probs)
+    rank_qa = torch.where(chosen | wanted_vs, probs, float("-inf"))
 
     return torch.where(query_aware[:, :, None, None], rank_qa, rank_vs), query_aware
 
 
-def flexprefill_blocks(q: torch.Tensor, k: torch.Tensor, budget: int, block_size: int = 128, gamma: float = 0.9,
-                       tau: float = 0.1) -> tuple[torch.Tensor, BlockGrid, torch.Tensor]:
-    """Blocks per tile [B, Hq, n_tiles, W] (ascending, -1 after), their grid, and query_aware [B, Hq]."""
+def short_sequence(num_keys: int, size: int, min_budget: int) -> bool:
+    """The authors' dense rule (adaptive mode): at most max(2 blocks, min_budget rounded up to blocks) keys."""
+    return num_keys <= max(2 * size, math.ceil(min_budget / size) * size)
+
+
+def flexprefill_blocks(q: torch.Tensor, k: torch.Tensor, budget: int | None = None, block_size: int = 128,
+                       gamma: float = 0.9, tau: float = 0.1, rule: str = "official", min_budget: int = 0
+                       ) -> tuple[torch.Tensor, BlockGrid, torch.Tensor]:
+    """Blocks per tile [B, Hq, n_tiles, W] (ascending, -1 after), their grid, and query_aware [B, Hq].
+
+    budget None: adaptive (the authors' setting, no cap); an int: matched to N_b = budget."""
     grid = BlockGrid.make(q.shape[2], k.shape[2], budget, block_size, q.device)
-    rank, query_aware = head_patterns(q, k, grid, gamma, tau, block_size)
+    check_matched(grid, "flexprefill")
+    rank, query_aware = head_patterns(q, k, grid, gamma, tau, block_size, rule, min_budget)
+    if not grid.capped and short_sequence(k.shape[2], grid.size, min_budget):
+        rank = torch.zeros_like(rank)                                                   # every visible block
     return keep_blocks(rank, grid), grid, query_aware
 
 
-def flexprefill_select(q: torch.Tensor, k: torch.Tensor, budget: int, block_size: int = 128, gamma: float = 0.9,
-                       tau: float = 0.1, block_mode: bool = False) -> Selection:
+def flexprefill_select(q: torch.Tensor, k: torch.Tensor, budget: int | None = None, block_size: int = 128,
+                       gamma: float = 0.9, tau: float = 0.1, block_mode: bool = False, rule: str = "official",
+                       min_budget: int = 0) -> Selection:
     """FlexPrefill's selection. q: [B, Hq, Lq, D] at positions Lk - Lq .. Lk - 1; k: [B, Hkv, Lk, D].
 
-    Token lists [B, Hq, n_tiles, <= budget] (query_chunk = block length), or with block_mode=True block numbers
-    for the GPU block kernel (block length a multiple of 16)."""
-    blocks, grid, _ = flexprefill_blocks(q, k, budget, block_size, gamma, tau)
+    Token lists [B, Hq, n_tiles, <= budget or Lk] (query_chunk = block length), or with block_mode=True block
+    numbers for the GPU block kernel (block length a multiple of 16). budget None: adaptive (no cap)."""
+    blocks, grid, _ = flexprefill_blocks(q, k, budget, block_size, gamma, tau, rule, min_budget)
     return block_selection(blocks, grid) if block_mode else token_selection(blocks, grid)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, config: SparseAttentionConfig, context: LayerContext) -> Selection:
-    blocks, grid, _ = flexprefill_blocks(q, k, config.resolve_budget(k.shape[2]), config.block_size,
-                                         config.flex_gamma, config.flex_tau)
+    budget = config.resolve_budget(k.shape[2]) if config.peer_budget == "matched" else None
+    blocks, grid, _ = flexprefill_blocks(q, k, budget, config.block_size, config.flex_gamma, config.flex_tau,
+                                         config.flex_rule, config.flex_min_budget)
     if q.shape[2] > 1:
         context.state[REACHED] = reached(blocks, grid)
-    return token_selection(blocks, grid)
+    return method_selection(blocks, grid, q.is_cuda)
 
 
 register(AttentionMethod("flexprefill", "FlexPrefill: per head vertical-slash or query-aware 128-blocks, sized to "
-                                        "cover gamma of the attention (capped at N_b per query)", _select))
+                                        "cover gamma of the attention (the authors' rules; --peer-budget matched caps "
+                                        "at N_b per query)", _select))
 
-__all__ = ["flexprefill_select", "flexprefill_blocks", "head_patterns", "sqrt_js_divergence"]
+__all__ = ["flexprefill_select", "flexprefill_blocks", "head_patterns", "sqrt_js_divergence", "blocks_needed"]
 
 
 if __name__ == "__main__":
