@@ -48,7 +48,7 @@ def rand_qkv(B, Hq, Hkv, L, D, seed=0, Lq=None):
 def small_config(name, budget=None, **options):
     """Small tiles, blocks and pages so that short random sequences exercise every code path."""
     values = dict(method=name, budget=budget, density=None if budget else 1.0, query_chunk=16, block_size=16,
-                  page_size=4, last_q=8, chunk_size=8)
+                  page_size=4, last_q=8, chunk_size=8, dense_tail=16)  # DHSA: a one-tile question tail
     if name in PEERS:
         values.update(PEER_OPTIONS)
     values.update(options)
