@@ -41,8 +41,11 @@ def spy_decode_selections(monkeypatch):
 def test_every_sparse_decode_step_reads_the_newest_token(family, method, monkeypatch):
     model = tiny_model(family).eval()
     seen = spy_decode_selections(monkeypatch)
-    patch_model(model, method, budget=24, query_chunk=16, block_size=16, page_size=4, last_q=8, chunk_size=8,
-                boundary_source="fixed", decode="sparse")
+    # FlexPrefill and XAttention keep no budget by default (their authors' adaptive density): checked matched here
+    peers = dict(peer_budget="matched", flex_min_budget=0, block_size=4) if method in ("flexprefill", "xattention") \
+        else dict(block_size=16)
+    patch_model(model, method, budget=24, query_chunk=16, page_size=4, last_q=8, chunk_size=8,
+                boundary_source="fixed", decode="sparse", **peers)
     model.generate(prompt(model, 140, seed=1), attention_mask=torch.ones(1, 140, dtype=torch.long),
                    max_new_tokens=4, do_sample=False)
     assert seen, f"{method}: no sparse decode step ran"
