@@ -25,13 +25,14 @@ import torch
 
 from utils import kernels
 from utils.cli import parse_length, user_errors
-from utils.config import SparseAttentionConfig
+from utils.config import METHOD_ONLY_FIELDS, SparseAttentionConfig
 from utils.runs import append_jsonl, read_jsonl
 from utils.testbed import (TAIL_OPTIONS, cache_path, capture, dhsa_flop_ratio, parse_spec, score_selection,
                            window_rows, window_starts, window_truth)
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa[dense_tail=0]", "dhsa[dense_tail=0,exact_tail=64]",
-                   "dhsa[dense_tail=128]", "dhsa[token_rescore=2]", "dhsa[chunk_size=8]", "block_sparse",
+                   "dhsa[dense_tail=64]", "dhsa[dense_tail=128]", "dhsa[token_rescore=1.5]", "dhsa[token_rescore=2]",
+                   "dhsa[chunk_size=8]", "block_sparse",
                    "vertical_slash", "flexprefill", "xattention", "streaming"]
 
 
@@ -73,6 +74,15 @@ def settings_key(args, length: int) -> str:
                        "needle_set": args.needle_set, "haystack": args.haystack_dir and Path(args.haystack_dir).name,
                        "length": length}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def spec_digest(spec: str) -> str:
+    """Fingerprint of the whole config a method spec stands for, defaults included: a row made before a default
+    changed is not taken for the new spec ("dhsa" then and now can be two configurations)."""
+    name, overrides = parse_spec(spec)
+    config = vars(SparseAttentionConfig(method=name, budget=1, **overrides))
+    read = {field: value for field, value in config.items() if name in METHOD_ONLY_FIELDS.get(field, (name,))}
+    return hashlib.sha1(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def needle_prompt(tokenizer, args, length: int):
@@ -170,7 +180,8 @@ def run(args) -> Path:
     info = {"density": args.density, "min_budget": args.min_budget}
     for length in args.lengths:
         key = settings_key(args, length)
-        done = {(r["window"], r["layer"], r["method"]) for r in rows if r.get("settings") == key}
+        done = {(r["window"], r["layer"], r["method"]) for r in rows
+                if r.get("settings") == key and r.get("config") == spec_digest(r["method"])}
         ids, needle = needle_prompt(tokenizer, args, length)
         L = len(ids)
         starts = window_starts(L)
@@ -200,12 +211,13 @@ def run(args) -> Path:
                         truth = truth or window_truth(q, k[:, :, :end], options, budget)
                         selection = METHODS[method_name].select(q, k[:, :, :end], config, context)
                         scores = score_selection(truth, selection, needle if name == "tail" else None)
-                    row = {"settings": key, "model": model_name, "length": L, "depth": args.depth,
+                    row = {"settings": key, "config": spec_digest(spec), "model": model_name, "length": L,
+                           "depth": args.depth,
                            "needle_set": args.needle_set, "window": name, "layer": layer, "method": spec,
                            "budget": budget, "head_dim": k.shape[-1], **scores}
                     append_jsonl(jsonl, row)
                     rows.append(row)
-    wanted = [r for r in rows if r["method"] in args.methods
+    wanted = [r for r in rows if r["method"] in args.methods and r.get("config") == spec_digest(r["method"])
               and any(r.get("settings") == settings_key(args, n) for n in args.lengths)]
     table = summarize(wanted, {**info, "D": wanted[0]["head_dim"] if wanted else 64})
     table.to_csv(out_dir / "testbed.csv", index=False, float_format="%.4f")

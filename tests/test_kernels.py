@@ -602,7 +602,7 @@ def test_cuda_dense_tail_and_decode_question_keys():
     q = torch.randn(1, 12, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 2, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 2, L + 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    first = (L - 64) // T * T
+    first = (L - 128) // T * T  # the default dense_tail = 128
     out = dhsa_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], budget=256)
     plain = dhsa_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], budget=256, dense_tail=0)
     dense = dense_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L])

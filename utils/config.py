@@ -53,7 +53,7 @@ class SparseAttentionConfig:
                                            # them, are rescored key by key by the tile's queries; 0: chunk scores only
     exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
                                            # the first answer token) rescore every visible key; 0: off
-    dense_tail: int = 64                   # prefill: the tiles holding the last dense_tail queries (the question, the
+    dense_tail: int = 128                  # prefill: the tiles holding the last dense_tail queries (the question, the
                                            # first answer token) read every visible key (the authors' instruction
                                            # tail; the one exception to the N_b budget); 0: off
 

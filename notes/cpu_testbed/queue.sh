@@ -21,11 +21,12 @@ while read -r name cmd; do
   job "$name" bash -c "$cmd"
 done <<JOBS
 tb16 $PY run_selection_testbed.py --model $Q --lengths 16K --output-dir $REPO/results_recall
+tb32 $PY run_selection_testbed.py --model $Q --lengths 32K --output-dir $REPO/results_recall --methods oracle_topk dhsa "dhsa[dense_tail=0]" "dhsa[dense_tail=64]"
+mv64 mkdir -p $REPO/results_needle/dense_tail_64/$Q && mv $REPO/results_needle/$Q/dhsa_0.0625_min512.jsonl $REPO/results_needle/dense_tail_64/$Q/
 n32_new $NIAH --methods dhsa --lengths 32K --depths 20 --output-dir $REPO/results_needle
 n32_dense $NIAH --methods dense --lengths 32K --depths 20 --output-dir $REPO/results_needle
 n16_new $NIAH --methods dhsa --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
 n16_dense $NIAH --methods dense --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
 n32_old $NIAH --methods dhsa --dense-tail 0 --lengths 32K --depths 20 --output-dir $REPO/results_needle/no_question_tail
-tb32 $PY run_selection_testbed.py --model $Q --lengths 32K --output-dir $REPO/results_recall --methods oracle_topk dhsa "dhsa[dense_tail=0]" "dhsa[dense_tail=128]"
 JOBS
 echo "$(date +%T) QUEUE DONE" >> $LOG
