@@ -438,8 +438,11 @@ def test_ruler_killed_mid_write_resumes_exactly_once(tmp_path, ruler_reference):
     assert len(jsonl_records(tmp_path / "out" / "tiny" / "dense.jsonl")) == 2
     RULER.run_here(args)
     assert ruler_results(tmp_path / "out") == ruler_reference
-    tables = (tmp_path / "out" / "tiny" / "results.csv").read_text().splitlines()
-    assert len(tables) == 1 + 2 * 3 and all(row.endswith(",2") for row in tables[1:])  # 2 samples per cell
+    import csv
+
+    with open(tmp_path / "out" / "tiny" / "results.csv", newline="") as f:
+        tables = list(csv.DictReader(f))
+    assert len(tables) == 2 * 3 and all(row["samples"] == "2" for row in tables)  # 2 samples per cell
 
 
 def test_ruler_killed_at_random_resumes_exactly_once(tmp_path, ruler_reference):
