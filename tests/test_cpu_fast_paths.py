@@ -109,3 +109,26 @@ def test_split_executor_equals_masked_attention(dtype):
     # every key selected: dense attention
     full = full_selection(B, Hkv, L, L, 64)
     torch.testing.assert_close(sparse_attention(q, k, v, full), dense_attention(q, k, v), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("head_pooling", ["none", "mean"])
+def test_shared_mask_executor_equals_masked_attention(monkeypatch, head_pooling):
+    """Groups of full DHSA tiles (one key pattern, Hs = Hq or stacked GQA rows) run as one flash call with a
+    broadcast mask; early tiles (unused slots) fall back. Both equal the fully masked attention."""
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, L, D = 1, 6, 2, 2048, 64
+    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
+    config = SparseAttentionConfig(method="dhsa", budget=320, head_pooling=head_pooling, dense_tail=0)
+    ends = torch.arange(16, L + 16, 16).clamp(max=L).unique()
+    sel = dhsa_select(q, k, budget=320, boundaries=[ends], options=config.dhsa_options())
+    used = []
+    shared = attention._attend_shared_mask
+
+    def spy(*args):
+        out = shared(*args)
+        used.append(out is not None)
+        return out
+    monkeypatch.setattr(attention, "_attend_shared_mask", spy)
+    torch.testing.assert_close(sparse_attention(q, k, v, sel), masked_attention(q, k, v, sel), atol=1e-5, rtol=1e-5)
+    assert any(used) and not all(used)  # the full tiles shared one mask, the first ones did not

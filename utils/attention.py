@@ -24,7 +24,9 @@ from .selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
-_CPU_GROUP_ELEMENTS = 1 << 25  # CPU: large groups; on a busy 2-core box every extra op waits for a thread
+_CPU_GROUP_ELEMENTS = 1 << 25  # CPU, masked executor: large groups; on a busy 2-core box every extra op waits
+_CPU_GATHER_ELEMENTS = 1 << 21  # CPU, shared-mask executor: gathered K + V of one group (8 MB fp32) stay in cache
+                                # and below glibc's mmap threshold (larger temporaries page-fault on every group)
 
 # SDPA's CPU flash kernel with its log-sum-exp (a private ATen op since torch 2.2); None where it is missing.
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -92,6 +94,30 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
     return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
+def _attend_shared_mask(q, k, v, k_pos, q_start, T, scale):
+    """CPU attention over gathered keys when every row of the group sees its keys in the same pattern, or None.
+
+    q: [N, M, D] (row m is query m % T of its tile), k: [N, K, D], v: [N, K, Dv]; k_pos: [N, K] key positions
+    (unused slots after every query); q_start: [N] position of the tile's first query. Which rows see which slot
+    depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every row), 0 .. T-1 (inside it: causal),
+    T (after it, or unused: no row). DHSA's sorted lists of full tiles share one pattern (the sinks and chunks
+    before the tile, then the tile's own keys), so one [M, K] additive mask, broadcast over the N rows, makes the
+    whole group one call of SDPA's CPU flash kernel: no per-tile mask and no split into two calls.
+    """
+    rel = (k_pos - q_start[:, None]).clamp(-1, T)
+    pattern = rel[0]
+    if not bool((rel == pattern).all()) or not bool((pattern <= 0).any()):
+        return None  # rows differ (early tiles, unused slots), or row 0 of a tile would read nothing
+    M = q.shape[1]
+    if bool((pattern < 0).all()):
+        return _flash_with_lse(q[:, None], k[:, None], v[:, None], scale=scale)[0][:, 0]
+    row = torch.arange(M, device=q.device) % T
+    visible = pattern[None, :] <= row[:, None]  # [M, K]
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    bias = torch.where(visible, zero, minus_inf)[None, None]  # [1, 1, M, K], broadcast over the rows
+    return _flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[0][:, 0]
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,10 +176,14 @@ def sparse_attention(
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
     # CPU groups: few large ops (small groups cost 3x wall time on a loaded 2-core box: each op waits for a thread)
-    limit = _GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS
-    group = max(1, min(n_tiles, limit // max(1, per_tile)))
     split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
         and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
+    if q.is_cuda:
+        group = max(1, min(n_tiles, _GROUP_ELEMENTS // max(1, per_tile)))
+    elif split:  # small groups: the gathered K/V stay in cache, and no mask of [tile, K] is built per tile
+        group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * (D + Dv))))
+    else:
+        group = max(1, min(n_tiles, _CPU_GROUP_ELEMENTS // max(1, per_tile)))
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
         g = t1 - t0
@@ -166,8 +196,13 @@ def sparse_attention(
         # An unused slot gets a position after every query, so one comparison gives causality and validity.
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
         if split:
-            o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
-                              k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
+            o = _attend_shared_mask(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D),
+                                    vv.reshape(-1, K, Dv), k_pos.reshape(-1, K),
+                                    (selection.q_offset + torch.arange(t0, t1, device=q.device) * T
+                                     ).expand(B, Hs, g).reshape(-1), T, scale)
+            if o is None:
+                o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
+                                  k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
             if o is not None:
                 out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
                 continue
