@@ -132,3 +132,52 @@ def test_shared_mask_executor_equals_masked_attention(monkeypatch, head_pooling)
     monkeypatch.setattr(attention, "_attend_shared_mask", spy)
     torch.testing.assert_close(sparse_attention(q, k, v, sel), masked_attention(q, k, v, sel), atol=1e-5, rtol=1e-5)
     assert any(used) and not all(used)  # the full tiles shared one mask, the first ones did not
+
+
+CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the chunk-level top-k applies
+    (2048, 8, 2, 2048, {}),
+    (4096, 6, 2, 4096, dict(head_pooling="max")),
+    (2048, 4, 2, 2048, dict(share_heads=True)),
+    (2048, 8, 2, 2048, dict(query_pooling="mean")),
+    (3072, 8, 2, 1024, {}),                              # queries after a cache (q_offset > 0)
+    (2048, 8, 2, 2048, dict(dense_tail=0, sink_tokens=16, local_tokens=48)),
+]
+
+
+@pytest.mark.parametrize("L,Hq,Hkv,Lq,extra", CHUNK_CASES)
+def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq, extra):
+    """Top-N_b over whole chunks (utils.dhsa._chunk_topk) keeps exactly the keys of the token-level top-k, and it
+    does run (uniform chunks, budget, sinks and window in whole chunks)."""
+    g = torch.Generator().manual_seed(L + Lq)
+    q, k = torch.randn(1, Hq, Lq, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
+    ends = torch.arange(16, L + 16, 16)
+    budget, options = config.resolve_budget(L), config.dhsa_options()
+    calls = []
+    chunk_topk = dhsa._chunk_topk
+    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    fast = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert calls and all(c is not None for c in calls)
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    assert torch.equal(fast, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+
+
+@pytest.mark.parametrize("case", ["learned", "odd_budget", "tie"])
+def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case):
+    """Learned boundaries, a budget that ends inside a chunk, or two chunks tied at the cut: the token-level top-k
+    decides (the same keys as with the chunk path switched off)."""
+    g = torch.Generator().manual_seed(5)
+    L = 2048
+    q, k = torch.randn(1, 8, L, 64, generator=g), torch.randn(1, 2, L, 64, generator=g)
+    ends = random_ends(L, L // 16, g) if case == "learned" else torch.arange(16, L + 16, 16)
+    budget = 250 if case == "odd_budget" else 256
+    if case == "tie":  # every chunk after the sinks a copy of one chunk: all their scores tie
+        k[:, :, 64:] = k[:, :, 64:80].repeat(1, 1, (L - 64) // 16, 1)
+    options = SparseAttentionConfig(method="dhsa", budget=budget).dhsa_options()
+    calls = []
+    chunk_topk = dhsa._chunk_topk
+    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert calls and any(c is None for c in calls)
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)

@@ -177,8 +177,17 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         else:
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
             chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring, starts, tile_end)
-        chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
+        chunk_of_key = None
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
+            width = Lk if t0 >= first_exact else width_other
+            if width == K and ranked_keys is None and _CHUNK_TOPK:  # plain top-N_b: try it over whole chunks
+                picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1], tile_budget[t0:t1],
+                                     sink[t0:t1], local[t0:t1], K)
+                if picked is not None:
+                    key_index[b, :, t0:t1] = picked
+                    continue
+            if chunk_of_key is None:
+                chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
             scores = chunk_scores[:, t0:t1].index_select(2, chunk_of_key)  # upsample to tokens: [heads, g, Lk]
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
@@ -186,7 +195,6 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             if ranked_keys is not None:
                 forced = forced | (visible & (rank_of_key[b][:, None, :] < extra[t0:t1, None]))  # [heads, g, Lk]
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
-            width = Lk if t0 >= first_exact else width_other
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
                 top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K)
@@ -194,6 +202,70 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
+
+
+_CHUNK_TOPK = True  # False: every tile on the token-level top-k (tests compare the two)
+
+
+def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, tile_budget: torch.Tensor,
+                sink: torch.Tensor, local: torch.Tensor, K: int) -> torch.Tensor | None:
+    """The token-level top-N_b of a group of tiles, computed over chunks; None where that is not provably the same.
+
+    The token path gives every key its chunk's score (+inf for the sinks and the local window, -inf for keys a
+    tile cannot see) and keeps the top K. A tile that sees at most its budget keeps every visible key. Any other
+    tile keeps its sinks [0, s), its local window [end - l, end) and the best chunks of the keys in between, a
+    chunk counting the keys it has there: when the best chunks hold exactly K - s - l such keys and the next
+    chunk scores strictly less, that set is the unique top K of the token scores, so it is what torch.topk keeps
+    whatever its tie-breaking. If one tile of the group ends inside a chunk or ties at the cut (or a score is
+    NaN), this returns None and the caller runs the token-level top-k. Uniform chunks with sinks, local window and
+    budget in whole chunks (the defaults at L = multiples of 256) are always exact; most learned boundaries are not.
+
+    chunk_scores: [H, g, Nc] (S_c, -inf for chunks a tile cannot see); ends: [Nc]; tile_end, tile_budget, sink,
+    local: [g]. Returns [H, g, K] sorted key lists, -1 for unused slots.
+    """
+    H, g, Nc = chunk_scores.shape
+    device = chunk_scores.device
+    slot = torch.arange(K, device=device)
+    out = torch.where(slot[None, :] < tile_end[:, None], slot[None, :], -1).expand(H, g, K).clone()  # sees <= K keys
+    part = tile_end > tile_budget  # tiles that choose; their budget is K, so sinks, window and need are shared
+    if not bool(part.any()):
+        return out
+    rows = part.nonzero()[:, 0]
+    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
+    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+        return None
+    need = K - s - l  # keys chosen by the chunk scores, between the sinks and the local window
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    lo = torch.clamp(starts, min=s).expand(rows.numel(), Nc)
+    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)  # [r, Nc] keys in between
+    biggest = int(count.max())
+    if need <= 0 or biggest == 0:
+        return None
+    kc = min(Nc, -(-need // biggest) + 1)  # enough chunks for `need` keys if they are whole, and one more
+    scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
+    top, top_chunk = torch.topk(scores, kc, dim=-1, sorted=True)  # [H, r, kc], best first
+    if bool(torch.isnan(top[..., 0]).any()):  # NaN ranks first in topk; let the token path decide
+        return None
+    counts = count[None].expand(H, -1, -1).gather(-1, top_chunk)
+    cum = counts.cumsum(-1)
+    cut = (cum < need).sum(-1, keepdim=True)  # index of the chunk that reaches `need`
+    if bool((cut >= kc - 1).any()):
+        return None  # not reached within kc - 1 chunks (no chunk left to compare with)
+    exact = cum.gather(-1, cut) == need
+    strict = top.gather(-1, cut) > top.gather(-1, cut + 1)
+    if not bool((exact & strict).all()):
+        return None
+    chosen = torch.where(torch.arange(kc, device=device) <= cut, top_chunk, Nc).sort(-1).values  # in key order
+    count_pad = F.pad(count, (0, 1))[None].expand(H, -1, -1)
+    lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
+    c = count_pad.gather(-1, chosen)
+    first = c.cumsum(-1)
+    pos = torch.arange(need, device=device).expand(H, rows.numel(), need).contiguous()
+    j = torch.searchsorted(first, pos, right=True)  # the chosen chunk of each of the `need` slots
+    keys = lo_pad.gather(-1, chosen).gather(-1, j) + pos - (first - c).gather(-1, j)
+    window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
+    out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys, window.expand(H, -1, -1)], dim=-1)
+    return out
 
 
 def _tile_groups(n_tiles: int, size: int, split: int):
