@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 _PREFIX_SLICE = 8192        # keys per slice of the fp32 prefix sum
 SCORE_ELEMENTS = 1 << 24    # scores held at once (per slice of query tiles; utils/dhsa.py too)
+_CPU_SCORE_ELEMENTS = 1 << 21  # CPU: per-query chunk scores of one slice (8 MB fp32): the passes after the GEMM
+                               # (centring, max over the tile) read them from cache, and no slice page-faults
 
 
 def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> torch.Tensor:
@@ -106,6 +108,8 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
     causal = chunk_starts is not None and tile_end is not None
     if causal:  # smaller slices skip more of the causally hidden chunks (and stay in cache on the CPU)
         step = max(1, min(step, math.ceil(n_tiles / 16)))
+        if not q.is_cuda:
+            step = max(1, min(step, _CPU_SCORE_ELEMENTS // max(1, T * per_row)))
         seen = torch.searchsorted(chunk_starts, tile_end.to(chunk_starts.dtype)).tolist()  # chunks a tile sees
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
@@ -115,12 +119,21 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
         per_head = rows.reshape(H, G, n, D).float()
         if head_pooling == "mean" and G > 1:
             per_head = per_head.sum(1, keepdim=True)  # GQA group sum: [H, 1, rows, D]
-        scores = torch.matmul(per_head, chunk_k[:, None, :nc].transpose(-1, -2))  # [H, G or 1, rows, nc]
+        keys_t = chunk_k[:, None, :nc].transpose(-1, -2)  # [H, 1, D, nc]
         if centring is not None:
             key_mean, weight = centring
             tile_of_row = torch.arange(n, device=q.device) // T + t0
             shift = (per_head * key_mean[:, None, tile_of_row]).sum(-1)  # q . m_t per row: [H, G or 1, rows]
-            scores.sub_(shift[..., None] * weight[:nc])
+            if q.is_cuda:
+                scores = torch.matmul(per_head, keys_t)  # [H, G or 1, rows, nc]
+                scores.sub_(shift[..., None] * weight[:nc])
+            else:  # the same numbers, one pass less: q.c added by the GEMM (beta = 1) onto -(shift * weight)
+                Gs = per_head.shape[1]
+                scores = torch.mul(shift[..., None], -weight[:nc])
+                scores.view(H * Gs, n, nc).baddbmm_(per_head.reshape(H * Gs, n, D),
+                                                     keys_t.expand(H, Gs, D, nc).reshape(H * Gs, D, nc))
+        else:
+            scores = torch.matmul(per_head, keys_t)  # [H, G or 1, rows, nc]
         scores = scores.amax(1) if scores.shape[1] > 1 else scores[:, 0]  # best head of the group, or the one
         pad = (t1 - t0) * T - rows.shape[1]
         if pad:
