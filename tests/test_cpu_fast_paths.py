@@ -181,3 +181,41 @@ def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case)
     assert calls and any(c is None for c in calls)
     monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
     assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [{}, dict(robust_chunk_repr=False, center_keys=False), dict(head_pooling="mean")])
+def test_decode_chunk_vectors_kept_between_steps_are_the_same_numbers(monkeypatch, dtype, extra):
+    """Sparse decode steps with the chunk vectors kept in the layer state (DecodeChunks, extended key by key,
+    across prefix-sum slices) give bit for bit the chunk vectors and centring of a recomputation, and the same
+    kept keys as a step without the cache."""
+    import utils.dhsa_math as dhsa_math
+    from utils.dhsa_math import decode_boundaries
+    from utils.methods import METHODS, LayerContext
+    monkeypatch.setattr(dhsa_math, "_PREFIX_SLICE", 100)  # cross slice boundaries within a few steps
+    g = torch.Generator().manual_seed(7)
+    P, steps, Hq, Hkv = 590, 25, 8, 2
+    q_all = torch.randn(1, Hq, P + steps, 32, generator=g).to(dtype)
+    k_all = torch.randn(1, Hkv, P + steps, 32, generator=g).to(dtype)
+    config = SparseAttentionConfig(method="dhsa", budget=96, chunk_size=16, decode="sparse", **extra)
+    context = LayerContext()
+    METHODS["dhsa"].select(q_all[:, :, :P], k_all[:, :, :P], config, context)  # prefill: the layer's state
+    state = context.state["dhsa"]
+    options = config.dhsa_options()
+    expand = Hq // Hkv if options.head_pooling == "none" else 1
+    for Lk in range(P + 1, P + steps + 1):
+        q, k = q_all[:, :, Lk - 1:Lk], k_all[:, :, :Lk]
+        for _ in range(2):  # a step may be repeated on the same cache (the latency benchmark does)
+            got = METHODS["dhsa"].select(q, k, config, context).key_index
+        entry = state["decode_cache"]["chunks"][0]
+        ends = decode_boundaries(state["ends"][0], P, Lk)
+        chunk_k, centring = entry.step(k[0], ends, options.center_keys)
+        ref = dhsa.chunk_vectors(k[0], ends, options.robust_chunk_repr).repeat_interleave(expand, 0)
+        assert torch.equal(chunk_k, ref)
+        if options.center_keys:
+            ref_mean, ref_weight = dhsa.tile_key_means(ref, ends, torch.tensor([Lk]), options.robust_chunk_repr)
+            assert torch.equal(centring[0], ref_mean) and torch.equal(centring[1], ref_weight)
+        opts = options.replace(local_tokens=max(options.local_tokens, Lk - P),
+                               head_pooling="mean" if options.head_pooling == "none" else options.head_pooling)
+        plain = dhsa._select_on_pytorch(q, k, 96, [ends], opts, expand, state.get("question_keys"))
+        assert torch.equal(got, plain.key_index)

@@ -157,6 +157,8 @@ def sparse_attention(
     n_tiles = math.ceil(Lq / T)
     if idx.shape[0] != B or idx.shape[2] != n_tiles:
         raise ValueError(f"selection {tuple(idx.shape)} does not fit q {tuple(q.shape)} with query_chunk={T}")
+    if n_tiles == 1:
+        T = Lq  # one tile (a decode step): its Lq queries, not T rows padded with zero queries
     scale = D ** -0.5 if scale is None else scale
     Hkv = k.shape[1]
 

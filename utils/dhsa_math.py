@@ -23,8 +23,21 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
     robust: sqrt(len)/len * sum (eq. 4); else the plain mean (ablation "w/o robust chunk repr.").
     The sums come from fp32 prefix sums P (P[0] = 0, P[j] = k_0 + ... + k_{j-1}): sum of [s, e) = P[e] - P[s].
     """
-    H, L, D = k.shape
     positions = torch.cat([ends.new_zeros(1), ends])  # every prefix position that is needed: 0 and the ends
+    prefix = prefix_sums(k, positions)
+    sums = prefix[:, 1:] - prefix[:, :-1]
+    lengths = (positions[1:] - positions[:-1]).to(torch.float32)
+    weight = lengths.rsqrt() if robust else lengths.reciprocal()
+    return sums * weight[None, :, None]
+
+
+def prefix_sums(k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """fp32 prefix sums P[p] = k_0 + ... + k_{p-1} of k [H, L, D] at ascending `positions` -> [H, n, D].
+
+    P comes from cumsums over slices of _PREFIX_SLICE keys at fixed absolute offsets, each slice carrying the
+    last P of the one before, so P[p] depends on the keys before p only (not on L): DecodeChunks (utils/dhsa.py)
+    extends it key by key to the same numbers (on the CPU, cumsum accumulates in float64)."""
+    H, L, D = k.shape
     prefix = torch.zeros(H, positions.numel(), D, dtype=torch.float32, device=k.device)
     carry = torch.zeros(H, 1, D, dtype=torch.float32, device=k.device)
     for s in range(0, L, _PREFIX_SLICE):
@@ -34,10 +47,7 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
         if hi > lo:
             prefix[:, lo:hi] = running[:, positions[lo:hi] - 1 - s]
         carry = running[:, -1:]
-    sums = prefix[:, 1:] - prefix[:, :-1]
-    lengths = (positions[1:] - positions[:-1]).to(torch.float32)
-    weight = lengths.rsqrt() if robust else lengths.reciprocal()
-    return sums * weight[None, :, None]
+    return prefix
 
 
 def query_tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True) -> torch.Tensor:
@@ -163,5 +173,5 @@ def decode_boundaries(prompt_ends: torch.Tensor, prompt_len: int, num_keys: int)
     return torch.cat([kept, torch.tensor(tail, dtype=torch.long, device=prompt_ends.device)])
 
 
-__all__ = ["chunk_vectors", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts",
+__all__ = ["chunk_vectors", "prefix_sums", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts",
            "decode_boundaries", "SCORE_ELEMENTS"]
