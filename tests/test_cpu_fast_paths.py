@@ -219,3 +219,17 @@ def test_decode_chunk_vectors_kept_between_steps_are_the_same_numbers(monkeypatc
                                head_pooling="mean" if options.head_pooling == "none" else options.head_pooling)
         plain = dhsa._select_on_pytorch(q, k, 96, [ends], opts, expand, state.get("question_keys"))
         assert torch.equal(got, plain.key_index)
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_tail_without_a_mask_equals_masked_attention(monkeypatch, dtype):
+    """The last Lq < Lk queries (DHSA's dense question tail) as one unmasked call + a small causal block."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 6, 70, 64, generator=g), torch.randn(1, 2, 900, 64, generator=g), \
+        torch.randn(1, 2, 900, 64, generator=g)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fast = dense_attention(q, k, v)
+    monkeypatch.setattr(attention, "_flash_with_lse", None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast, dense_attention(q, k, v), atol=tol, rtol=tol)

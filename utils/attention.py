@@ -186,14 +186,21 @@ def sparse_attention(
         group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * (D + Dv))))
     else:
         group = max(1, min(n_tiles, _CPU_GROUP_ELEMENTS // max(1, per_tile)))
+    buffers = None
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
         g = t1 - t0
         tile_idx = idx[:, :, t0:t1]  # [B, Hs, g, K]
         valid = tile_idx >= 0
         flat = base[:, :, None, None] + tile_idx.clamp(min=0)
-        kk = k_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, D)  # faster than k_flat[flat] on the CPU
-        vv = v_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, Dv)
+        if q.is_cuda:
+            kk = k_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, D)
+            vv = v_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, Dv)
+        else:  # into buffers reused by every group of the same size (a fresh one page-faults on every group)
+            if buffers is None or buffers[0].shape[0] != flat.numel():
+                buffers = (k.new_empty(flat.numel(), D), v.new_empty(flat.numel(), Dv))
+            kk = torch.index_select(k_flat, 0, flat.view(-1), out=buffers[0]).view(B, Hs, g, K, D)
+            vv = torch.index_select(v_flat, 0, flat.view(-1), out=buffers[1]).view(B, Hs, g, K, Dv)
         q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
         # An unused slot gets a position after every query, so one comparison gives causality and validity.
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
@@ -231,6 +238,24 @@ def sparse_attention(
     return out[:, :, :Lq]
 
 
+def _dense_tail_cpu(q, k, v, scale):
+    """Causal attention of the last Lq < Lk queries on the CPU without an [Lq, Lk] mask: the keys before the first
+    query are visible to every query (one unmasked flash call), the last Lq keys form a causal block (a small
+    [G * Lq, Lq] mask, broadcast); the two merge by their log-sum-exp. The G query heads of a KV head are stacked."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G, s = Hq // Hkv, Lk - Lq
+    qs = q.reshape(B, Hkv, G * Lq, D)
+    row = torch.arange(G * Lq, device=q.device) % Lq
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    bias = torch.where(torch.arange(Lq, device=q.device)[None, :] <= row[:, None], zero, minus_inf)[None, None]
+    out_b, lse_b = _flash_with_lse(qs, k[:, :, s:], v[:, :, s:], attn_mask=bias, scale=scale)
+    out_a, lse_a = _flash_with_lse(qs, k[:, :, :s], v[:, :, :s], scale=scale)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * torch.exp(lse_a - lse)[..., None] + out_b.float() * torch.exp(lse_b - lse)[..., None]
+    return out.to(q.dtype).view(B, Hq, Lq, D)
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -260,6 +285,8 @@ def dense_attention(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         if Lq == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
+        if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype:
+            return _dense_tail_cpu(q, k, v, scale)
     outs = []
     G = Hq // Hkv
     for s in range(0, Lq, query_chunk):
