@@ -146,6 +146,11 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
             scores = torch.matmul(per_head, keys_t)  # [H, G or 1, rows, nc]
         scores = scores.amax(1) if scores.shape[1] > 1 else scores[:, 0]  # best head of the group, or the one
         pad = (t1 - t0) * T - rows.shape[1]
+        if pad and t1 - t0 == 1:  # one short tile (a decode step): its rows' max, no padding to T rows
+            out[:, t0, :nc] = scores.amax(1)
+            if nc < Nc:
+                out[:, t0:t1, nc:] = float("-inf")
+            continue
         if pad:
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
         out[:, t0:t1, :nc] = scores.view(H, t1 - t0, T, nc).amax(2)
