@@ -120,6 +120,7 @@ def cpu_interleaved(methods: list[LayerMethod], shape: dict, args, results: Resu
     import time
 
     scale, softcap = shape["scale"], shape["softcap"] if args.softcap else None
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for L in args.lengths:
         q, k, v = random_qkv(shape, args.batch, L, args.torch_dtype, "cpu", seed=L)
         base = dict(shape=shape["name"], dtype=args.dtype, batch=args.batch, length=L)
@@ -153,11 +154,11 @@ def cpu_interleaved(methods: list[LayerMethod], shape: dict, args, results: Resu
                     continue
                 try:
                     with contextlib.nullcontext() if method.kernels else kernels.disabled():
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         plan_i = select() if select is not None else plan
-                        t1 = time.perf_counter()
+                        t1 = clock()
                         method.attend(q, k, v, plan_i, scale, softcap)
-                        t2 = time.perf_counter()
+                        t2 = clock()
                 except Exception as exc:
                     print(f"  {method.name} at length {L}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
                     results.add(**row, part="error", note=f"{exc}"[:160])
@@ -179,7 +180,8 @@ def cpu_interleaved(methods: list[LayerMethod], shape: dict, args, results: Resu
                 speed = {}
                 if part == "total" and "sdpa" in dense_min:
                     speed["speedup_vs_dense"] = dense_min["sdpa"] / min(ts)
-                note = row.get("note", results.note) + f"; interleaved, {len(ts)} runs, speed-up from the minima"
+                note = row.get("note", results.note) + f"; interleaved, {len(ts)} runs, speed-up from the minima" \
+                    + ("; CPU time of the process (all threads), not wall time" if args.clock == "process" else "")
                 results.add(**{**row, "note": note}, part=part, median_ms=statistics.median(ts), min_ms=min(ts),
                             max_ms=max(ts), **speed)
         del q, k, v
@@ -413,6 +415,9 @@ def parse_args(argv=None):
                    help="layer shape of this published model (kernel/batch/cpu/decode modes), or HqxHkvxD (e.g. "
                         "8x2x64); kernel and cpu modes take several (one after the other)")
     p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="cpu mode: wall time (default), or the process's CPU time (with --threads 1 a measure that "
+                        "other jobs on the machine disturb little: for comparing code changes on a busy box)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"kernel/cpu modes: methods of utils/latency_methods.py ({', '.join(LAYER_METHODS)}); "
                         f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}. decode mode: "

@@ -271,14 +271,14 @@ def test_decode_mode_on_cuda(tmp_path):
 
 def test_cpu_mode_interleaves_several_shapes(tmp_path):
     run_latency_test.main(["--mode", "cpu", "--shape", "4x2x16", "6x2x16", "--lengths", "160", "--densities", "0.25",
-                           "--methods", "sdpa", "dhsa", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                           "--methods", "sdpa", "dhsa", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "process",
                            "--out", str(tmp_path)])
     [path] = tmp_path.glob("cpu_*.csv")
     rows = list(csv.DictReader(path.open()))
     assert [(r["shape"], r["method"], r["part"]) for r in rows] == [
         (shape, m, p) for shape in ("4x2x16", "6x2x16")
         for m, p in (("sdpa", "total"), ("dhsa", "select"), ("dhsa", "attn"), ("dhsa", "total"))]
-    assert all("interleaved, 2 runs" in r["note"] and "1 threads" in r["note"] for r in rows)
+    assert all("interleaved, 2 runs" in r["note"] and "1 threads" in r["note"] and "CPU time" in r["note"] for r in rows)
     for r in rows:
         assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
     assert all(r["speedup_vs_dense"] for r in rows if r["part"] == "total")
