@@ -478,7 +478,7 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.mode in ("cpu", "e2e") else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.mode in ("cpu", "e2e") else 5)
     if args.mode == "decode":  # a step takes well under a millisecond on the GPU: more samples, same cost
-        args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20 if args.device == "cuda" else 5)
+        args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20)
     for shape in args.shapes:
         if find_spec(shape) is None and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape.strip()):
             fail(f"unknown shape {shape!r}; choose a model of utils/model_specs.py ({', '.join(MODELS)}) "
