@@ -285,7 +285,8 @@ def dense_attention(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         if Lq == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
-        if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype:
+        if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype \
+                and Hq * Lq * Lq <= 1 << 24:  # the causal block's mask stays small (64 MB fp32 at most)
             return _dense_tail_cpu(q, k, v, scale)
     outs = []
     G = Hq // Hkv
