@@ -360,6 +360,8 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
         return None
     kc = min(Nc, -(-need // biggest) + 1)  # enough chunks for `need` keys if they are whole, and one more
     scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
+    if need % biggest == 0 and kc == need // biggest + 1 and bool(((count == 0) | (count == biggest)).all()):
+        return _whole_chunk_topk(out, scores, rows, lo, biggest, need // biggest, slot[:s], end, l)
     top, top_chunk = torch.topk(scores, kc, dim=-1, sorted=True)  # [H, r, kc], best first
     if bool(torch.isnan(top[..., 0]).any()):  # NaN ranks first in topk; let the token path decide
         return None
@@ -382,6 +384,26 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
     keys = lo_pad.gather(-1, chosen).gather(-1, j) + pos - (first - c).gather(-1, j)
     window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
     out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys, window.expand(H, -1, -1)], dim=-1)
+    return out
+
+
+def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: int):
+    """_chunk_topk when every chunk between the sinks and the window has `size` keys there (or none) and n whole
+    chunks fill the budget: the n best chunks by an unsorted top-(n+1), exact iff the one left out scores strictly
+    below all n (then they are the unique top n). Returns `out` filled, or None (a tie at the cut, or NaN)."""
+    H, r, _ = scores.shape
+    top, top_chunk = torch.topk(scores, n + 1, dim=-1, sorted=False)
+    if bool(torch.isnan(top).any()):
+        return None
+    low, low_at = top.min(-1, keepdim=True)
+    if not bool(((top == low).sum(-1) == 1).all()):  # the (n+1)-th best ties with one of the n best
+        return None
+    keep = torch.ones_like(top, dtype=torch.bool).scatter_(-1, low_at, False)
+    chosen = top_chunk[keep].view(H, r, n).sort(-1).values  # in key order
+    first = lo[None].expand(H, -1, -1).gather(-1, chosen)  # [H, r, n] first counted key of each chosen chunk
+    keys = (first[..., None] + torch.arange(size, device=scores.device)).view(H, r, n * size)
+    window = end[:, None] - l + torch.arange(l, device=scores.device)[None, :]  # [r, l]
+    out[:, rows] = torch.cat([sinks.expand(H, r, sinks.numel()), keys, window.expand(H, -1, -1)], dim=-1)
     return out
 
 
