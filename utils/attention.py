@@ -177,7 +177,8 @@ def sparse_attention(
 
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
-    # CPU groups: few large ops (small groups cost 3x wall time on a loaded 2-core box: each op waits for a thread)
+    # CPU groups: cache-sized for the shared-mask executor (its few ops per group are large kernels); large for the
+    # masked executor (its many small ops cost 3x wall time in small groups on a loaded 2-core box)
     split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
         and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
     if q.is_cuda:

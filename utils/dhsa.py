@@ -36,6 +36,10 @@ the authors' evaluation) decode steps read every key and only the prefill is spa
 Memory. Chunk sums are prefix sums taken in slices (fp32); token scores exist for a group of query tiles at a
 time; the selection is [B, H, L/T, N_b] indices. Nothing of size L x L is ever built.
 
+CPU speed-ups that keep the same keys (tests/test_cpu_fast_paths.py): the top-N_b is taken over whole chunks where
+that is provably the token-level top-k (`_chunk_topk`: uniform chunks, no tie at the cut; else the token path), and
+a decode step takes the prompt's chunk vectors from the layer state (`DecodeChunks`) instead of the whole cache.
+
 Where the parts live: the chunk and score arithmetic in utils/dhsa_math.py (shared with the fused GPU selection,
 utils/kernels/select.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched
 model (boundaries per forward, decode state) in utils/dhsa_method.py.
