@@ -139,16 +139,15 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
             # CPU: the scores transposed, [chunks, rows] (the GEMM runs ~25% faster with the long side first and
             # the max over a tile's rows reads contiguous memory); with centring q.c is added by the GEMM (beta =
             # 1) onto -(weight * shift): the same numbers as the product minus the shift, one pass less
-            Gs = per_head.shape[1]
-            keys = chunk_k[:, None, :nc].expand(H, Gs, nc, D).reshape(H * Gs, nc, D)
-            rows_t = per_head.reshape(H * Gs, n, D).transpose(1, 2)
+            Gs = per_head.shape[1]  # the heads of a group side by side as columns: one GEMM per selecting head
+            rows_t = per_head.permute(0, 3, 1, 2).reshape(H, D, Gs * n)
             if shift is None:
-                scores_t = torch.bmm(keys, rows_t)
+                scores_t = torch.bmm(chunk_k[:, :nc], rows_t)
             else:
-                scores_t = torch.mul(-weight[:nc, None], shift.reshape(H * Gs, 1, n))
-                scores_t.baddbmm_(keys, rows_t)
-            scores_t = scores_t.view(H, Gs, nc, n)
-            scores_t = scores_t.amax(1) if Gs > 1 else scores_t[:, 0]  # [H, nc, rows]
+                scores_t = torch.mul(-weight[:nc, None], shift.reshape(H, 1, Gs * n))
+                scores_t.baddbmm_(chunk_k[:, :nc], rows_t)
+            scores_t = scores_t.view(H, nc, Gs, n)
+            scores_t = scores_t.amax(2) if Gs > 1 else scores_t[:, :, 0]  # [H, nc, rows]
             pad = (t1 - t0) * T - n
             if pad and t1 - t0 == 1:  # one short tile (a decode step): its rows' max, no padding to T rows
                 out[:, t0, :nc] = scores_t.amax(-1)
