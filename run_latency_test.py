@@ -79,11 +79,20 @@ def layer_methods(args) -> dict[str, LayerMethod]:
 # ------------------------------------------------------------------------------------------------ kernel and cpu modes
 
 def layer_mode(args, results: Results) -> None:
-    """One attention layer of --shape: every method of --methods, per length (dense once, sparse per density)."""
-    shape = layer_shape(args.shape)
-    softcap = shape["softcap"] if args.softcap else None
-    table = layer_methods(args)
-    methods = [table[name] for name in args.methods if softcap is None or table[name].softcap]
+    """One attention layer of each --shape: every method of --methods, per length (dense once, sparse per
+    density). On the CPU the methods of one length run interleaved (cpu_interleaved)."""
+    for name in args.shapes:
+        shape = layer_shape(name)
+        softcap = shape["softcap"] if args.softcap else None
+        table = layer_methods(args)
+        methods = [table[m] for m in args.methods if softcap is None or table[m].softcap]
+        if args.device == "cpu":
+            cpu_interleaved(methods, shape, args, results)
+        else:
+            _layer_lengths(methods, shape, softcap, args, results)
+
+
+def _layer_lengths(methods, shape: dict, softcap, args, results: Results) -> None:
     for L in args.lengths:
         q, k, v = random_qkv(shape, args.batch, L, args.torch_dtype, args.device, seed=L)
         base = dict(shape=shape["name"], dtype=args.dtype, batch=args.batch, length=L)
@@ -100,6 +109,82 @@ def layer_mode(args, results: Results) -> None:
         del q, k, v
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def cpu_interleaved(methods: list[LayerMethod], shape: dict, args, results: Results) -> None:
+    """CPU timing of one layer: per length, every method once per round (dense SDPA, then each sparse method at
+    each density, selection included: select() then attend() on it), --warmup + --repeats rounds, so that a
+    change in the machine's load hits every method alike. Rows: "select", "attn", "total" (sparse; from the same
+    calls) and "total" (dense); speed-ups from the minima (the least disturbed run), medians in the CSV too."""
+    import statistics
+    import time
+
+    scale, softcap = shape["scale"], shape["softcap"] if args.softcap else None
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    for L in args.lengths:
+        q, k, v = random_qkv(shape, args.batch, L, args.torch_dtype, "cpu", seed=L)
+        base = dict(shape=shape["name"], dtype=args.dtype, batch=args.batch, length=L)
+        entries = []  # (row, select or None, attend, plan for dense)
+        for method in methods:
+            densities = [1.0] if method.dense else args.densities
+            for density in densities:
+                if not method.dense and not (method.kernels or L <= args.max_reference_length):
+                    continue
+                config = None if method.dense else dhsa_config(density, args)
+                row = dict(base, density=density, method=method.name,
+                           **({"note": f"{results.note}; {method.note}"} if method.note else {}))
+                first, later = layer_contexts()
+                try:
+                    with contextlib.nullcontext() if method.kernels else kernels.disabled():
+                        plan = method.select(q, k, v, config, first) if method.select else None
+                except Exception as exc:
+                    print(f"  {method.name} at length {L}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+                    results.add(**row, part="error", note=f"{exc}"[:160])
+                    continue
+                if method.dense:
+                    entries.append((row, method, None, plan))
+                else:
+                    entries.append((row, method, (lambda m=method, c=config, lt=later: m.select(q, k, v, c, lt())),
+                                    None))
+        times = {i: {"select": [], "attn": [], "total": []} for i in range(len(entries))}
+        failed = set()
+        for rnd in range(args.warmup + args.repeats):
+            for i, (row, method, select, plan) in enumerate(entries):
+                if i in failed:
+                    continue
+                try:
+                    with contextlib.nullcontext() if method.kernels else kernels.disabled():
+                        t0 = clock()
+                        plan_i = select() if select is not None else plan
+                        t1 = clock()
+                        method.attend(q, k, v, plan_i, scale, softcap)
+                        t2 = clock()
+                except Exception as exc:
+                    print(f"  {method.name} at length {L}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+                    results.add(**row, part="error", note=f"{exc}"[:160])
+                    failed.add(i)
+                    continue
+                if rnd >= args.warmup:
+                    for part, t in (("select", t1 - t0), ("attn", t2 - t1), ("total", t2 - t0)):
+                        times[i][part].append(t * 1e3)
+        dense_min = {}
+        for i, (row, method, select, _) in enumerate(entries):
+            if method.dense and i not in failed:
+                dense_min[method.name] = min(times[i]["total"])
+        for i, (row, method, select, _) in enumerate(entries):
+            if i in failed:
+                continue
+            parts = ("total",) if method.dense else ("select", "attn", "total")
+            for part in parts:
+                ts = times[i][part]
+                speed = {}
+                if part == "total" and "sdpa" in dense_min:
+                    speed["speedup_vs_dense"] = dense_min["sdpa"] / min(ts)
+                note = row.get("note", results.note) + f"; interleaved, {len(ts)} runs, speed-up from the minima" \
+                    + ("; CPU time of the process (all threads), not wall time" if args.clock == "process" else "")
+                results.add(**{**row, "note": note}, part=part, median_ms=statistics.median(ts), min_ms=min(ts),
+                            max_ms=max(ts), **speed)
+        del q, k, v
 
 
 def time_method(method: LayerMethod, q, k, v, config, row: dict, shape: dict, args, results: Results,
@@ -235,6 +320,9 @@ def e2e_mode(args, results: Results) -> None:
             base = dict(shape=key, dtype=args.dtype, batch=args.batch, length=L)
             dense_ms, flash_ms = None, None
             runs = [(m, d) for m in args.e2e_methods for d in ([1.0] if m.startswith("dense") else args.densities)]
+            if device == "cpu":
+                e2e_cpu_interleaved(model, ids, runs, args, results, base, f"{note}; weights {weights_gb:.1f} GB")
+                continue
             for method, density in runs:
                 if method.startswith("dense"):
                     patch_model(model, "dense")
@@ -272,6 +360,49 @@ def e2e_mode(args, results: Results) -> None:
             torch.cuda.empty_cache()
 
 
+def e2e_cpu_interleaved(model, ids, runs, args, results: Results, base: dict, note: str) -> None:
+    """CPU prefill of a whole model, the methods interleaved (one forward each per round, --warmup + --repeats
+    rounds), each forward with its attention timed (utils.latency.attention_timer: the model's attention function,
+    i.e. the attention itself without the projections). Rows: part "prefill" (speed-up from the minima) and part
+    "attn" (the attention time of the fastest forward; its share in the note and printed)."""
+    import statistics
+    import time
+
+    from utils.latency import attention_timer
+    from utils.patch import patch_model
+
+    def patch(method, density):
+        if method.startswith("dense"):
+            patch_model(model, "dense")
+        else:
+            patch_model(model, method, config=config_from_args(args, method=method, density=density, budget=None))
+
+    samples = {run: [] for run in runs}  # (total s, attention s) per timed forward
+    for rnd in range(args.warmup + args.repeats):
+        for method, density in runs:
+            patch(method, density)
+            with torch.inference_mode(), attention_timer(model.config._attn_implementation) as clock:
+                t0 = time.perf_counter()
+                model(input_ids=ids, use_cache=args.use_cache, logits_to_keep=1)
+                total = time.perf_counter() - t0
+            if rnd >= args.warmup:
+                samples[(method, density)].append((total, clock["seconds"]))
+    patch_model(model, "dense")
+    dense = [min(t for t, _ in samples[r]) for r in runs if r[0] == "dense"]
+    for (method, density), got in samples.items():
+        totals = [t * 1e3 for t, _ in got]
+        best, attn = min(got)
+        share = attn / best
+        row = dict(base, density=density, method=method)
+        where = f"{note}; use_cache={args.use_cache}; interleaved, {len(got)} runs, speed-up from the minima"
+        results.add(**row, part="prefill", median_ms=statistics.median(totals), min_ms=min(totals),
+                    max_ms=max(totals), speedup_vs_dense=dense[0] / best if dense else "", note=where)
+        results.add(**row, part="attn", median_ms=attn * 1e3, min_ms=attn * 1e3, max_ms=attn * 1e3,
+                    note=f"{where}; attention {100 * share:.1f}% of the fastest prefill")
+        print(f"  {base['shape']} {base['length']} {method} {density}: prefill {best:.2f} s, attention {attn:.2f} s "
+              f"({100 * share:.1f}%)", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
@@ -280,8 +411,13 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("kernel", "e2e", "batch", "cpu", "decode", "plot"), required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--densities", "--density", type=float, nargs="+", default=[0.0625, 0.125, 0.25])
-    p.add_argument("--shape", default=None, help="layer shape of this published model (kernel/batch/cpu modes), "
-                                                 "or HqxHkvxD (e.g. 8x2x64)")
+    p.add_argument("--shape", nargs="+", default=None,
+                   help="layer shape of this published model (kernel/batch/cpu/decode modes), or HqxHkvxD (e.g. "
+                        "8x2x64); kernel and cpu modes take several (one after the other)")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="cpu mode: wall time (default), or the process's CPU time (with --threads 1 a measure that "
+                        "other jobs on the machine disturb little: for comparing code changes on a busy box)")
     p.add_argument("--methods", nargs="+", default=None,
                    help=f"kernel/cpu modes: methods of utils/latency_methods.py ({', '.join(LAYER_METHODS)}); "
                         f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}. decode mode: "
@@ -329,7 +465,10 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     on_cpu = args.mode == "cpu" or (args.mode == "decode" and args.device == "cpu")
-    args.shape = args.shape or ("smollm2-135m" if on_cpu else "llama-3.1-8b")
+    args.shapes = args.shape or ["smollm2-135m" if on_cpu else "llama-3.1-8b"]
+    if len(args.shapes) > 1 and args.mode not in ("kernel", "cpu"):
+        fail(f"--mode {args.mode} takes one --shape; several are for the kernel and cpu modes")
+    args.shape = args.shapes[0]
     if args.lengths is None:
         args.lengths = {"kernel": [8192, 16384, 32768, 65536, 131072], "cpu": [4096, 8192, 16384],
                         "batch": [8192, 16384, 32768], "e2e": [8192, 32768],
@@ -339,10 +478,11 @@ def parse_args(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.mode in ("cpu", "e2e") else 2)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.mode in ("cpu", "e2e") else 5)
     if args.mode == "decode":  # a step takes well under a millisecond on the GPU: more samples, same cost
-        args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20 if args.device == "cuda" else 5)
-    if find_spec(args.shape) is None and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", args.shape.strip()):
-        fail(f"unknown shape {args.shape!r}; choose a model of utils/model_specs.py ({', '.join(MODELS)}) "
-             "or give HqxHkvxD, e.g. 8x2x64")
+        args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20)
+    for shape in args.shapes:
+        if find_spec(shape) is None and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape.strip()):
+            fail(f"unknown shape {shape!r}; choose a model of utils/model_specs.py ({', '.join(MODELS)}) "
+                 "or give HqxHkvxD, e.g. 8x2x64")
     args.kernel_configs = json.loads(args.kernel_configs) if args.kernel_configs else []
     if args.kernel_configs and args.mode != "kernel":
         fail("--kernel-configs times Triton launch configs: use it with --mode kernel")
@@ -376,6 +516,8 @@ def main(argv=None) -> None:
             print(path)
         return
     torch.manual_seed(0)
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
     where = device_name(args.device)
     if args.device == "cpu":
         where += f", {torch.get_num_threads()} threads"

@@ -12,7 +12,11 @@ OUT_DIR="${OUT_DIR:-results_latency}"
 DENSITIES="${DENSITIES:-0.0625 0.125 0.25}"
 LENGTHS="${LENGTHS:-8192 16384 32768 65536 131072}"
 SHAPES="${SHAPES:-llama-3.1-8b qwen2.5-3b gemma-2-2b}"
-CPU_LENGTHS="${CPU_LENGTHS:-4096 8192 16384}"
+CPU_LENGTHS="${CPU_LENGTHS:-4096 8192 16384 32768}"
+CPU_THREADS="${CPU_THREADS:-2}"
+# every registry method with a prefill selection that runs on the CPU; oracle_topk (exact top-k, quadratic) apart
+CPU_METHODS="${CPU_METHODS:-sdpa dhsa dhsa_no_robust_repr dhsa_fixed_chunks block_sparse flexprefill streaming
+streaming_dilated streaming_strided vertical_slash xattention}"
 
 # shellcheck disable=SC2086  # word splitting of the lists is intended
 if "${PYTHON}" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -31,8 +35,18 @@ if "${PYTHON}" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     "${PYTHON}" run_latency_test.py --mode batch --lengths 8192 16384 32768 --batch-sizes 1 2 4 8 \
         --densities 0.0625 --out "${OUT_DIR}" "$@"
 else
-    echo "== no CUDA: CPU mode (Figure 9)"
-    "${PYTHON}" run_latency_test.py --mode cpu --lengths ${CPU_LENGTHS} --densities ${DENSITIES} \
+    # issue 28, on a quiet machine: methods interleaved in one process, min of 3 runs, ${CPU_THREADS} threads
+    echo "== no CUDA: one layer (Figure 9), 8x2x64 and Qwen2.5-0.5B's 14x2x64, every method at 6.25%"
+    "${PYTHON}" run_latency_test.py --mode cpu --shape 8x2x64 14x2x64 --lengths ${CPU_LENGTHS} --densities 0.0625 \
+        --methods ${CPU_METHODS} --threads "${CPU_THREADS}" --out "${OUT_DIR}" "$@"
+    "${PYTHON}" run_latency_test.py --mode cpu --shape 8x2x64 14x2x64 --lengths 4096 8192 --densities 0.0625 \
+        --methods sdpa oracle_topk --threads "${CPU_THREADS}" --out "${OUT_DIR}" "$@"
+    echo "== prefill of qwen2.5-coder-0.5b-instruct (random weights), dense SDPA vs DHSA, attention's share"
+    "${PYTHON}" run_latency_test.py --mode e2e --device cpu --models qwen2.5-coder-0.5b-instruct \
+        --e2e-methods dense dhsa --lengths 8192 16384 --densities 0.0625 --threads "${CPU_THREADS}" \
         --out "${OUT_DIR}" "$@"
+    echo "== one decode step against a 32K KV cache (14x2x64): dense SDPA vs DHSA's sparse decode"
+    "${PYTHON}" run_latency_test.py --mode decode --device cpu --shape 14x2x64 --lengths 32768 --densities 0.0625 \
+        --methods sdpa dhsa --threads "${CPU_THREADS}" --out "${OUT_DIR}" "$@"
 fi
 "${PYTHON}" run_latency_test.py --mode plot --out "${OUT_DIR}"

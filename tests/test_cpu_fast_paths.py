@@ -109,3 +109,127 @@ def test_split_executor_equals_masked_attention(dtype):
     # every key selected: dense attention
     full = full_selection(B, Hkv, L, L, 64)
     torch.testing.assert_close(sparse_attention(q, k, v, full), dense_attention(q, k, v), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("head_pooling", ["none", "mean"])
+def test_shared_mask_executor_equals_masked_attention(monkeypatch, head_pooling):
+    """Groups of full DHSA tiles (one key pattern, Hs = Hq or stacked GQA rows) run as one flash call with a
+    broadcast mask; early tiles (unused slots) fall back. Both equal the fully masked attention."""
+    g = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, L, D = 1, 6, 2, 2048, 64
+    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
+    config = SparseAttentionConfig(method="dhsa", budget=320, head_pooling=head_pooling, dense_tail=0)
+    ends = torch.arange(16, L + 16, 16).clamp(max=L).unique()
+    sel = dhsa_select(q, k, budget=320, boundaries=[ends], options=config.dhsa_options())
+    used = []
+    shared = attention._attend_shared_mask
+
+    def spy(*args):
+        out = shared(*args)
+        used.append(out is not None)
+        return out
+    monkeypatch.setattr(attention, "_attend_shared_mask", spy)
+    torch.testing.assert_close(sparse_attention(q, k, v, sel), masked_attention(q, k, v, sel), atol=1e-5, rtol=1e-5)
+    assert any(used) and not all(used)  # the full tiles shared one mask, the first ones did not
+
+
+CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the chunk-level top-k applies
+    (2048, 8, 2, 2048, {}),
+    (4096, 6, 2, 4096, dict(head_pooling="max")),
+    (2048, 4, 2, 2048, dict(share_heads=True)),
+    (2048, 8, 2, 2048, dict(query_pooling="mean")),
+    (3072, 8, 2, 1024, {}),                              # queries after a cache (q_offset > 0)
+    (2048, 8, 2, 2048, dict(dense_tail=0, sink_tokens=16, local_tokens=48)),
+]
+
+
+@pytest.mark.parametrize("L,Hq,Hkv,Lq,extra", CHUNK_CASES)
+def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq, extra):
+    """Top-N_b over whole chunks (utils.dhsa._chunk_topk) keeps exactly the keys of the token-level top-k, and it
+    does run (uniform chunks, budget, sinks and window in whole chunks)."""
+    g = torch.Generator().manual_seed(L + Lq)
+    q, k = torch.randn(1, Hq, Lq, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
+    ends = torch.arange(16, L + 16, 16)
+    budget, options = config.resolve_budget(L), config.dhsa_options()
+    calls = []
+    chunk_topk = dhsa._chunk_topk
+    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    fast = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert calls and all(c is not None for c in calls)
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    assert torch.equal(fast, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+
+
+@pytest.mark.parametrize("case", ["learned", "odd_budget", "tie"])
+def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case):
+    """Learned boundaries, a budget that ends inside a chunk, or two chunks tied at the cut: the token-level top-k
+    decides (the same keys as with the chunk path switched off)."""
+    g = torch.Generator().manual_seed(5)
+    L = 2048
+    q, k = torch.randn(1, 8, L, 64, generator=g), torch.randn(1, 2, L, 64, generator=g)
+    ends = random_ends(L, L // 16, g) if case == "learned" else torch.arange(16, L + 16, 16)
+    budget = 250 if case == "odd_budget" else 256
+    if case == "tie":  # every chunk after the sinks a copy of one chunk: all their scores tie
+        k[:, :, 64:] = k[:, :, 64:80].repeat(1, 1, (L - 64) // 16, 1)
+    options = SparseAttentionConfig(method="dhsa", budget=budget).dhsa_options()
+    calls = []
+    chunk_topk = dhsa._chunk_topk
+    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert calls and any(c is None for c in calls)
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [{}, dict(robust_chunk_repr=False, center_keys=False), dict(head_pooling="mean")])
+def test_decode_chunk_vectors_kept_between_steps_are_the_same_numbers(monkeypatch, dtype, extra):
+    """Sparse decode steps with the chunk vectors kept in the layer state (DecodeChunks, extended key by key,
+    across prefix-sum slices) give bit for bit the chunk vectors and centring of a recomputation, and the same
+    kept keys as a step without the cache."""
+    import utils.dhsa_math as dhsa_math
+    from utils.dhsa_math import decode_boundaries
+    from utils.methods import METHODS, LayerContext
+    monkeypatch.setattr(dhsa_math, "_PREFIX_SLICE", 100)  # cross slice boundaries within a few steps
+    g = torch.Generator().manual_seed(7)
+    P, steps, Hq, Hkv = 590, 25, 8, 2
+    q_all = torch.randn(1, Hq, P + steps, 32, generator=g).to(dtype)
+    k_all = torch.randn(1, Hkv, P + steps, 32, generator=g).to(dtype)
+    config = SparseAttentionConfig(method="dhsa", budget=96, chunk_size=16, decode="sparse", **extra)
+    context = LayerContext()
+    METHODS["dhsa"].select(q_all[:, :, :P], k_all[:, :, :P], config, context)  # prefill: the layer's state
+    state = context.state["dhsa"]
+    options = config.dhsa_options()
+    expand = Hq // Hkv if options.head_pooling == "none" else 1
+    for Lk in range(P + 1, P + steps + 1):
+        q, k = q_all[:, :, Lk - 1:Lk], k_all[:, :, :Lk]
+        for _ in range(2):  # a step may be repeated on the same cache (the latency benchmark does)
+            got = METHODS["dhsa"].select(q, k, config, context).key_index
+        entry = state["decode_cache"]["chunks"][0]
+        ends = decode_boundaries(state["ends"][0], P, Lk)
+        chunk_k, centring = entry.step(k[0], ends, options.center_keys)
+        ref = dhsa.chunk_vectors(k[0], ends, options.robust_chunk_repr).repeat_interleave(expand, 0)
+        assert torch.equal(chunk_k, ref)
+        if options.center_keys:
+            ref_mean, ref_weight = dhsa.tile_key_means(ref, ends, torch.tensor([Lk]), options.robust_chunk_repr)
+            assert torch.equal(centring[0], ref_mean) and torch.equal(centring[1], ref_weight)
+        opts = options.replace(local_tokens=max(options.local_tokens, Lk - P),
+                               head_pooling="mean" if options.head_pooling == "none" else options.head_pooling)
+        plain = dhsa._select_on_pytorch(q, k, 96, [ends], opts, expand, state.get("question_keys"))
+        assert torch.equal(got, plain.key_index)
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_tail_without_a_mask_equals_masked_attention(monkeypatch, dtype):
+    """The last Lq < Lk queries (DHSA's dense question tail) as one unmasked call + a small causal block."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 6, 70, 64, generator=g), torch.randn(1, 2, 900, 64, generator=g), \
+        torch.randn(1, 2, 900, 64, generator=g)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    fast = dense_attention(q, k, v)
+    monkeypatch.setattr(attention, "_flash_with_lse", None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast, dense_attention(q, k, v), atol=tol, rtol=tol)

@@ -24,7 +24,9 @@ from .selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
-_CPU_GROUP_ELEMENTS = 1 << 25  # CPU: large groups; on a busy 2-core box every extra op waits for a thread
+_CPU_GROUP_ELEMENTS = 1 << 25  # CPU, masked executor: large groups; on a busy 2-core box every extra op waits
+_CPU_GATHER_ELEMENTS = 1 << 21  # CPU, shared-mask executor: gathered K + V of one group (8 MB fp32) stay in cache
+                                # and below glibc's mmap threshold (larger temporaries page-fault on every group)
 
 # SDPA's CPU flash kernel with its log-sum-exp (a private ATen op since torch 2.2); None where it is missing.
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -92,6 +94,30 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
     return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
+def _attend_shared_mask(q, k, v, k_pos, q_start, T, scale):
+    """CPU attention over gathered keys when every row of the group sees its keys in the same pattern, or None.
+
+    q: [N, M, D] (row m is query m % T of its tile), k: [N, K, D], v: [N, K, Dv]; k_pos: [N, K] key positions
+    (unused slots after every query); q_start: [N] position of the tile's first query. Which rows see which slot
+    depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every row), 0 .. T-1 (inside it: causal),
+    T (after it, or unused: no row). DHSA's sorted lists of full tiles share one pattern (the sinks and chunks
+    before the tile, then the tile's own keys), so one [M, K] additive mask, broadcast over the N rows, makes the
+    whole group one call of SDPA's CPU flash kernel: no per-tile mask and no split into two calls.
+    """
+    rel = (k_pos - q_start[:, None]).clamp(-1, T)
+    pattern = rel[0]
+    if not bool((rel == pattern).all()) or not bool((pattern <= 0).any()):
+        return None  # rows differ (early tiles, unused slots), or row 0 of a tile would read nothing
+    M = q.shape[1]
+    if bool((pattern < 0).all()):
+        return _flash_with_lse(q[:, None], k[:, None], v[:, None], scale=scale)[0][:, 0]
+    row = torch.arange(M, device=q.device) % T
+    visible = pattern[None, :] <= row[:, None]  # [M, K]
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    bias = torch.where(visible, zero, minus_inf)[None, None]  # [1, 1, M, K], broadcast over the rows
+    return _flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[0][:, 0]
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,6 +157,8 @@ def sparse_attention(
     n_tiles = math.ceil(Lq / T)
     if idx.shape[0] != B or idx.shape[2] != n_tiles:
         raise ValueError(f"selection {tuple(idx.shape)} does not fit q {tuple(q.shape)} with query_chunk={T}")
+    if n_tiles == 1:
+        T = Lq  # one tile (a decode step): its Lq queries, not T rows padded with zero queries
     scale = D ** -0.5 if scale is None else scale
     Hkv = k.shape[1]
 
@@ -149,25 +177,42 @@ def sparse_attention(
 
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
-    # CPU groups: few large ops (small groups cost 3x wall time on a loaded 2-core box: each op waits for a thread)
-    limit = _GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS
-    group = max(1, min(n_tiles, limit // max(1, per_tile)))
+    # CPU groups: cache-sized for the shared-mask executor (its few ops per group are large kernels); large for the
+    # masked executor (its many small ops cost 3x wall time in small groups on a loaded 2-core box)
     split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
         and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
+    if q.is_cuda:
+        group = max(1, min(n_tiles, _GROUP_ELEMENTS // max(1, per_tile)))
+    elif split:  # small groups: the gathered K/V stay in cache, and no mask of [tile, K] is built per tile
+        group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * (D + Dv))))
+    else:
+        group = max(1, min(n_tiles, _CPU_GROUP_ELEMENTS // max(1, per_tile)))
+    buffers = None
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
         g = t1 - t0
         tile_idx = idx[:, :, t0:t1]  # [B, Hs, g, K]
         valid = tile_idx >= 0
         flat = base[:, :, None, None] + tile_idx.clamp(min=0)
-        kk = k_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, D)  # faster than k_flat[flat] on the CPU
-        vv = v_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, Dv)
+        if q.is_cuda:
+            kk = k_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, D)
+            vv = v_flat.index_select(0, flat.view(-1)).view(B, Hs, g, K, Dv)
+        else:  # into buffers reused by every group of the same size (a fresh one page-faults on every group)
+            if buffers is None or buffers[0].shape[0] != flat.numel():
+                buffers = (k.new_empty(flat.numel(), D), v.new_empty(flat.numel(), Dv))
+            kk = torch.index_select(k_flat, 0, flat.view(-1), out=buffers[0]).view(B, Hs, g, K, D)
+            vv = torch.index_select(v_flat, 0, flat.view(-1), out=buffers[1]).view(B, Hs, g, K, Dv)
         q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
         # An unused slot gets a position after every query, so one comparison gives causality and validity.
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
         if split:
-            o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
-                              k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
+            o = _attend_shared_mask(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D),
+                                    vv.reshape(-1, K, Dv), k_pos.reshape(-1, K),
+                                    (selection.q_offset + torch.arange(t0, t1, device=q.device) * T
+                                     ).expand(B, Hs, g).reshape(-1), T, scale)
+            if o is None:
+                o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
+                                  k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
             if o is not None:
                 out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
                 continue
@@ -192,6 +237,24 @@ def sparse_attention(
 
     out = out.view(B, Hs, n_tiles, G, T, Dv).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_tiles * T, Dv)
     return out[:, :, :Lq]
+
+
+def _dense_tail_cpu(q, k, v, scale):
+    """Causal attention of the last Lq < Lk queries on the CPU without an [Lq, Lk] mask: the keys before the first
+    query are visible to every query (one unmasked flash call), the last Lq keys form a causal block (a small
+    [G * Lq, Lq] mask, broadcast); the two merge by their log-sum-exp. The G query heads of a KV head are stacked."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G, s = Hq // Hkv, Lk - Lq
+    qs = q.reshape(B, Hkv, G * Lq, D)
+    row = torch.arange(G * Lq, device=q.device) % Lq
+    zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
+    bias = torch.where(torch.arange(Lq, device=q.device)[None, :] <= row[:, None], zero, minus_inf)[None, None]
+    out_b, lse_b = _flash_with_lse(qs, k[:, :, s:], v[:, :, s:], attn_mask=bias, scale=scale)
+    out_a, lse_a = _flash_with_lse(qs, k[:, :, :s], v[:, :, :s], scale=scale)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.float() * torch.exp(lse_a - lse)[..., None] + out_b.float() * torch.exp(lse_b - lse)[..., None]
+    return out.to(q.dtype).view(B, Hq, Lq, D)
 
 
 def dense_attention(
@@ -223,6 +286,9 @@ def dense_attention(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         if Lq == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
+        if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype \
+                and Hq * Lq * Lq <= 1 << 24:  # the causal block's mask stays small (64 MB fp32 at most)
+            return _dense_tail_cpu(q, k, v, scale)
     outs = []
     G = Hq // Hkv
     for s in range(0, Lq, query_chunk):

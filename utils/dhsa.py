@@ -36,6 +36,10 @@ the authors' evaluation) decode steps read every key and only the prefill is spa
 Memory. Chunk sums are prefix sums taken in slices (fp32); token scores exist for a group of query tiles at a
 time; the selection is [B, H, L/T, N_b] indices. Nothing of size L x L is ever built.
 
+CPU speed-ups that keep the same keys (tests/test_cpu_fast_paths.py): the top-N_b is taken over whole chunks where
+that is provably the token-level top-k (`_chunk_topk`: uniform chunks, no tie at the cut; else the token path), and
+a decode step takes the prompt's chunk vectors from the layer state (`DecodeChunks`) instead of the whole cache.
+
 Where the parts live: the chunk and score arithmetic in utils/dhsa_math.py (shared with the fused GPU selection,
 utils/kernels/select.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched
 model (boundaries per forward, decode state) in utils/dhsa_method.py.
@@ -57,7 +61,8 @@ from .selection import Selection
 
 
 def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
-                options: DHSAOptions = DHSAOptions(), ranked_keys: torch.Tensor | None = None) -> Selection:
+                options: DHSAOptions = DHSAOptions(), ranked_keys: torch.Tensor | None = None,
+                decode_cache: dict | None = None) -> Selection:
     """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; budget: N_b keys;
@@ -81,6 +86,11 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
     step: each tile keeps the first of them without scoring, as many as half of what its budget leaves after the
     sinks and the local window.
 
+    decode_cache: optional dict {"prompt_len": int, "prompt_ends": [one tensor per batch item], "chunks": {}}
+    held by the layer between decode steps (utils/dhsa_method.py): on the CPU a decode step then takes the chunk
+    vectors (and the centring) from DecodeChunks, extended by the keys added since the last step, instead of
+    recomputing them over the whole cache; the same numbers, so the same kept keys.
+
     On CUDA the fused GPU selection (utils/kernels/select.py) runs where it applies: the same kept set up to ties.
     """
     expand = 1
@@ -94,17 +104,18 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
     if q.shape[2] == 1 and (options.exact_tail or options.dense_tail):
         # a decode step is no prefill tail: it keeps the cheap chunk scores and the budget
         options = options.replace(exact_tail=0, dense_tail=0)
-    selection = _select(q, k, budget, boundaries, options, expand, ranked_keys)
+    selection = _select(q, k, budget, boundaries, options, expand, ranked_keys, decode_cache)
     if options.dense_tail:  # the tiles holding the last dense_tail queries read every key (Selection.dense_from)
         selection.dense_from = max(0, (q.shape[2] - options.dense_tail) // options.query_chunk) * options.query_chunk
     return selection
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions,
-            expand: int, ranked_keys: torch.Tensor | None = None) -> Selection:
+            expand: int, ranked_keys: torch.Tensor | None = None, decode_cache: dict | None = None) -> Selection:
     """The key lists of every tile: the fused GPU selection where it applies, else the PyTorch path."""
-    if ranked_keys is not None:  # kept keys given from outside (a decode step): the PyTorch path takes them
-        return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys)
+    if ranked_keys is not None or (decode_cache is not None and not q.is_cuda):
+        # kept keys given from outside (a decode step), or the CPU's chunk vectors kept between decode steps
+        return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys, decode_cache)
     if q.is_cuda:  # None = the fused selection does not apply
         tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
@@ -121,9 +132,11 @@ def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torc
 
 
 def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor],
-                       options: DHSAOptions, expand: int = 1, ranked_keys: torch.Tensor | None = None) -> Selection:
+                       options: DHSAOptions, expand: int = 1, ranked_keys: torch.Tensor | None = None,
+                       decode_cache: dict | None = None) -> Selection:
     """dhsa_select on the PyTorch path, with head_pooling "mean" or "max". expand: query heads per KV head that
-    select alone (head_pooling "none"): chunk vectors are built per KV head, then repeated per query head."""
+    select alone (head_pooling "none"): chunk vectors are built per KV head, then repeated per query head.
+    decode_cache: see dhsa_select."""
     T, robust, share_heads = options.query_chunk, options.robust_chunk_repr, options.share_heads
     query_pooling, head_pooling = options.query_pooling, options.head_pooling
     B, Hq, Lq, D = q.shape
@@ -163,10 +176,22 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     for b in range(B):
         ends = boundaries[b]
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
-        chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
-        if expand > 1:  # the same numbers as chunk vectors of repeated keys, for 1/expand of the prefix sums
-            keys, chunk_k = keys.repeat_interleave(expand, 0), chunk_k.repeat_interleave(expand, 0)
-        centring = tile_key_means(chunk_k, ends, tile_end, robust) if options.center_keys else None
+        kept = None
+        if decode_cache is not None and Lq == 1 and not share_heads and not k.is_cuda:
+            entry = decode_cache["chunks"].get(b)
+            if entry is None or not entry.fits(keys, robust, expand):
+                entry = DecodeChunks(keys, decode_cache["prompt_ends"][b], decode_cache["prompt_len"], robust, expand)
+                decode_cache["chunks"][b] = entry
+            kept = entry.step(keys, ends, options.center_keys)
+        if kept is not None:  # the chunk vectors kept from the last step, extended by the new keys
+            chunk_k, centring = kept
+        else:
+            chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
+            if expand > 1:  # the same numbers as chunk vectors of repeated keys, for 1/expand of the prefix sums
+                chunk_k = chunk_k.repeat_interleave(expand, 0)
+            centring = tile_key_means(chunk_k, ends, tile_end, robust) if options.center_keys else None
+        if expand > 1 and (width_other > K or first_exact < n_tiles):  # only token rescoring reads keys per head
+            keys = keys.repeat_interleave(expand, 0)
         if query_pooling == "mean":
             vec = q_vec[b] if head_pooling == "max" else q_vec[b][:, None]  # [heads, G or 1, n_tiles, D]
             chunk_scores = torch.einsum("hgtd,hcd->hgtc", vec, chunk_k)
@@ -177,16 +202,25 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         else:
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
             chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring, starts, tile_end)
-        chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
+        chunk_of_key = None
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
-            scores = chunk_scores[:, t0:t1].index_select(2, chunk_of_key)  # upsample to tokens: [heads, g, Lk]
+            width = Lk if t0 >= first_exact else width_other
+            if width == K and ranked_keys is None and _CHUNK_TOPK:  # plain top-N_b: try it over whole chunks
+                picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1], tile_budget[t0:t1],
+                                     sink[t0:t1], local[t0:t1], K)
+                if picked is not None:
+                    key_index[b, :, t0:t1] = picked
+                    continue
+            if chunk_of_key is None:
+                chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
+            part = chunk_scores[:, t0:t1]  # upsample to tokens: [heads, g, Lk] (gather: 9x index_select on the CPU)
+            scores = torch.gather(part, 2, chunk_of_key.expand(part.shape[0], part.shape[1], Lk))
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
             if ranked_keys is not None:
                 forced = forced | (visible & (rank_of_key[b][:, None, :] < extra[t0:t1, None]))  # [heads, g, Lk]
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
-            width = Lk if t0 >= first_exact else width_other
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
                 top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K)
@@ -194,6 +228,187 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
+
+
+class DecodeChunks:
+    """Chunk vectors of one sequence's decode steps, kept from step to step (the CPU path of a decode step).
+
+    Algorithm 2's chunks (dhsa_math.decode_boundaries) are the prompt's, then the tokens generated so far, then
+    the current token. The prompt's chunk vectors are computed once (repeated per selecting head once, into a
+    buffer whose last two rows each step rewrites). For the two last chunks the fp32 prefix sums are extended
+    key by key exactly as dhsa_math.prefix_sums computes them (a float64 running sum inside each slice of
+    _PREFIX_SLICE keys, as the CPU cumsum accumulates, plus the fp32 carry of the slices before), and the centring
+    (tile_key_means of the step's one tile) keeps its float64 running sum over the prompt's chunk sums. A step
+    then costs O(new keys + chunks), not a pass over the whole cache, and gives the same numbers as recomputing
+    (tests/test_cpu_fast_paths.py), so the same kept keys.
+
+    keys: [H, Lk, D] (KV heads); prompt_ends: the prompt's chunk ends (last = prompt_len); expand: query heads per
+    KV head that select alone."""
+
+    def __init__(self, keys: torch.Tensor, prompt_ends: torch.Tensor, prompt_len: int, robust: bool, expand: int):
+        H, _, D = keys.shape
+        self.prompt_len, self.robust, self.expand, self.dtype = prompt_len, robust, expand, keys.dtype
+        self.prompt_ends = prompt_ends[prompt_ends <= prompt_len]
+        vec = chunk_vectors(keys[:, :prompt_len], self.prompt_ends, robust)  # [H, Ncp, D]
+        Ncp = vec.shape[1]
+        lengths = torch.diff(self.prompt_ends, prepend=self.prompt_ends.new_zeros(1)).to(torch.float32)
+        sums = vec / (lengths.rsqrt() if robust else lengths.reciprocal())[None, :, None]  # as tile_key_means
+        self.sum0 = sums[:, 0]
+        self.chunk_sum = torch.cumsum(sums.transpose(1, 2).double(), dim=-1)[..., -1]  # float64 [H, D]
+        self.buffer = torch.empty(H * expand, Ncp + 2, D, dtype=torch.float32, device=keys.device)
+        self.buffer[:, :Ncp] = vec.repeat_interleave(expand, 0)
+        positions = torch.tensor([0, prompt_len], device=keys.device)
+        self.p_prompt = dhsa_math.prefix_sums(keys[:, :prompt_len], positions)[:, 1]  # P[prompt_len]
+        n, size = prompt_len, dhsa_math._PREFIX_SLICE
+        self.start = (n - 1) // size * size if n > 0 else 0  # the slice that P[n] comes from
+        self.carry = dhsa_math.prefix_sums(keys[:, :self.start], positions.new_tensor([0, self.start]))[:, 1] \
+            if self.start else torch.zeros(H, D, dtype=torch.float32, device=keys.device)
+        self.acc = torch.cumsum(keys[:, self.start:n], dim=1, dtype=torch.float64)[:, -1] if n > self.start \
+            else torch.zeros(H, D, dtype=torch.float64, device=keys.device)
+        self.n = n  # keys 0 .. n-1 are in the running sums
+
+    def fits(self, keys: torch.Tensor, robust: bool, expand: int) -> bool:
+        return (robust, expand, keys.dtype, keys.shape[0]) == (self.robust, self.expand, self.dtype,
+                                                              self.buffer.shape[0] // self.expand) \
+            and keys.shape[1] > max(self.n, self.prompt_len)
+
+    def _prefix(self, acc, carry, start, n):
+        return carry if n == start else acc.float() + carry  # P[n], as prefix_sums' running + carry
+
+    def _advance(self, keys: torch.Tensor, upto: int, commit: bool = True):
+        """Running sums over keys self.n .. upto-1 (float64 adds in key order, a new slice every _PREFIX_SLICE
+        keys); returns P[upto]; commit=False leaves the state as it was."""
+        acc, carry, start, n, size = self.acc, self.carry, self.start, self.n, dhsa_math._PREFIX_SLICE
+        while n < upto:
+            if n == start + size:  # the next slice starts from the fp32 prefix at its first key
+                carry, start, acc = self._prefix(acc, carry, start, n), n, torch.zeros_like(acc)
+            e = min(upto, start + size)
+            acc = torch.cumsum(torch.cat([acc[:, None], keys[:, n:e].double()], dim=1), dim=1)[:, -1]
+            n = e
+        if commit:
+            self.acc, self.carry, self.start, self.n = acc, carry, start, n
+        return self._prefix(acc, carry, start, n)
+
+    def step(self, keys: torch.Tensor, ends: torch.Tensor, center: bool):
+        """(chunk_k [H * expand, Nc, D], centring or None) for a decode step with `ends`; None if ends are not
+        this prompt's decode chunks (the caller then recomputes)."""
+        Lk, Ncp = keys.shape[1], self.prompt_ends.numel()
+        first = Lk - 1 == self.prompt_len  # the first step: the current token is the only new chunk
+        tail = [Lk] if first else [Lk - 1, Lk]
+        if ends.numel() != Ncp + len(tail) or ends[Ncp:].tolist() != tail:
+            return None
+        prefix = [self.p_prompt]
+        if not first:
+            prefix.append(self._advance(keys, Lk - 1))
+        prefix.append(self._advance(keys, Lk, commit=False))  # the current token: not kept (a step may repeat)
+        prefix = torch.stack(prefix, dim=1)  # [H, 2 or 3, D]
+        positions = torch.tensor([self.prompt_len] + tail, device=keys.device)
+        lengths = (positions[1:] - positions[:-1]).to(torch.float32)
+        weight = lengths.rsqrt() if self.robust else lengths.reciprocal()
+        vec = (prefix[:, 1:] - prefix[:, :-1]) * weight[None, :, None]  # [H, 1 or 2, D], as chunk_vectors
+        if first:
+            chunk_k = torch.cat([self.buffer[:, :Ncp], vec.repeat_interleave(self.expand, 0)], dim=1)
+        else:
+            self.buffer[:, Ncp:] = vec.repeat_interleave(self.expand, 0)
+            chunk_k = self.buffer
+        if not center:
+            return chunk_k, None
+        sums = vec / weight[None, :, None]  # tile_key_means' key sums of the new chunks
+        acc = self.chunk_sum
+        for i in range(sums.shape[1]):
+            acc = acc + sums[:, i].double()
+        key_sum = acc.float() - self.sum0  # its prefix over every chunk minus chunk 0
+        count = torch.tensor(float(Lk - int(ends[0])), device=keys.device)
+        key_mean = torch.where(count > 0, key_sum / count.clamp(min=1), 0.0)
+        all_lengths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)
+        chunk_weight = all_lengths.sqrt() if self.robust else torch.ones_like(all_lengths)
+        return chunk_k, (key_mean.repeat_interleave(self.expand, 0)[:, None], chunk_weight)
+
+
+_CHUNK_TOPK = True  # False: every tile on the token-level top-k (tests compare the two)
+
+
+def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, tile_budget: torch.Tensor,
+                sink: torch.Tensor, local: torch.Tensor, K: int) -> torch.Tensor | None:
+    """The token-level top-N_b of a group of tiles, computed over chunks; None where that is not provably the same.
+
+    The token path gives every key its chunk's score (+inf for the sinks and the local window, -inf for keys a
+    tile cannot see) and keeps the top K. A tile that sees at most its budget keeps every visible key. Any other
+    tile keeps its sinks [0, s), its local window [end - l, end) and the best chunks of the keys in between, a
+    chunk counting the keys it has there: when the best chunks hold exactly K - s - l such keys and the next
+    chunk scores strictly less, that set is the unique top K of the token scores, so it is what torch.topk keeps
+    whatever its tie-breaking. If one tile of the group ends inside a chunk or ties at the cut (or a score is
+    NaN), this returns None and the caller runs the token-level top-k. Uniform chunks with sinks, local window and
+    budget in whole chunks (the defaults at L = multiples of 256) are always exact; most learned boundaries are not.
+
+    chunk_scores: [H, g, Nc] (S_c, -inf for chunks a tile cannot see); ends: [Nc]; tile_end, tile_budget, sink,
+    local: [g]. Returns [H, g, K] sorted key lists, -1 for unused slots.
+    """
+    H, g, Nc = chunk_scores.shape
+    device = chunk_scores.device
+    slot = torch.arange(K, device=device)
+    out = torch.where(slot[None, :] < tile_end[:, None], slot[None, :], -1).expand(H, g, K).clone()  # sees <= K keys
+    part = tile_end > tile_budget  # tiles that choose; their budget is K, so sinks, window and need are shared
+    if not bool(part.any()):
+        return out
+    rows = part.nonzero()[:, 0]
+    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
+    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+        return None
+    need = K - s - l  # keys chosen by the chunk scores, between the sinks and the local window
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    lo = torch.clamp(starts, min=s).expand(rows.numel(), Nc)
+    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)  # [r, Nc] keys in between
+    biggest = int(count.max())
+    if need <= 0 or biggest == 0:
+        return None
+    kc = min(Nc, -(-need // biggest) + 1)  # enough chunks for `need` keys if they are whole, and one more
+    scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
+    if need % biggest == 0 and kc == need // biggest + 1 and bool(((count == 0) | (count == biggest)).all()):
+        return _whole_chunk_topk(out, scores, rows, lo, biggest, need // biggest, slot[:s], end, l)
+    top, top_chunk = torch.topk(scores, kc, dim=-1, sorted=True)  # [H, r, kc], best first
+    if bool(torch.isnan(top[..., 0]).any()):  # NaN ranks first in topk; let the token path decide
+        return None
+    counts = count[None].expand(H, -1, -1).gather(-1, top_chunk)
+    cum = counts.cumsum(-1)
+    cut = (cum < need).sum(-1, keepdim=True)  # index of the chunk that reaches `need`
+    if bool((cut >= kc - 1).any()):
+        return None  # not reached within kc - 1 chunks (no chunk left to compare with)
+    exact = cum.gather(-1, cut) == need
+    strict = top.gather(-1, cut) > top.gather(-1, cut + 1)
+    if not bool((exact & strict).all()):
+        return None
+    chosen = torch.where(torch.arange(kc, device=device) <= cut, top_chunk, Nc).sort(-1).values  # in key order
+    count_pad = F.pad(count, (0, 1))[None].expand(H, -1, -1)
+    lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
+    c = count_pad.gather(-1, chosen)
+    first = c.cumsum(-1)
+    pos = torch.arange(need, device=device).expand(H, rows.numel(), need).contiguous()
+    j = torch.searchsorted(first, pos, right=True)  # the chosen chunk of each of the `need` slots
+    keys = lo_pad.gather(-1, chosen).gather(-1, j) + pos - (first - c).gather(-1, j)
+    window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
+    out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys, window.expand(H, -1, -1)], dim=-1)
+    return out
+
+
+def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: int):
+    """_chunk_topk when every chunk between the sinks and the window has `size` keys there (or none) and n whole
+    chunks fill the budget: the n best chunks by an unsorted top-(n+1), exact iff the one left out scores strictly
+    below all n (then they are the unique top n). Returns `out` filled, or None (a tie at the cut, or NaN)."""
+    H, r, _ = scores.shape
+    top, top_chunk = torch.topk(scores, n + 1, dim=-1, sorted=False)
+    if bool(torch.isnan(top).any()):
+        return None
+    low, low_at = top.min(-1, keepdim=True)
+    if not bool(((top == low).sum(-1) == 1).all()):  # the (n+1)-th best ties with one of the n best
+        return None
+    keep = torch.ones_like(top, dtype=torch.bool).scatter_(-1, low_at, False)
+    chosen = top_chunk[keep].view(H, r, n).sort(-1).values  # in key order
+    first = lo[None].expand(H, -1, -1).gather(-1, chosen)  # [H, r, n] first counted key of each chosen chunk
+    keys = (first[..., None] + torch.arange(size, device=scores.device)).view(H, r, n * size)
+    window = end[:, None] - l + torch.arange(l, device=scores.device)[None, :]  # [r, l]
+    out[:, rows] = torch.cat([sinks.expand(H, r, sinks.numel()), keys, window.expand(H, -1, -1)], dim=-1)
+    return out
 
 
 def _tile_groups(n_tiles: int, size: int, split: int):

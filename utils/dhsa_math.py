@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 _PREFIX_SLICE = 8192        # keys per slice of the fp32 prefix sum
 SCORE_ELEMENTS = 1 << 24    # scores held at once (per slice of query tiles; utils/dhsa.py too)
+_CPU_SCORE_ELEMENTS = 1 << 21  # CPU: per-query chunk scores of one slice (8 MB fp32): the passes after the GEMM
+                               # (centring, max over the tile) read them from cache, and no slice page-faults
 
 
 def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> torch.Tensor:
@@ -21,8 +23,21 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
     robust: sqrt(len)/len * sum (eq. 4); else the plain mean (ablation "w/o robust chunk repr.").
     The sums come from fp32 prefix sums P (P[0] = 0, P[j] = k_0 + ... + k_{j-1}): sum of [s, e) = P[e] - P[s].
     """
-    H, L, D = k.shape
     positions = torch.cat([ends.new_zeros(1), ends])  # every prefix position that is needed: 0 and the ends
+    prefix = prefix_sums(k, positions)
+    sums = prefix[:, 1:] - prefix[:, :-1]
+    lengths = (positions[1:] - positions[:-1]).to(torch.float32)
+    weight = lengths.rsqrt() if robust else lengths.reciprocal()
+    return sums * weight[None, :, None]
+
+
+def prefix_sums(k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """fp32 prefix sums P[p] = k_0 + ... + k_{p-1} of k [H, L, D] at ascending `positions` -> [H, n, D].
+
+    P comes from cumsums over slices of _PREFIX_SLICE keys at fixed absolute offsets, each slice carrying the
+    last P of the one before, so P[p] depends on the keys before p only (not on L): DecodeChunks (utils/dhsa.py)
+    extends it key by key to the same numbers (on the CPU, cumsum accumulates in float64)."""
+    H, L, D = k.shape
     prefix = torch.zeros(H, positions.numel(), D, dtype=torch.float32, device=k.device)
     carry = torch.zeros(H, 1, D, dtype=torch.float32, device=k.device)
     for s in range(0, L, _PREFIX_SLICE):
@@ -32,10 +47,7 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
         if hi > lo:
             prefix[:, lo:hi] = running[:, positions[lo:hi] - 1 - s]
         carry = running[:, -1:]
-    sums = prefix[:, 1:] - prefix[:, :-1]
-    lengths = (positions[1:] - positions[:-1]).to(torch.float32)
-    weight = lengths.rsqrt() if robust else lengths.reciprocal()
-    return sums * weight[None, :, None]
+    return prefix
 
 
 def query_tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool = True) -> torch.Tensor:
@@ -106,6 +118,8 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
     causal = chunk_starts is not None and tile_end is not None
     if causal:  # smaller slices skip more of the causally hidden chunks (and stay in cache on the CPU)
         step = max(1, min(step, math.ceil(n_tiles / 16)))
+        if not q.is_cuda:
+            step = max(1, min(step, _CPU_SCORE_ELEMENTS // max(1, T * per_row)))
         seen = torch.searchsorted(chunk_starts, tile_end.to(chunk_starts.dtype)).tolist()  # chunks a tile sees
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
@@ -115,14 +129,45 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
         per_head = rows.reshape(H, G, n, D).float()
         if head_pooling == "mean" and G > 1:
             per_head = per_head.sum(1, keepdim=True)  # GQA group sum: [H, 1, rows, D]
-        scores = torch.matmul(per_head, chunk_k[:, None, :nc].transpose(-1, -2))  # [H, G or 1, rows, nc]
+        keys_t = chunk_k[:, None, :nc].transpose(-1, -2)  # [H, 1, D, nc]
+        shift = None
         if centring is not None:
             key_mean, weight = centring
             tile_of_row = torch.arange(n, device=q.device) // T + t0
             shift = (per_head * key_mean[:, None, tile_of_row]).sum(-1)  # q . m_t per row: [H, G or 1, rows]
+        if not q.is_cuda:
+            # CPU: the scores transposed, [chunks, rows] (the GEMM runs ~25% faster with the long side first and
+            # the max over a tile's rows reads contiguous memory); with centring q.c is added by the GEMM (beta =
+            # 1) onto -(weight * shift): the same numbers as the product minus the shift, one pass less
+            Gs = per_head.shape[1]  # the heads of a group side by side as columns: one GEMM per selecting head
+            rows_t = per_head.permute(0, 3, 1, 2).reshape(H, D, Gs * n)
+            if shift is None:
+                scores_t = torch.bmm(chunk_k[:, :nc], rows_t)
+            else:
+                scores_t = torch.mul(-weight[:nc, None], shift.reshape(H, 1, Gs * n))
+                scores_t.baddbmm_(chunk_k[:, :nc], rows_t)
+            scores_t = scores_t.view(H, nc, Gs, n)
+            scores_t = scores_t.amax(2) if Gs > 1 else scores_t[:, :, 0]  # [H, nc, rows]
+            pad = (t1 - t0) * T - n
+            if pad and t1 - t0 == 1:  # one short tile (a decode step): its rows' max, no padding to T rows
+                out[:, t0, :nc] = scores_t.amax(-1)
+            else:
+                if pad:
+                    scores_t = F.pad(scores_t, (0, pad), value=float("-inf"))
+                out[:, t0:t1, :nc] = scores_t.view(H, nc, t1 - t0, T).amax(-1).transpose(1, 2)
+            if nc < Nc:
+                out[:, t0:t1, nc:] = float("-inf")
+            continue
+        scores = torch.matmul(per_head, keys_t)  # [H, G or 1, rows, nc]
+        if shift is not None:
             scores.sub_(shift[..., None] * weight[:nc])
         scores = scores.amax(1) if scores.shape[1] > 1 else scores[:, 0]  # best head of the group, or the one
         pad = (t1 - t0) * T - rows.shape[1]
+        if pad and t1 - t0 == 1:  # one short tile (a decode step): its rows' max, no padding to T rows
+            out[:, t0, :nc] = scores.amax(1)
+            if nc < Nc:
+                out[:, t0:t1, nc:] = float("-inf")
+            continue
         if pad:
             scores = F.pad(scores, (0, 0, 0, pad), value=float("-inf"))
         out[:, t0:t1, :nc] = scores.view(H, t1 - t0, T, nc).amax(2)
@@ -150,5 +195,5 @@ def decode_boundaries(prompt_ends: torch.Tensor, prompt_len: int, num_keys: int)
     return torch.cat([kept, torch.tensor(tail, dtype=torch.long, device=prompt_ends.device)])
 
 
-__all__ = ["chunk_vectors", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts",
+__all__ = ["chunk_vectors", "prefix_sums", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts",
            "decode_boundaries", "SCORE_ELEMENTS"]

@@ -8,7 +8,8 @@ Registers "dhsa" and the two ablations of Table 4: "dhsa_no_robust_repr" (plain 
     tokens generated so far form one more chunk and the current token its own, and the generated tokens are kept
     without scoring, and so are the keys to which the prompt's question tail gave the most attention (ranked once
     at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget. Only reached with
-    `decode="sparse"`; with "dense" `run_method` runs decode steps dense.
+    `decode="sparse"`; with "dense" `run_method` runs decode steps dense. On the CPU the prompt's chunk vectors are
+    kept in the state from step to step (`decode_cache`, utils.dhsa.DecodeChunks), not recomputed over the cache.
 The selection options come from the config in one piece, `config.dhsa_options()`.
 """
 
@@ -59,8 +60,11 @@ def _dhsa(robust: bool | None, dynamic: bool):
             # before them, as always-kept keys (capped at half of N_b like every local window), and the keys the
             # prompt's question read most (its tail's attention, kept from the prefill), as many as fit.
             options = options.replace(local_tokens=max(options.local_tokens, Lk - state["prompt_len"]))
+            # the chunk vectors of the prompt, kept from step to step (dhsa.DecodeChunks, CPU)
+            cache = state.setdefault("decode_cache", {"prompt_len": state["prompt_len"], "prompt_ends": state["ends"],
+                                                      "chunks": {}})
             return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options,
-                               ranked_keys=state.get("question_keys"))
+                               ranked_keys=state.get("question_keys"), decode_cache=cache)
         ends = _prompt_boundaries(k, config, context, dynamic)
         context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
         tail = max(options.dense_tail, options.exact_tail)

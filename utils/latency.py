@@ -99,6 +99,30 @@ class Results:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def attention_timer(implementation: str):
+    """Context that times the model's attention function (transformers' AttentionInterface entry
+    `implementation`, e.g. "sdpa" or a registry method patched in by utils/patch.py): yields {"seconds": ...}, the
+    wall time spent inside it (q/k/v projections, RoPE and the output projection are not in it)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    table = ALL_ATTENTION_FUNCTIONS._global_mapping
+    original = table[implementation]
+    clock = {"seconds": 0.0}
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        clock["seconds"] += time.perf_counter() - t0
+        return out
+
+    table[implementation] = timed
+    try:
+        yield clock
+    finally:
+        table[implementation] = original
+
+
 def sdpa_backend(name: str | None):
     """Context pinning torch SDPA to one backend ("flash", "cudnn", "math"); None pins nothing."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -110,4 +134,4 @@ def sdpa_backend(name: str | None):
     return sdpa_kernel([backend])
 
 
-__all__ = ["COLUMNS", "device_name", "sync", "measure", "rel_err", "random_qkv", "Results", "sdpa_backend"]
+__all__ = ["COLUMNS", "device_name", "sync", "measure", "attention_timer", "rel_err", "random_qkv", "Results", "sdpa_backend"]

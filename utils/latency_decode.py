@@ -119,24 +119,75 @@ def decode_mode(args, results, shape: dict, config_for) -> None:
     done = {}
     for r in read_csv_rows(results.path):
         if r.get("part") == "total" and r.get("median_ms"):
-            done[(r["shape"], r["dtype"], r["batch"], r["length"], r["density"], r["method"])] = float(r["median_ms"])
+            best = r["min_ms"] if args.device == "cpu" and r.get("min_ms") else r["median_ms"]  # CPU: minima
+            done[(r["shape"], r["dtype"], r["batch"], r["length"], r["density"], r["method"])] = float(best)
     for L in args.lengths:
         q, k, v = decode_inputs(shape, args.batch, L, args.torch_dtype, args.device, seed=L)
         base = dict(shape=shape["name"], dtype=args.dtype, batch=args.batch, length=L)
         dense_ms = {}
         runs = [(m, 1.0) for m in methods if m in DENSE_DECODE]
         runs += [(m, d) for d in args.densities for m in methods if m not in DENSE_DECODE]
-        for name, density in tqdm(runs, desc=f"decode, {L} keys", leave=False):
+        todo = []
+        for name, density in runs:
             row = dict(base, density=density, method=name)
             key = tuple(str(row[c]) for c in ("shape", "dtype", "batch", "length", "density", "method"))
             if key in done:
                 if name in DENSE_DECODE:
                     dense_ms[name] = done[key]
                 continue
+            todo.append((name, density, row))
+        if args.device == "cpu":
+            cpu_interleaved_steps(todo, q, k, v, config_for, scale, softcap, args, results, dense_ms)
+            todo = []
+        for name, density, row in tqdm(todo, desc=f"decode, {L} keys", leave=False):
             time_decode_step(name, q, k, v, config_for(density), row, scale, softcap, args, results, dense_ms)
         del q, k, v
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def cpu_interleaved_steps(todo, q, k, v, config_for, scale, softcap, args, results, dense_ms: dict) -> None:
+    """CPU: the decode steps of one cache length interleaved (every entry once per round, --warmup + --repeats
+    rounds), so that a change in the machine's load hits dense and sparse alike; rows as time_decode_step (medians
+    in median_ms), the speed-ups from the minima."""
+    import statistics
+    import time
+
+    entries = []  # (name, row, {part: fn})
+    for name, density, row in todo:
+        try:
+            if name in DENSE_DECODE:
+                attend = DENSE_DECODE[name].attend
+                entries.append((name, row, {"total": lambda a=attend: a(q, k, v, scale, softcap)}))
+            else:
+                step = DecodeStep(name, q, k, v, config_for(density), scale, softcap)
+                selection = step.select()
+                entries.append((name, row, {"select": step.select, "attn": lambda s=step, sel=selection: s.attend(sel),
+                                            "total": step}))
+        except Exception as exc:
+            print(f"  {name} at {row['length']} keys: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+            results.add(**row, part="error", note=f"{exc}"[:160])
+    times = [{part: [] for part in parts} for _, _, parts in entries]
+    for rnd in range(args.warmup + args.repeats):
+        for i, (_, _, parts) in enumerate(entries):
+            for part, fn in parts.items():
+                t0 = time.perf_counter()
+                fn()
+                if rnd >= args.warmup:
+                    times[i][part].append((time.perf_counter() - t0) * 1e3)
+    best = {name: min(times[i]["total"]) for i, (name, _, _) in enumerate(entries) if name in DENSE_DECODE}
+    for name, ms in best.items():
+        dense_ms[name] = ms
+    for i, (name, row, parts) in enumerate(entries):
+        note = f"{results.note}; interleaved, {args.repeats} runs, speed-ups from the minima"
+        for part in parts:
+            ts = times[i][part]
+            speed = {}
+            if part != "select" and name not in DENSE_DECODE:
+                speed = {column: dense_ms[dense] / min(ts) if dense in dense_ms else ""
+                         for column, dense in SPEEDUP_COLUMNS.items()}
+            results.add(**row, part=part, median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), **speed,
+                        note=note)
 
 
 def time_decode_step(name: str, q, k, v, config, row: dict, scale, softcap, args, results,
