@@ -9,8 +9,8 @@ rm -rf "$SNAP"; mkdir -p "$SNAP"
 (cd $REPO && git ls-files -co --exclude-standard | grep -v '^results_' | tar cf - -T -) | tar xf - -C "$SNAP"
 cd "$SNAP"; PY=$REPO/.venv/bin/python; R=$REPO/results_needle
 run() { echo "$(date +%T) start $*" >> $LOG; /usr/bin/time -f "%e s wall" $PY run_needle_in_haystack.py --device cpu "$@" >> $LOG.out 2>&1; echo "$(date +%T) end rc=$?" >> $LOG; }
-run --model gemma-3-270m --methods dense dhsa --density 0.0625 --lengths 2K 4K --depths 0 25 50 75 100 --output-dir $R/quickstart
-run --model gemma-3-270m --methods dhsa --density 0.0625 --lengths 2K 4K --depths 0 25 50 75 100 --dense-tail 0 --output-dir $R/quickstart_no_question_tail
+run --model gemma-3-270m --methods dense dhsa --density 0.0625 --lengths 2K 4K --depths 0 25 50 75 100 --output-dir $R/cpu_spot_checks
+run --model gemma-3-270m --methods dhsa --density 0.0625 --lengths 2K 4K --depths 0 25 50 75 100 --dense-tail 0 --output-dir $R/cpu_spot_checks_no_question_tail
 run --model smollm2-135m --methods dense dhsa --densities 0.0625 --min-budget 512 --lengths 2K 4K --depths 0 10 --output-dir $R/cpu_spot_checks
 run --model smollm2-135m --methods dhsa --densities 0.0625 --min-budget 512 --lengths 2K 4K --depths 0 10 --dense-tail 0 --output-dir $R/cpu_spot_checks_no_question_tail
 echo "$(date +%T) SPOT DONE" >> $LOG
