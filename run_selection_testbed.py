@@ -168,6 +168,12 @@ def run(args) -> Path:
 
     specs = check_args(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype="fp32")
+    from utils.models import model_max_length
+
+    too_long = [n for n in args.lengths if n > model_max_length(model)]
+    if too_long:
+        raise ValueError(f"length {too_long[0]} exceeds the model's maximum ({model_max_length(model)}); use "
+                         "shorter --lengths")
     model_name = Path(args.model).name
     layers = global_layers(model)
     out_dir = Path(args.output_dir) / model_name
