@@ -68,6 +68,8 @@ def kill_when(process, ready, log: Path, timeout: float = 240.0, kill=None) -> b
             process.kill()
             pytest.fail(f"no results write within {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
+    if process.poll() is not None:  # it finished while ready() waited (a random delay): nothing was killed
+        return False
     if kill is None:
         os.kill(process.pid, signal.SIGKILL)
     else:
