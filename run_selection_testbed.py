@@ -76,12 +76,18 @@ def settings_key(args, length: int) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+# Config fields added after rows of testbed.jsonl were written, with the value those rows ran: at that value a field
+# stays out of the fingerprint, so the rows stay valid.
+ADDED_LATER = {"tail_columns": 0.0}
+
+
 def spec_digest(spec: str) -> str:
     """Fingerprint of the whole config a method spec stands for, defaults included: a row made before a default
     changed is not taken for the new spec ("dhsa" then and now can be two configurations)."""
     name, overrides = parse_spec(spec)
     config = vars(SparseAttentionConfig(method=name, budget=1, **overrides))
-    read = {field: value for field, value in config.items() if name in METHOD_ONLY_FIELDS.get(field, (name,))}
+    read = {field: value for field, value in config.items() if name in METHOD_ONLY_FIELDS.get(field, (name,))
+            and not (field in ADDED_LATER and value == ADDED_LATER[field])}
     return hashlib.sha1(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -157,6 +163,19 @@ def plot(table, path: Path, model_name: str) -> None:
     plt.close(fig)
 
 
+def prompt_columns(q_tail, k, config, budget: int, cache: dict):
+    """The column keys (tail_columns) of the whole prompt for one layer: what its question tail ranks best
+    (utils.dhsa_method.question_keys), computed once per layer and selection heads."""
+    from utils.dhsa_method import question_keys
+
+    options = config.dhsa_options()
+    key = (options.dense_tail, options.exact_tail, options.share_heads, options.head_pooling)
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = question_keys(q_tail, k, options, budget)
+    return cache[key]
+
+
 def run(args) -> Path:
     from tqdm import tqdm
 
@@ -200,7 +219,7 @@ def run(args) -> Path:
         windows = window_rows(L, starts)
         for layer in tqdm(layers, desc=f"L={L} layers", unit="layer"):
             q_all, k, options = data[layer]
-            offset = 0
+            offset, column_cache = 0, {}
             for name, rows_w in zip(names, windows):
                 q = q_all[:, :, offset: offset + len(rows_w)]
                 offset += len(rows_w)
@@ -209,10 +228,15 @@ def run(args) -> Path:
                 for spec, method_name, overrides in specs:
                     if (name, layer, spec) in done:
                         continue
+                    state = {}
                     if name != "tail":  # a sampled window is no question tail: tail options off there
+                        full = SparseAttentionConfig(method=method_name, budget=budget, **overrides)
+                        if full.tail_columns:  # its columns come from the prompt's own tail, as in one prefill
+                            state["column_keys"] = prompt_columns(q_all[:, :, -len(windows[-1]):], k, full,
+                                                                  budget, column_cache)
                         overrides = {**overrides, **{o: 0 for o in TAIL_OPTIONS}}
                     config = SparseAttentionConfig(method=method_name, budget=budget, **overrides)
-                    context = LayerContext(layer, {}, {}, source)
+                    context = LayerContext(layer, state, {}, source)
                     with torch.no_grad(), kernels.disabled():  # the PyTorch selections, on any device
                         truth = truth or window_truth(q, k[:, :, :end], options, budget)
                         selection = METHODS[method_name].select(q, k[:, :, :end], config, context)

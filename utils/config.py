@@ -56,6 +56,9 @@ class SparseAttentionConfig:
     dense_tail: int = 128                  # prefill: the tiles holding the last dense_tail queries (the question, the
                                            # first answer token) read every visible key (the authors' instruction
                                            # tail; the one exception to the N_b budget); 0: off
+    tail_columns: float = 0.0              # prefill: share of every tile's scored budget (after sinks and local
+                                           # window) kept for the keys the prompt's last queries attend to most
+                                           # (vertical columns shared by every tile, as the authors' DHSA_vs); 0: off
 
     # layers
     dense_layers: tuple[int, ...] = ()     # layer indices that stay dense
@@ -179,6 +182,7 @@ class DHSAOptions:
     token_rescore: float = SparseAttentionConfig.token_rescore
     exact_tail: int = SparseAttentionConfig.exact_tail
     dense_tail: int = SparseAttentionConfig.dense_tail
+    tail_columns: float = SparseAttentionConfig.tail_columns
 
     def __post_init__(self) -> None:
         if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
@@ -191,6 +195,8 @@ class DHSAOptions:
         if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
             raise ValueError(f"token_rescore must be 0 or >= 1, exact_tail and dense_tail >= 0; got "
                              f"{self.token_rescore}, {self.exact_tail}, {self.dense_tail}")
+        if not 0.0 <= self.tail_columns <= 1.0:
+            raise ValueError(f"tail_columns must be in [0, 1], got {self.tail_columns}; e.g. --tail-columns 0.25")
 
     def replace(self, **changes) -> "DHSAOptions":
         return dataclasses.replace(self, **changes)
@@ -199,7 +205,7 @@ class DHSAOptions:
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
 # equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
-                 "exact_tail": 0, "dense_tail": 0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
+                 "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
                  "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
                  "xattn_rule": "paper"}
 

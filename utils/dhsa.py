@@ -62,7 +62,7 @@ from .selection import Selection
 
 def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
                 options: DHSAOptions = DHSAOptions(), ranked_keys: torch.Tensor | None = None,
-                decode_cache: dict | None = None) -> Selection:
+                ranked_share: float = 0.5, decode_cache: dict | None = None) -> Selection:
     """Token-level top-N_b key selection per query tile (Algorithm 1; Algorithm 2 when Lq == 1).
 
     q: [B, Hq, Lq, D]; k: [B, Hkv, Lk, D] with queries at positions Lk - Lq .. Lk - 1; budget: N_b keys;
@@ -83,8 +83,9 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
     dense_tail: the tiles holding the last dense_tail queries of a prefill read every visible key
     (Selection.dense_from; the one exception to the budget). ranked_keys: optional [B, Hs, M] keys ranked best
     first (-1 pads; Hs as the Selection's heads), e.g. the question's keys (tail_key_ranking) at a sparse decode
-    step: each tile keeps the first of them without scoring, as many as half of what its budget leaves after the
-    sinks and the local window.
+    step or as the vertical columns of a prefill (tail_columns): each tile keeps the first of them that it sees
+    (and that are not sinks or local keys already) without scoring, as many as `ranked_share` of what its budget
+    leaves after the sinks and the local window.
 
     decode_cache: optional dict {"prompt_len": int, "prompt_ends": [one tensor per batch item], "chunks": {}}
     held by the layer between decode steps (utils/dhsa_method.py): on the CPU a decode step then takes the chunk
@@ -104,18 +105,20 @@ def dhsa_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: li
     if q.shape[2] == 1 and (options.exact_tail or options.dense_tail):
         # a decode step is no prefill tail: it keeps the cheap chunk scores and the budget
         options = options.replace(exact_tail=0, dense_tail=0)
-    selection = _select(q, k, budget, boundaries, options, expand, ranked_keys, decode_cache)
+    selection = _select(q, k, budget, boundaries, options, expand, ranked_keys, ranked_share, decode_cache)
     if options.dense_tail:  # the tiles holding the last dense_tail queries read every key (Selection.dense_from)
         selection.dense_from = max(0, (q.shape[2] - options.dense_tail) // options.query_chunk) * options.query_chunk
     return selection
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor], options: DHSAOptions,
-            expand: int, ranked_keys: torch.Tensor | None = None, decode_cache: dict | None = None) -> Selection:
+            expand: int, ranked_keys: torch.Tensor | None = None, ranked_share: float = 0.5,
+            decode_cache: dict | None = None) -> Selection:
     """The key lists of every tile: the fused GPU selection where it applies, else the PyTorch path."""
     if ranked_keys is not None or (decode_cache is not None and not q.is_cuda):
-        # kept keys given from outside (a decode step), or the CPU's chunk vectors kept between decode steps
-        return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys, decode_cache)
+        # kept keys given from outside (columns, a decode step's question keys), or the CPU's chunk vectors kept
+        # between decode steps
+        return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys, ranked_share, decode_cache)
     if q.is_cuda:  # None = the fused selection does not apply
         tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
@@ -133,7 +136,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torc
 
 def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torch.Tensor],
                        options: DHSAOptions, expand: int = 1, ranked_keys: torch.Tensor | None = None,
-                       decode_cache: dict | None = None) -> Selection:
+                       ranked_share: float = 0.5, decode_cache: dict | None = None) -> Selection:
     """dhsa_select on the PyTorch path, with head_pooling "mean" or "max". expand: query heads per KV head that
     select alone (head_pooling "none"): chunk vectors are built per KV head, then repeated per query head.
     decode_cache: see dhsa_select."""
@@ -160,12 +163,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     tile_budget = torch.clamp(tile_end, max=budget)
     sink, local = forced_key_counts(tile_budget, options.sink_tokens, options.local_tokens)
     key_pos = torch.arange(Lk, device=device)
-    if ranked_keys is not None:  # the first `extra` ranked keys of each tile are kept without scoring
-        extra = torch.clamp((tile_budget - sink - local) // 2, min=0)
-        rank_of_key = torch.full((B, ranked_keys.shape[1], Lk + 1), Lk, dtype=torch.long, device=device)
-        order = torch.arange(ranked_keys.shape[-1], device=device).expand_as(ranked_keys)
-        rank_of_key.scatter_(-1, torch.where(ranked_keys >= 0, ranked_keys, Lk), order)
-        rank_of_key = rank_of_key[..., :Lk]
+    if ranked_keys is not None:  # each tile keeps the first `extra` ranked keys it sees without scoring
+        extra = torch.floor((tile_budget - sink - local).clamp(min=0) * ranked_share).long()
 
     # Candidates per tile before token rescoring: every visible key for the exact tail of a prefill (tiles from
     # first_exact on), token_rescore x N_b for the other tiles (N_b: no rescoring)
@@ -219,7 +218,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             visible = key_pos[None, :] < end
             forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
             if ranked_keys is not None:
-                forced = forced | (visible & (rank_of_key[b][:, None, :] < extra[t0:t1, None]))  # [heads, g, Lk]
+                forced = forced | _first_ranked(ranked_keys[b], end, s, l, extra[t0:t1, None], Lk)  # [heads, g, Lk]
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
@@ -228,6 +227,19 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
+
+
+def _first_ranked(ranked: torch.Tensor, end: torch.Tensor, sink: torch.Tensor, local: torch.Tensor,
+                  extra: torch.Tensor, Lk: int) -> torch.Tensor:
+    """[heads, g, Lk] bool: per tile, the first `extra` keys of `ranked` ([heads, M], best first, -1 pads) that
+    the tile sees and does not keep anyway (sinks, local window). end, sink, local, extra: [g, 1] per tile."""
+    r = ranked[:, None, :]  # [heads, 1, M]
+    usable = (r >= sink) & (r < end - local)  # [heads, g, M]; -1 pads fail r >= sink unless sink is 0
+    usable &= r >= 0
+    take = usable & (usable.cumsum(-1) <= extra)
+    out = torch.zeros(ranked.shape[0], end.shape[0], Lk + 1, dtype=torch.bool, device=ranked.device)
+    out.scatter_(-1, torch.where(take, r, Lk), True)
+    return out[..., :Lk]
 
 
 class DecodeChunks:

@@ -7,7 +7,8 @@ Registers "dhsa" and the two ablations of Table 4: "dhsa_no_robust_repr" (plain 
   * decode step (one query, Algorithm 2): the prompt's chunks are remembered in the layer's `context.state`, the
     tokens generated so far form one more chunk and the current token its own, and the generated tokens are kept
     without scoring, and so are the keys to which the prompt's question tail gave the most attention (ranked once
-    at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget. Only reached with
+    at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget;
+  * with `tail_columns`, the prefill's tiles also keep the best of those keys (vertical columns shared by every tile). Only reached with
     `decode="sparse"`; with "dense" `run_method` runs decode steps dense. On the CPU the prompt's chunk vectors are
     kept in the state from step to step (`decode_cache`, utils.dhsa.DecodeChunks), not recomputed over the cache.
 The selection options come from the config in one piece, `config.dhsa_options()`.
@@ -68,12 +69,29 @@ def _dhsa(robust: bool | None, dynamic: bool):
         ends = _prompt_boundaries(k, config, context, dynamic)
         context.state["dhsa"] = {"prompt_len": Lk, "ends": ends, "batch": k.shape[0]}
         tail = max(options.dense_tail, options.exact_tail)
-        if config.decode == "sparse" and tail and Lq > 1:
-            heads = 1 if options.share_heads else q.shape[1] if options.head_pooling == "none" else k.shape[1]
-            context.state["dhsa"]["question_keys"] = tail_key_ranking(q[:, :, -tail:], k, config.resolve_budget(Lk),
-                                                                      heads)
+        columns = None
+        if Lq > 1 and ((config.decode == "sparse" and tail) or options.tail_columns):
+            columns = context.state.get("column_keys")  # given by a caller that scores windows of a longer prompt
+            if columns is None:
+                columns = question_keys(q, k, options, config.resolve_budget(Lk))
+            if config.decode == "sparse":
+                context.state["dhsa"]["question_keys"] = columns
+        if options.tail_columns and Lq > 1:
+            return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options,
+                               ranked_keys=columns, ranked_share=options.tail_columns)
         return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options)
     return select
+
+
+def question_keys(q, k, options, budget: int):
+    """The N_b keys the last queries of a prefill (the question tail: dense_tail or exact_tail of them, else
+    COLUMN_QUERIES) attend to most, per selecting head, best first (utils.dhsa.tail_key_ranking)."""
+    tail = max(options.dense_tail, options.exact_tail) or COLUMN_QUERIES
+    heads = 1 if options.share_heads else q.shape[1] if options.head_pooling == "none" else k.shape[1]
+    return tail_key_ranking(q[:, :, -tail:], k, budget, heads)
+
+
+COLUMN_QUERIES = 128  # queries that rank the columns when the prefill has no question tail
 
 
 register(AttentionMethod("dhsa", "DHSA: dynamic chunks, length-normalised chunk scores, token top-N_b per query chunk",

@@ -176,7 +176,8 @@ def score_selection(truth: dict, selection, needle: tuple[int, int] | None = Non
 def dhsa_flop_ratio(length: int, head_dim: int, config: SparseAttentionConfig) -> float:
     """FLOPs of DHSA's selection + attention over those of dense causal attention (per head, prefill of
     `length`, GQA aside): chunk scores of the visible chunks (half of L/chunk_size per query), token rescoring
-    (token_rescore x N_b dot products per query), attention on N_b keys (QK and PV), the tails on every key."""
+    (token_rescore x N_b dot products per query), attention on N_b keys (QK and PV), the tails on every key, and
+    the ranking of tail_columns (the tail's QK over every key once more)."""
     L, D = length, head_dim
     N = config.resolve_budget(L)
     dense = 2 * L * L * D  # QK + PV, causal: L^2 / 2 pairs, 2 x 2 FLOPs each per dimension
@@ -184,7 +185,8 @@ def dhsa_flop_ratio(length: int, head_dim: int, config: SparseAttentionConfig) -
     rescore = L * config.token_rescore * N * 2 * D if config.token_rescore else 0.0
     attend = L * N * 4 * D
     tail = max(config.dense_tail, config.exact_tail) * L * 4 * D
-    return (chunks + rescore + attend + tail) / dense
+    columns = (max(config.dense_tail, config.exact_tail) or 128) * L * 2 * D if config.tail_columns else 0.0
+    return (chunks + rescore + attend + tail + columns) / dense
 
 
 __all__ = ["parse_spec", "window_starts", "window_rows", "cache_path", "capture", "window_truth", "score_selection", "dhsa_flop_ratio",
