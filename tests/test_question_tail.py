@@ -103,6 +103,39 @@ def test_tail_key_ranking_is_the_question_attention():
     assert torch.equal(grouped[0], probs.sum(2).view(1, 2, 2, 120).sum(2).topk(5, -1).indices[0])
 
 
+def test_tail_columns_share_the_question_key_with_earlier_tiles_within_the_budget():
+    """tail_columns: a middle tile, whose own chunk scores miss the needle, keeps it because the question read it;
+    every tile keeps at most N_b keys, none in its future, and the columns take at most their share."""
+    q, k, _ = planted()
+    L = 600
+    q, k = q[:, :, :L], k[:, :, :L]
+    q[:, 1, 320:384] = q[:, 1, L - 64:L]  # a middle tile asks the question too: it needs key 100
+    config = SparseAttentionConfig(method="dhsa", budget=64, sink_tokens=4, local_tokens=16, dense_tail=64,
+                                   query_chunk=64)
+    plain = METHODS["dhsa"].select(q, k, config, LayerContext())
+    columns = METHODS["dhsa"].select(q, k, config.replace(tail_columns=0.5), LayerContext())
+    tile = 5  # queries 320..383
+    assert not (plain.key_index[0, 1, tile] == 100).any()
+    assert (columns.key_index[0, 1, tile] == 100).any()
+    idx = columns.key_index[0, :, : columns.dense_from // 64]
+    ends = torch.arange(1, idx.shape[1] + 1) * 64
+    assert ((idx >= 0).sum(-1) <= 64).all() and (idx < ends[None, :, None]).all()
+    assert all(len(set(row.tolist()) - {-1}) == (row >= 0).sum() for row in idx.reshape(-1, idx.shape[-1]))
+
+
+def test_ranked_keys_count_only_what_the_tile_sees_and_does_not_keep_anyway():
+    q, k, _ = rand_qkv(L=256)
+    ranked = torch.tensor([[[250, 2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]]]).expand(1, 4, -1)
+    sel = dhsa_select(q, k, budget=32, boundaries=[fixed_size_ends(256, 16)],
+                      options=DHSAOptions(dense_tail=0, sink_tokens=4, local_tokens=8, query_chunk=64),
+                      ranked_keys=ranked, ranked_share=0.25)
+    # tile 0 (keys < 64): 250 is in its future and 2 is a sink; the share is (32 - 4 - 8) * 0.25 = 5 keys
+    kept = set(sel.key_index[0, 0, 0].tolist())
+    assert {40, 41, 42, 43, 44} <= kept and 250 not in kept
+    full = dhsa_attention(*rand_qkv(L=256), budget=256, tail_columns=0.5)
+    torch.testing.assert_close(full, dense_attention(*rand_qkv(L=256)), atol=1e-6, rtol=1e-5)
+
+
 # ---- testbed --------------------------------------------------------------------------------------------
 
 def test_spec_parsing_and_windows():
