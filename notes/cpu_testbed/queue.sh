@@ -28,5 +28,8 @@ n32_dense $NIAH --methods dense --lengths 32K --depths 20 --output-dir $REPO/res
 n16_new $NIAH --methods dhsa --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
 n16_dense $NIAH --methods dense --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
 n32_old $NIAH --methods dhsa --dense-tail 0 --lengths 32K --depths 20 --output-dir $REPO/results_needle/no_question_tail
+tr16_dense $NIAH --methods dense --needle-set trondheim --haystack-dir $REPO/.carry/news --lengths 16K --depths 30 70 --output-dir $REPO/results_needle/trondheim_news
+tr16_new $NIAH --methods dhsa --needle-set trondheim --haystack-dir $REPO/.carry/news --lengths 16K --depths 30 70 --output-dir $REPO/results_needle/trondheim_news
+n16_sparse $NIAH --methods dhsa --decode sparse --lengths 16K --depths 10 30 50 70 --output-dir $REPO/results_needle
 JOBS
 echo "$(date +%T) QUEUE DONE" >> $LOG
