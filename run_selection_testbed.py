@@ -5,7 +5,7 @@ from one cached dense forward (utils/testbed.py says what is captured and how ea
         --methods oracle_topk dhsa "dhsa[dense_tail=0]" "dhsa[dense_tail=0,exact_tail=64]" block_sparse
 
 Output (<output-dir>/<model>/): testbed.jsonl (one line per length, window, layer and method, written as each layer
-is done; a rerun skips what is there), testbed.csv (per length and method: mass recall on the sampled windows and on
+is done; a rerun skips what is there), testbed.csv (per length and method, every method measured at the requested lengths by this or an earlier run: mass recall on the sampled windows and on
 the question tail, each also relative to oracle_topk, needle-reading heads that keep half their needle mass, and
 DHSA's FLOPs relative to dense attention) and testbed.png.
 """
@@ -247,8 +247,11 @@ def run(args) -> Path:
                            "budget": budget, "head_dim": k.shape[-1], **scores}
                     append_jsonl(jsonl, row)
                     rows.append(row)
-    wanted = [r for r in rows if r["method"] in args.methods and r.get("config") == spec_digest(r["method"])
-              and any(r.get("settings") == settings_key(args, n) for n in args.lengths)]
+    # the table holds every method measured at these lengths (this run's and earlier runs'), each row made with the
+    # config its spec stands for today
+    digests = {}
+    wanted = [r for r in rows if any(r.get("settings") == settings_key(args, n) for n in args.lengths)
+              and r.get("config") == digests.setdefault(r["method"], spec_digest(r["method"]))]
     table = summarize(wanted, {**info, "D": wanted[0]["head_dim"] if wanted else 64})
     table.to_csv(out_dir / "testbed.csv", index=False, float_format="%.4f")
     plot(table, out_dir / "testbed.png", model_name)
