@@ -106,16 +106,16 @@ def missing_modules(modules: dict[str, Path] | None = None) -> list[str]:
     return found
 
 
-TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.registry
+TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.methods.registry
 
 
 def registry_table_reads(modules: dict[str, Path] | None = None) -> list[str]:
-    """Modules that read the method table from utils.registry, where only "dense" is registered, instead of from
+    """Modules that read the method table from utils.methods.registry, where only "dense" is registered, instead of from
     utils.methods, which imports every method module first (returns "module: names")."""
     modules = project_modules() if modules is None else modules
     found = []
     for module, names, node in import_statements(modules):
-        if module != "utils.methods" and isinstance(node, ast.ImportFrom) and names[0] == "utils.registry":
+        if module != "utils.methods" and isinstance(node, ast.ImportFrom) and names[0] == "utils.methods.registry":
             taken = sorted(TABLE_READERS & {alias.name for alias in node.names})
             if taken:
                 found.append(f"{module}: {', '.join(taken)}")
@@ -139,7 +139,7 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path):
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert {"utils.dhsa", "utils.registry", "utils.attention"} <= set(graph)  # the walk found the package
+    assert {"utils.methods.dhsa.select", "utils.methods.registry", "utils.attention"} <= set(graph)  # the walk found the package
     cycles = import_cycles(graph)
     assert not cycles, f"{len(cycles)} import cycle(s) among the project's modules:\n{describe(cycles)}"
 
@@ -174,9 +174,9 @@ def test_no_top_level_script_over_400_lines():
 
 
 def test_method_table_is_read_through_utils_methods():
-    """`from utils.registry import METHODS` would silently see "dense" only (nothing imports the method modules)."""
+    """`from utils.methods.registry import METHODS` would silently see "dense" only (nothing imports the method modules)."""
     readers = registry_table_reads()
-    assert not readers, "read the method table from utils.methods, not utils.registry:\n" + "\n".join(readers)
+    assert not readers, "read the method table from utils.methods, not utils.methods.registry:\n" + "\n".join(readers)
 
 
 if __name__ == "__main__":

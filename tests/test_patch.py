@@ -31,7 +31,7 @@ def family_model(request):
 
 @torch.no_grad()
 def test_full_budget_logits_equal_dense(family_model, monkeypatch):
-    import utils.registry
+    import utils.methods.registry
 
     family, model = family_model
     ids = prompt(model, 150)
@@ -43,7 +43,7 @@ def test_full_budget_logits_equal_dense(family_model, monkeypatch):
     patch_model(model, "dhsa", density=0.1, query_chunk=16, boundary_source="fixed")
     sparse = model(ids).logits
     assert (sparse - ref).abs().max() > 1e-3, "a small budget should change the logits"
-    monkeypatch.setattr(utils.registry, "sparse_attention", masked_attention)
+    monkeypatch.setattr(utils.methods.registry, "sparse_attention", masked_attention)
     torch.testing.assert_close(model(ids).logits, sparse, atol=1e-5, rtol=1e-4)
     monkeypatch.undo()
     patch_model(model, "dense")
@@ -86,7 +86,7 @@ def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkey
     sparse layers only, and the tokens of a hand-written loop: decode="dense" is the sparse prefill followed by
     the model's own dense attention, decode="sparse" the reference executor (masked softmax) on every step."""
     family, model = family_model
-    import utils.registry as registry
+    import utils.methods.registry as registry
 
     seen = []
     original = registry.sparse_attention

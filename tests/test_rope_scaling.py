@@ -14,9 +14,9 @@ from transformers import AutoConfig
 
 import run_needle_in_haystack as runner
 import visualize_needle_in_haystack as viz
-from utils.cli import model_folder, parse_length
+from utils.runs.cli import model_folder, parse_length
 from utils.models import TINY_MAX_POSITIONS, load_model, published_config, tiny_config, tiny_model, tiny_tokenizer
-from utils.rope_scaling import RopeScaling, apply_rope_scaling, parse_rope_scaling
+from utils.models.rope_scaling import RopeScaling, apply_rope_scaling, parse_rope_scaling
 
 REPO = Path(__file__).resolve().parents[1]
 

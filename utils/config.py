@@ -164,7 +164,7 @@ class SparseAttentionConfig:
 
 @dataclass(frozen=True)
 class DHSAOptions:
-    """The options of DHSA's key selection (utils/dhsa.py `dhsa_select` and its GPU kernel), as one value.
+    """The options of DHSA's key selection (utils/methods/dhsa/select.py `dhsa_select` and its GPU kernel), as one value.
 
     Every field is the SparseAttentionConfig field of the same name, with the same default and meaning (see
     there); build it from a config with `config.dhsa_options()`. The budget N_b and the chunk boundaries depend
@@ -203,14 +203,14 @@ class DHSAOptions:
 
 
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
-# equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
+# equals this one may resume it (utils/runs/records.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
                  "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
                  "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
                  "xattn_rule": "paper"}
 
 
-# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs.py
+# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs/records.py
 # same_config), so a changed default of, say, XAttention's threshold does not split DHSA's results.
 METHOD_ONLY_FIELDS = {
     "peer_budget": ("flexprefill", "xattention"),

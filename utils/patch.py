@@ -21,10 +21,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import dense_attention, sliding_window_attention
-from .boundaries import make_boundary_source
-from .config import SparseAttentionConfig, config_field_names
-from .methods import LayerContext, get_method, method_names, run_method
+from utils.attention import dense_attention, sliding_window_attention
+from utils.methods.dhsa.boundaries import make_boundary_source
+from utils.config import SparseAttentionConfig, config_field_names
+from utils.methods import LayerContext, get_method, method_names, run_method
 
 _SHARED_BY_CONFIG: dict[int, dict] = {}  # per-model shared state for models set up only via attn_implementation=
 

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import interpreting
-from .shared_memory import shared_memory_per_block
+from utils.kernels._interpreter import interpreting
+from utils.kernels.shared_memory import shared_memory_per_block
 
 try:  # Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
