@@ -8,7 +8,8 @@ read; `utils.attention.sparse_attention` then runs the attention. `select=None` 
 `dense_prefill=True` marks methods that only act at decode time (Quest): prefill stays dense.
 Methods with learned or per-model state (boundary predictors, trained gates) keep it in `LayerContext`:
 `context.state` lives on one attention layer across calls (prefill -> decode), `context.shared` is shared
-by all layers of a model, and `setup(model, config)` (optional) loads what a method needs once per patch.
+by all layers of a model, and `setup(model, config, shared, tokenizer)` (optional) loads what a method needs once
+per patch into `shared` (DHSA: its boundary source); patch_model calls it and knows no method.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class LayerContext:
     layer_idx: int = 0
     state: dict = field(default_factory=dict)       # this layer's memory across calls (e.g. prompt boundaries)
     shared: dict = field(default_factory=dict)      # shared by all layers of the model (e.g. shared boundaries)
-    boundary_source: Callable | None = None         # DHSA: keys -> chunk ends (utils/methods/dhsa/boundaries.py)
+    boundary_source: Callable | None = None         # DHSA: keys -> chunk ends, given from outside (recall);
+                                                    # a patched model's is in shared (DHSA's setup puts it there)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class AttentionMethod:
     summary: str
     select: Callable[[torch.Tensor, torch.Tensor, SparseAttentionConfig, LayerContext], Selection] | None
     dense_prefill: bool = False
-    setup: Callable | None = None
+    setup: Callable | None = None  # (model, config, shared, tokenizer=None) -> None, once per patch
 
 
 METHODS: dict[str, AttentionMethod] = {}

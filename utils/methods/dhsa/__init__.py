@@ -23,8 +23,10 @@ The selection options come from the config in one piece, `config.dhsa_options()`
 
 from __future__ import annotations
 
+import os
+
 from utils.config import SparseAttentionConfig
-from utils.methods.dhsa.boundaries import FixedSizeBoundaries, as_boundary_list
+from utils.methods.dhsa.boundaries import FixedSizeBoundaries, as_boundary_list, make_boundary_source
 from utils.methods.dhsa.scores import decode_boundaries
 from utils.methods.dhsa.select import dhsa_select, tail_key_ranking
 from utils.methods.registry import AttentionMethod, LayerContext, register
@@ -35,7 +37,8 @@ def _prompt_boundaries(keys, config: SparseAttentionConfig, context: LayerContex
     """Chunk ends for a prefill; with share_boundaries the first sparse layer of a forward computes them and
     the later layers of the same forward reuse them (the layers run in increasing index order)."""
     L = keys.shape[2]
-    source = context.boundary_source if dynamic and context.boundary_source is not None else None
+    source = context.boundary_source if context.boundary_source is not None else context.shared.get("boundary_source")
+    source = source if dynamic else None
     if source is None:
         source = FixedSizeBoundaries.from_config(config)
     shared = context.shared.get("boundaries")
@@ -101,9 +104,34 @@ def question_keys(q, k, options, budget: int):
 COLUMN_QUERIES = 128  # queries that rank the columns when the prefill has no question tail
 
 
+def _model_name(model_config) -> str | None:
+    path = getattr(model_config, "_name_or_path", "") or ""
+    return os.path.basename(os.path.normpath(path)) if path else None
+
+
+def _remember_input_ids(model, shared: dict) -> None:
+    """Keep the prompt's token ids where boundary sources can read them (for newline boundaries)."""
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > 1:
+            shared["input_ids"] = ids
+    if not getattr(model, "_dhsa_input_ids_hook", None):
+        model._dhsa_input_ids_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def setup(model, config: SparseAttentionConfig, shared: dict, tokenizer=None) -> None:
+    """Once per patch (AttentionMethod.setup): the model's boundary source into `shared["boundary_source"]` (the
+    learned predictor for this model if its weights exist, else fixed-size chunks; utils/methods/dhsa/boundaries.py),
+    and with newline_boundaries a hook that keeps the prompt's token ids in `shared["input_ids"]`. For a model loaded
+    with attn_implementation="dhsa" and never patched, `model` is an attention layer (only its `.config` is read)."""
+    shared["boundary_source"] = make_boundary_source(config, _model_name(model.config), tokenizer)
+    if config.newline_boundaries:
+        _remember_input_ids(model, shared)
+
+
 register(AttentionMethod("dhsa", "DHSA: dynamic chunks, length-normalised chunk scores, token top-N_b per query chunk",
-                         _dhsa(robust=None, dynamic=True)))
+                         _dhsa(robust=None, dynamic=True), setup=setup))
 register(AttentionMethod("dhsa_no_robust_repr", "DHSA ablation: plain mean chunk vectors (Table 4)",
-                         _dhsa(robust=False, dynamic=True)))
+                         _dhsa(robust=False, dynamic=True), setup=setup))
 register(AttentionMethod("dhsa_fixed_chunks", "DHSA ablation: uniform chunks instead of learned boundaries (Table 4)",
-                         _dhsa(robust=True, dynamic=False)))
+                         _dhsa(robust=True, dynamic=False), setup=setup))
