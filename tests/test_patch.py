@@ -207,6 +207,28 @@ def test_patch_reconfigures_and_validates():
     assert get_method("dhsa").select is not None
 
 
+def test_config_is_frozen_and_setup_is_the_methods():
+    """Issue 23: every layer holds the same config, so it cannot be edited (a change is a new value); only a method
+    with a setup hook (DHSA) gets a boundary source, patch_model itself knows none."""
+    import dataclasses
+
+    from utils.config import SparseAttentionConfig
+
+    model = tiny_model("llama").eval()
+    patch_model(model, "dhsa", density=0.25)
+    layers = attention_layers(model)
+    cfg = layers[0].sparse_config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.density = 0.5
+    assert cfg.replace(density=0.5).density == 0.5 and all(layer.sparse_config.density == 0.25 for layer in layers)
+    assert SparseAttentionConfig(method="quest").decode == "sparse"  # normalised in the constructor
+    assert SparseAttentionConfig(method="dense", decode="sparse").decode == "dense"
+    assert SparseAttentionConfig(dense_layers=[1, 0]).dense_layers == (1, 0)
+    assert "boundary_source" in layers[0].sparse_context.shared
+    patch_model(model, "streaming", density=0.25)
+    assert get_method("streaming").setup is None and attention_layers(model)[0].sparse_context.shared == {}
+
+
 @torch.no_grad()
 def test_padding_is_rejected_with_a_clear_error():
     model = tiny_model("llama").eval()
