@@ -36,7 +36,7 @@ from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBE
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
 from utils.methods.baselines.blocks import density_reached
-from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, model_folder, sweep_configs
+from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, results_folder_name, sweep_configs
 from utils.config import add_config_args
 from utils.runs.generation import eos_token_ids, greedy_generate
 from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
                 print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
                       f"{model_max} tokens; keeping {caps[dataset]} prompt tokens")
 
-        folder = model_folder(args.model, args.rope_scaling)  # <model>_yarn4 with --rope-scaling yarn:4
+        folder = results_folder_name(args.model, args.rope_scaling)  # <model>_yarn4 with --rope-scaling yarn:4
         model_dir = Path(args.output_dir) / folder
         run_dirs = []  # every run folder is checked before any sample runs
         for config in configs:

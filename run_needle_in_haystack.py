@@ -31,7 +31,7 @@ from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
 from utils.methods.baselines.blocks import density_reached
-from utils.runs.cli import add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.runs.cli import add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig, add_config_args
 from utils.runs.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.models.rope_scaling import apply_rope_scaling, too_long_message
@@ -144,7 +144,7 @@ def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
     --output."""
     if args.output:
         return Path(args.output)
-    return Path(args.output_dir) / model_folder(model_name, args.rope_scaling) / f"{run_name(config)}.jsonl"
+    return Path(args.output_dir) / results_folder_name(model_name, args.rope_scaling) / f"{run_name(config)}.jsonl"
 
 
 def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:

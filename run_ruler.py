@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
 from utils.methods.baselines.blocks import density_reached
-from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.runs.cli import (HelpFormatter, add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs,
+                            user_errors)
 from utils.config import SparseAttentionConfig, add_config_args
 from utils.runs.generation import eos_token_ids, greedy_generate
 from utils.models.rope_scaling import too_long_message
@@ -107,7 +108,7 @@ def check_lengths(lengths: list[int], model_max: int, rope_scaling=None) -> None
 
 def model_dir(args) -> Path:
     """<output-dir>/<model>, or <model>_yarn4 with --rope-scaling yarn:4 (scaled runs are kept apart)."""
-    return Path(args.output_dir) / model_folder(args.model, args.rope_scaling)
+    return Path(args.output_dir) / results_folder_name(args.model, args.rope_scaling)
 
 
 def output_path(args, config: SparseAttentionConfig) -> Path:

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from utils.kernels.head_dims import HEAD_DIMS
 from utils.selection import KernelSelection
 
 _state = {"enabled": os.environ.get("DHSA_KERNELS", "1") != "0"}
@@ -72,7 +73,7 @@ def try_sparse_attention(q, k, v, selection, *, scale=None, softcap=None):
     D = q.shape[-1]
     Hq, Hkv, Hs = q.shape[1], k.shape[1], selection.key_index.shape[1]
     applies = (usable(q) and selection.keep is None and q.dtype in (torch.float16, torch.bfloat16)
-               and k.dtype == q.dtype and v.dtype == q.dtype and D in (16, 32, 64, 128, 256) and v.shape[-1] == D
+               and k.dtype == q.dtype and v.dtype == q.dtype and D in HEAD_DIMS and v.shape[-1] == D
                and q.shape[2] >= 16 and Hq % Hs == 0 and Hs % Hkv == 0)
     if not applies:
         return None

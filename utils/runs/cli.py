@@ -38,7 +38,7 @@ def add_rope_scaling_arg(parser: argparse.ArgumentParser) -> None:
                              "their own folder (<model>_yarn4)")
 
 
-def model_folder(model: str, rope_scaling=None) -> str:
+def results_folder_name(model: str, rope_scaling=None) -> str:
     """Name of a model's results folder: the model's name, plus '_yarn4' etc. with --rope-scaling, so that scaled
     runs never resume into (or mix with) unscaled ones."""
     from utils.models.rope_scaling import parse_rope_scaling
@@ -85,4 +85,5 @@ def sweep_configs(args: argparse.Namespace) -> list:
     return configs
 
 
-__all__ = ["sweep_configs", "parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "model_folder", "HelpFormatter", "user_errors"]
+__all__ = ["sweep_configs", "parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "results_folder_name",
+           "HelpFormatter", "user_errors"]

@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from utils.config import DHSAOptions
+from utils.kernels.head_dims import HEAD_DIMS
+from utils.kernels.shared_memory import shared_memory_per_block
 from utils.methods.dhsa.scores import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
 from utils.selection import KernelSelection
-from utils.kernels.shared_memory import shared_memory_per_block
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
 
@@ -309,7 +310,7 @@ def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_ch
     """
     Hq, Lq, D = q.shape
     H, Nc, Dc = chunk_k.shape
-    if D not in (16, 32, 64, 128, 256) or Dc != D or Hq % H:
+    if D not in HEAD_DIMS or Dc != D or Hq % H:
         raise ValueError(f"max_pooled_chunk_scores_gpu needs head dim 16..256 (a power of two) and Hq % H == 0; "
                          f"got q {tuple(q.shape)}, chunk_k {tuple(chunk_k.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -347,14 +348,14 @@ def _max_pooled_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int,
                        q_offset: int, centring) -> torch.Tensor:
     """S_c with max pooling for one sequence: the kernel where it applies (causal: chunks after a tile are not
     scored), else the PyTorch reference."""
-    if q.shape[-1] in (16, 32, 64, 128, 256) and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return max_pooled_chunk_scores_gpu(q, chunk_k, query_chunk, ends=ends, q_offset=q_offset, centring=centring)
     return max_pooled_chunk_scores(q, chunk_k, query_chunk, centring=centring)
 
 
 def _chunk_vectors(keys: torch.Tensor, ends: torch.Tensor, robust: bool) -> torch.Tensor:
     """Chunk vectors (eq. 4) of one sequence: keys [heads, L, D] -> [heads, Nc, D] fp32."""
-    if keys.shape[-1] in (16, 32, 64, 128, 256):
+    if keys.shape[-1] in HEAD_DIMS:
         return chunk_vectors_gpu(keys, ends, robust)
     return chunk_vectors(keys, ends, robust)
 
@@ -366,7 +367,7 @@ def _chunk_scores(q_vec_b: torch.Tensor, keys: torch.Tensor, ends: torch.Tensor,
 
 def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: bool) -> torch.Tensor:
     """[B, Hq, L, D] -> [B, Hkv, n_tiles, D] fp32."""
-    if q.shape[-1] in (16, 32, 64, 128, 256):
+    if q.shape[-1] in HEAD_DIMS:
         return torch.stack([tile_vectors_gpu(q[b], num_kv_heads, query_chunk, robust) for b in range(q.shape[0])])
     return query_tile_vectors(q, num_kv_heads, query_chunk, robust)
 

@@ -11,19 +11,16 @@ the local window takes at most half of N_b and the sinks at most half of the res
 the kept keys, with an exact causal mask, so no query reads more than N_b keys.
 
 Why max pooling and small tiles by default: a tile's mean query averages the logits of all its queries, so
-the few queries that need a distant span (a question about a needle) are outvoted by the rest. On
-gemma-3-270m needle-in-a-haystack at 6.25% density, mean pooling over 256-query tiles retrieved the needle at
-almost no depth while oracle top-K at the same budget retrieved it everywhere; max pooling over 64-query tiles
-nearly closed that gap (README, "Design choices").
+the few queries that need a distant span (a question about a needle) are outvoted by the rest; max pooling over
+small tiles keeps them (the needle measurements: README, "Design choices").
 
 Always-kept keys: 64 sinks and the 128 keys before a tile's end (so with 64-query tiles every query reads at
 least the 64 keys before it), like the authors' first block and diagonal band, so that no query depends on
-the chunk scores to see its own recent context. (With dense decode they changed NIAH on Qwen2.5 and Gemma-3
-within noise; a sparse decode step that dropped the newest tokens garbled Qwen2.5's answers.)
+the chunk scores to see its own recent context (their effect on NIAH: README, "Design choices").
 
 Heads. By default (`head_pooling="none"`) every query head selects its own keys: with grouped-query attention
 the heads of a group look for different things (one retrieval head among six), and a shared selection made
-from their summed queries outvoted it (Gemma-3 NIAH 8K-32K: 16/30 -> 27/30 exact needles; README). K/V are
+from their summed queries outvoted it (README, "Design choices", has the needle counts). K/V are
 still read in place, never repeated per head. `head_pooling="mean"` (summed queries) or `"max"` (best head)
 give one selection per KV head instead, which gathers K/V once per group; `share_heads=True` averages all
 heads into one selection, as the authors' code does.
@@ -40,9 +37,9 @@ CPU speed-ups that keep the same keys (tests/test_cpu_fast_paths.py): the top-N_
 that is provably the token-level top-k (`_chunk_topk`: uniform chunks, no tie at the cut; else the token path), and
 a decode step takes the prompt's chunk vectors from the layer state (`DecodeChunks`) instead of the whole cache.
 
-Where the parts live: the chunk and score arithmetic in utils/methods/dhsa/scores.py (shared with the fused GPU selection,
-utils/methods/dhsa/fused.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched
-model (boundaries per forward, decode state) in utils/methods/dhsa/__init__.py.
+Where the parts live (utils/methods/dhsa/): the chunk and score arithmetic in scores.py (shared with the fused GPU
+selection, fused.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched model
+(boundaries per forward, decode state, the setup hook) in __init__.py.
 """
 
 from __future__ import annotations
