@@ -17,8 +17,8 @@ output folder:
 - `results_e.md` / `results_e.csv` for LongBench-E runs.
 
 This script finds and scores the run folders; the metrics (THUDM/LongBench `metrics.py` v1, with its libraries
-and its score-changing quirks) are in data/longbench_metrics.py, the tables in utils/longbench_tables.py and the
-figure in utils/longbench_plots.py.
+and its score-changing quirks) are in data/longbench_metrics.py, the tables in utils/bench/longbench_tables.py and the
+figure in utils/bench/longbench_plots.py.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from pathlib import Path
 
 from data.longbench import ALL_DATASETS
 from data.longbench_metrics import dataset_score, dataset_score_by_length
-from utils.cli import HelpFormatter
+from utils.runs.cli import HelpFormatter
 from utils.config import LEGACY_VALUES
-from utils.longbench_plots import plot_density
-from utils.longbench_tables import build_tables, write_csv
+from utils.bench.longbench_plots import plot_density
+from utils.bench.longbench_tables import build_tables, write_csv
 from utils.runs import read_jsonl
 
 # ------------------------------------------------------------------------------------------ run folders
 
 def read_predictions(path: Path) -> list[dict]:
-    """The predictions of one file (utils/runs.py read_jsonl: a last line cut off by an interrupted run is left out;
+    """The predictions of one file (utils/runs/records.py read_jsonl: a last line cut off by an interrupted run is left out;
     rerun run_longbench.py to redo that sample)."""
     records = read_jsonl(path)
     for number, record in enumerate(records, 1):
@@ -81,7 +81,7 @@ def describe_run(run_dir: Path) -> dict:
                 "budget": None if dense else attention.get("budget"),
                 # runs older than the decode field did not record it (they may have decoded sparsely)
                 "decode": "dense" if dense else attention.get("decode", LEGACY_VALUES["decode"]), "run": str(run_dir)}
-    # folder names of utils/runs.py run_name: dense, dhsa_0.125, dhsa_budget2048, dhsa_0.125_decode-sparse (older
+    # folder names of utils/runs/records.py run_name: dense, dhsa_0.125, dhsa_budget2048, dhsa_0.125_decode-sparse (older
     # runs: dhsa_b2048)
     decode = re.search(r"_decode-([a-z]+)$", run_dir.name)
     decode = decode[1] if decode else "dense"

@@ -13,11 +13,11 @@ bounds every method's. Quest is scored as if each query were a decode step.
 
 Queries are selected as the last chunk of a prefill (from a position aligned to the query tiles), so every
 method keeps exactly what it would keep in a full prefill. Scores and masks are built for those queries only:
-memory is O(num_queries x L) per layer, never O(L^2). The recall computation is utils/recall.py, the text
+memory is O(num_queries x L) per layer, never O(L^2). The recall computation is utils/bench/recall.py, the text
 data/essay_text.py; this script runs the sweep, resumes it and writes the tables.
 
 Output (<output-dir>/<model>/): recall.jsonl (one line per length, layer, method, N, written as each layer is done
-through utils/runs.py; a rerun skips what is there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
+through utils/runs/records.py; a rerun skips what is there), recall.csv (averaged over layers) and recall.png (both metrics vs N, one column per length).
 `--essays val` scores only the essays the shipped boundary predictors held out (their training used the essays
 and LongBench contexts; see boundary_predictor/weights/README.md), so DHSA's learned boundaries are not seen text.
 
@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 from data.essay_text import essay_tokens, validation_essays
-from utils.cli import parse_length, user_errors
+from utils.runs.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
-from utils.recall import METRICS, layer_recall
+from utils.bench.recall import METRICS, layer_recall
 from utils.runs import append_jsonl, read_jsonl
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa_fixed_chunks", "dhsa_no_robust_repr", "block_sparse",
@@ -126,13 +126,13 @@ def markdown_table(table, metric: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model name (utils/models.py) or local path")
+    parser.add_argument("--model", default="smollm2-135m", help="model name (utils/models/specs.py) or local path")
     parser.add_argument("--lengths", nargs="+", type=parse_length, default=[2048, 4096],
                         help="text lengths in tokens (4096 or 4K)")
     parser.add_argument("--kept-keys", nargs="+", type=int, default=DEFAULT_KEPT_KEYS,
                         help="numbers of kept keys per query (x axis); those >= a length are skipped there")
     parser.add_argument("--num-queries", type=int, default=1024, help="last queries of each text that are scored")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods/__init__.py)")
     parser.add_argument("--layers", nargs="+", default=["global"],
                         help="'global' (the sparse layers), 'all', or layer indices")
     parser.add_argument("--haystack-dir", default=None,
@@ -176,7 +176,7 @@ def run(args) -> Path:
     from tqdm import tqdm
 
     from boundary_predictor.capture import capture_queries_and_keys, resolve_layers
-    from utils.boundaries import make_boundary_source
+    from utils.methods.dhsa.boundaries import make_boundary_source
     from utils.models import load_model, model_max_length
 
     check_args(args)

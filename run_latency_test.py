@@ -1,7 +1,7 @@
 """Prefill latency and memory of DHSA against dense attention (paper Figures 7-10, Table 5).
 
 Modes:
-  kernel  one attention layer on the GPU, lengths x densities, each method of utils/latency_methods.py timed the
+  kernel  one attention layer on the GPU, lengths x densities, each method of utils/bench/latency_methods.py timed the
           same way (parts select / attn / total): SDPA flash (FA2) and cuDNN, DHSA (fused selection + Triton
           kernel), the block-aligned DHSA path (Triton block kernel and FlexAttention), the block_sparse baseline
           through the same block kernel, and any other registry method named in --methods. Each sparse output is
@@ -12,13 +12,13 @@ Modes:
           and peak memory, dense vs DHSA. Latency does not depend on weight values; the CSV says so.
   batch   several sequences: DHSA per example in a loop (as the paper) and batched, vs batched dense SDPA.
   decode  one decode step (one new query, a KV cache of --lengths keys): dense SDPA vs each registry method's sparse
-          decode as a patched model runs it with decode="sparse" (utils/latency_decode.py; DHSA: Algorithm 2,
+          decode as a patched model runs it with decode="sparse" (utils/bench/latency_decode.py; DHSA: Algorithm 2,
           selection inside the timed step). CUDA by default, --device cpu for small lengths. Resumes: a rerun
           skips the (shape, dtype, batch, length, density, method) whose "total" row the CSV already holds.
   plot    speedup-vs-length plots from the CSVs in --out.
 
-Layer shapes and e2e models are entries of utils/model_specs.py (--shape llama-3.1-8b, qwen2.5-coder-1.5b-instruct,
-...). Timing (utils/latency.py): CUDA events, warm-up calls first, median of --repeats. Every run appends rows to
+Layer shapes and e2e models are entries of utils/models/specs.py (--shape llama-3.1-8b, qwen2.5-coder-1.5b-instruct,
+...). Timing (utils/bench/latency.py): CUDA events, warm-up calls first, median of --repeats. Every run appends rows to
 <out>/<mode>_<device>.csv as it goes and redraws the plots.
 
     python run_latency_test.py --mode cpu --lengths 16384 --density 0.0625
@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from utils import kernels
 from utils.attention import sparse_attention
 from utils.config import SparseAttentionConfig, add_config_args, config_from_args
-from utils.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
-from utils.latency_batch import batch_mode
-from utils.latency_cpu import cpu_interleaved, e2e_cpu_interleaved
-from utils.latency_decode import DECODE_DEFAULTS, DENSE_DECODE, decode_method_names, decode_mode
-from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, LayerMethod, kernel_config_variants,
+from utils.bench.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
+from utils.bench.latency_batch import batch_mode
+from utils.bench.latency_cpu import cpu_interleaved, e2e_cpu_interleaved
+from utils.bench.latency_decode import DECODE_DEFAULTS, DENSE_DECODE, decode_method_names, decode_mode
+from utils.bench.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, LayerMethod, kernel_config_variants,
                                    layer_contexts, reference)
-from utils.latency_plots import plot
-from utils.model_specs import MODELS, find_spec, get_spec
+from utils.bench.latency_plots import plot
+from utils.models.specs import MODELS, find_spec, get_spec
 from utils.selection import full_selection
 
 
@@ -58,7 +58,7 @@ def fail(message: str) -> None:
 
 
 def layer_shape(name: str) -> dict:
-    """Attention shape of one layer of a model of utils/model_specs.py: heads, KV heads, head dim, scale, soft-cap;
+    """Attention shape of one layer of a model of utils/models/specs.py: heads, KV heads, head dim, scale, soft-cap;
     or a bare shape "HqxHkvxD" (e.g. 8x2x64: 8 query heads, 2 KV heads, head dim 64, no soft-cap)."""
     bare = re.fullmatch(r"(\d+)x(\d+)x(\d+)", name.strip())
     if bare:
@@ -258,7 +258,7 @@ def parse_args(argv=None):
                    help="cpu mode: wall time (default), or the process's CPU time (with --threads 1 a measure that "
                         "other jobs on the machine disturb little: for comparing code changes on a busy box)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help=f"kernel/cpu modes: methods of utils/latency_methods.py ({', '.join(LAYER_METHODS)}); "
+                   help=f"kernel/cpu modes: methods of utils/bench/latency_methods.py ({', '.join(LAYER_METHODS)}); "
                         f"default kernel: {' '.join(KERNEL_DEFAULTS)}; cpu: {' '.join(CPU_DEFAULTS)}. decode mode: "
                         f"{', '.join(decode_method_names())}; default {' '.join(DECODE_DEFAULTS)} (CUDA-only ones "
                         "dropped on the CPU)")
@@ -320,7 +320,7 @@ def parse_args(argv=None):
         args.warmup, args.repeats = max(args.warmup, 3), max(args.repeats, 20)
     for shape in args.shapes:
         if find_spec(shape) is None and not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", shape.strip()):
-            fail(f"unknown shape {shape!r}; choose a model of utils/model_specs.py ({', '.join(MODELS)}) "
+            fail(f"unknown shape {shape!r}; choose a model of utils/models/specs.py ({', '.join(MODELS)}) "
                  "or give HqxHkvxD, e.g. 8x2x64")
     args.kernel_configs = json.loads(args.kernel_configs) if args.kernel_configs else []
     if args.kernel_configs and args.mode != "kernel":

@@ -14,12 +14,12 @@ except on the few-shot and code datasets. Generation is greedy, one sample at a 
 length or an end-of-sequence token (samsum also stops at a newline, as in LongBench).
 
 Predictions go to <output-dir>/<model>/<run>/<dataset>.jsonl (<dataset>_e.jsonl for LongBench-E), where
-<run> is the run name of utils/runs.py (`dense`, `<method>_<density>`, `<method>_budget<N_b>`, ...; a folder
+<run> is the run name of utils/runs/records.py (`dense`, `<method>_<density>`, `<method>_budget<N_b>`, ...; a folder
 named the older way, `<method>_b<N_b>`, is still resumed); run_config.json beside them records the settings.
 Samples whose `_id` is already in the file are skipped, so an interrupted run continues where it stopped (a
 line cut off by a crash is dropped and that sample redone). Samples go in order, each with every requested
 method in turn, so that an interrupted sweep has all methods on the same samples. Under torchrun each process
-takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/sharding.py), all appending to the same files.
+takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/runs/sharding.py), all appending to the same files.
 Score with eval_longbench.py (scripts/run_longbench.sh runs the paper's sweep and scores it).
 """
 
@@ -35,12 +35,12 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
-from utils.baselines.blocks import density_reached
-from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, sweep_configs
+from utils.methods.baselines.blocks import density_reached
+from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, results_folder_name, sweep_configs
 from utils.config import add_config_args
-from utils.generation import eos_token_ids, greedy_generate
+from utils.runs.generation import eos_token_ids, greedy_generate
 from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
-from utils.sharding import Shard, distributed
+from utils.runs.sharding import Shard, distributed
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -48,7 +48,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models.py) or path")
+    parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models/specs.py) or path")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="several methods in one invocation (overrides --method); dense runs once")
     parser.add_argument("--densities", nargs="+", type=float, default=None,
@@ -115,7 +115,7 @@ def model_folder_name(model: str) -> str:
 
 
 def run_dir_for(model_dir: Path, config, settings: dict) -> Path:
-    """The run's folder: model_dir / utils/runs.py run_name (`dense`, `dhsa_0.125`, `dhsa_budget2048`, ...), or
+    """The run's folder: model_dir / utils/runs/records.py run_name (`dense`, `dhsa_0.125`, `dhsa_budget2048`, ...), or
     a folder named the older way (`dhsa_b2048`; no `_min<N>` / `_decode-<mode>` suffix) that holds a run with
     exactly these settings, so earlier runs resume."""
     name = run_name(config)
@@ -151,7 +151,7 @@ def prepare_run_dir(run_dir: Path, settings: dict) -> None:
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Sample ids already in a prediction file (utils/runs.py read_jsonl: a last line cut off by a crash is not
+    """Sample ids already in a prediction file (utils/runs/records.py read_jsonl: a last line cut off by a crash is not
     counted, and the next append cuts it away)."""
     records = read_jsonl(path)
     missing = [number for number, record in enumerate(records, 1) if "_id" not in record]
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
                 print(f"{dataset}: --max-length {args.max_length} leaves no room for the answer within the model's "
                       f"{model_max} tokens; keeping {caps[dataset]} prompt tokens")
 
-        folder = model_folder(args.model, args.rope_scaling)  # <model>_yarn4 with --rope-scaling yarn:4
+        folder = results_folder_name(args.model, args.rope_scaling)  # <model>_yarn4 with --rope-scaling yarn:4
         model_dir = Path(args.output_dir) / folder
         run_dirs = []  # every run folder is checked before any sample runs
         for config in configs:

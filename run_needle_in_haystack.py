@@ -8,9 +8,9 @@ answer); each record keeps the real `prompt_tokens` and the key budget N_b the m
 
 One JSONL record per (length, depth) goes to results_needle/<model>/<run>.jsonl as soon as it is done; a
 rerun skips the pairs already there. Beyond the model's native context, --rope-scaling yarn:4 extends it (YaRN,
-utils/rope_scaling.py); those results go to results_needle/<model>_yarn4/ and record `rope_scaling`. Several
+utils/models/rope_scaling.py); those results go to results_needle/<model>_yarn4/ and record `rope_scaling`. Several
 methods/densities can share one model load, and several GPUs one sweep (torchrun: each process takes every N-th
-test on its own GPU; utils/sharding.py):
+test on its own GPU; utils/runs/sharding.py):
 
     python run_needle_in_haystack.py --methods dense dhsa --density 0.0625 --lengths 1K 2K 4K --depths 0 50 100
     python -m torch.distributed.run --standalone --nproc-per-node 2 run_needle_in_haystack.py --methods dense dhsa
@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
-from utils.baselines.blocks import density_reached
-from utils.cli import add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.methods.baselines.blocks import density_reached
+from utils.runs.cli import add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig, add_config_args
-from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
-from utils.rope_scaling import apply_rope_scaling, too_long_message
+from utils.runs.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
+from utils.models.rope_scaling import apply_rope_scaling, too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
-from utils.sharding import Shard, distributed
+from utils.runs.sharding import Shard, distributed
 
 DEFAULT_MODEL = "gemma-3-270m"
 DEFAULT_DEPTHS = [float(d) for d in range(0, 101, 10)]
@@ -52,7 +52,7 @@ def _split_commas(values):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (utils/models.py) or local path")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (utils/models/specs.py) or local path")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run several methods in one invocation (overrides --method); dense runs once")
     parser.add_argument("--densities", nargs="+", type=float, default=None,
@@ -125,10 +125,10 @@ def plan_lengths(args, model_max: int) -> list[int]:
 
 
 def expected_model_max(args) -> int | None:
-    """The context length of a model of utils/model_specs.py with --rope-scaling applied, known before it loads
+    """The context length of a model of utils/models/specs.py with --rope-scaling applied, known before it loads
     (None for other models), so that a too-long length or a model that --rope-scaling does not fit fails before
     minutes of loading (or converting)."""
-    from utils.model_specs import find_spec
+    from utils.models.specs import find_spec
     from utils.models import published_config
 
     spec = find_spec(args.model)
@@ -140,11 +140,11 @@ def expected_model_max(args) -> int | None:
 # ---- results files and generation ------------------------------------------------------------------------
 
 def output_path(args, model_name: str, config: SparseAttentionConfig) -> Path:
-    """<output-dir>/<model>/<run>.jsonl (utils/runs.py run_name; <model>_yarn4 with --rope-scaling yarn:4), or
+    """<output-dir>/<model>/<run>.jsonl (utils/runs/records.py run_name; <model>_yarn4 with --rope-scaling yarn:4), or
     --output."""
     if args.output:
         return Path(args.output)
-    return Path(args.output_dir) / model_folder(model_name, args.rope_scaling) / f"{run_name(config)}.jsonl"
+    return Path(args.output_dir) / results_folder_name(model_name, args.rope_scaling) / f"{run_name(config)}.jsonl"
 
 
 def generate_answer(model, tokenizer, input_ids: list[int], max_new_tokens: int) -> str:
@@ -163,7 +163,7 @@ def run(model, tokenizer, args, model_name: str | None = None, model_max: int | 
     {"method", "density", "name", "path", "records"} (records of the requested lengths and depths only).
 
     Tests go in (length, depth) order, each with every run in turn, so that an interrupted sweep has all runs on
-    the same tests. Under torchrun, this rank takes every N-th test (utils/sharding.py); the summaries, read back
+    the same tests. Under torchrun, this rank takes every N-th test (utils/runs/sharding.py); the summaries, read back
     from the files once every rank has finished, hold the tests of all ranks."""
     from utils.patch import patch_model
 

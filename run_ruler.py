@@ -14,7 +14,7 @@ table per run (every run file of the model), and the average over tasks per run 
     python run_ruler.py --model gemma-3-270m --tables-only          # rewrite results.md/.csv from the JSONL files
     python -m torch.distributed.run --standalone --nproc-per-node 2 run_ruler.py --model qwen2.5-coder-1.5b-instruct
 
-Under torchrun each process takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/sharding.py), all
+Under torchrun each process takes every N-th sample on its own GPU (cuda:LOCAL_RANK; utils/runs/sharding.py), all
 appending to the same files; rank 0 writes the tables once every rank has finished.
 """
 
@@ -27,13 +27,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
-from utils.baselines.blocks import density_reached
-from utils.cli import HelpFormatter, add_rope_scaling_arg, model_folder, parse_length, sweep_configs, user_errors
+from utils.methods.baselines.blocks import density_reached
+from utils.runs.cli import (HelpFormatter, add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs,
+                            user_errors)
 from utils.config import SparseAttentionConfig, add_config_args
-from utils.generation import eos_token_ids, greedy_generate
-from utils.rope_scaling import too_long_message
+from utils.runs.generation import eos_token_ids, greedy_generate
+from utils.models.rope_scaling import too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name
-from utils.sharding import Shard, distributed
+from utils.runs.sharding import Shard, distributed
 
 DEFAULT_LENGTHS = [4096, 8192, 16384, 32768]
 
@@ -47,7 +48,7 @@ def _split_commas(values) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models.py) or local path")
+    parser.add_argument("--model", default="gemma-3-270m", help="model name (utils/models/specs.py) or local path")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="several methods in one invocation (overrides --method); dense runs once")
     parser.add_argument("--densities", nargs="+", type=float, default=None,
@@ -107,7 +108,7 @@ def check_lengths(lengths: list[int], model_max: int, rope_scaling=None) -> None
 
 def model_dir(args) -> Path:
     """<output-dir>/<model>, or <model>_yarn4 with --rope-scaling yarn:4 (scaled runs are kept apart)."""
-    return Path(args.output_dir) / model_folder(args.model, args.rope_scaling)
+    return Path(args.output_dir) / results_folder_name(args.model, args.rope_scaling)
 
 
 def output_path(args, config: SparseAttentionConfig) -> Path:
@@ -128,7 +129,7 @@ def run(model, tokenizer, args, model_max: int | None = None, shard: Shard | Non
     {"name", "path", "records"} (the records of the requested tasks, lengths and samples).
 
     Samples go in (task, length, index) order, each with every run in turn, so that an interrupted sweep has all
-    runs on the same samples. Under torchrun, this rank takes every N-th sample (utils/sharding.py); the
+    runs on the same samples. Under torchrun, this rank takes every N-th sample (utils/runs/sharding.py); the
     summaries, read back from the files once every rank has finished, hold the records of all ranks."""
     from utils.models import model_max_length
     from utils.patch import patch_model

@@ -1,5 +1,5 @@
 """Selection testbed: attention mass and needle coverage of every method and DHSA variant on one long needle prompt,
-from one cached dense forward (utils/testbed.py says what is captured and how each window is scored).
+from one cached dense forward (utils/bench/testbed.py says what is captured and how each window is scored).
 
     python run_selection_testbed.py --model qwen2.5-coder-0.5b-instruct --lengths 16K 32K --depth 20 \
         --methods oracle_topk dhsa "dhsa[dense_tail=0]" "dhsa[dense_tail=0,exact_tail=64]" block_sparse
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from utils import kernels
-from utils.cli import parse_length, user_errors
+from utils.runs.cli import parse_length, user_errors
 from utils.config import METHOD_ONLY_FIELDS, SparseAttentionConfig
 from utils.runs import append_jsonl, read_jsonl
-from utils.testbed import (TAIL_OPTIONS, cache_path, capture, dhsa_flop_ratio, parse_spec, score_selection,
+from utils.bench.testbed import (TAIL_OPTIONS, cache_path, capture, dhsa_flop_ratio, parse_spec, score_selection,
                            window_rows, window_starts, window_truth)
 
 DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa[dense_tail=0]", "dhsa[dense_tail=0,exact_tail=64]",
@@ -39,7 +39,7 @@ DEFAULT_METHODS = ["oracle_topk", "dhsa", "dhsa[dense_tail=0]", "dhsa[dense_tail
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model name (utils/models.py) or path")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model name (utils/models/specs.py) or path")
     p.add_argument("--lengths", nargs="+", type=parse_length, default=[16384, 32768], help="prompt lengths (16K)")
     p.add_argument("--depth", type=float, default=20, help="needle depth in percent")
     p.add_argument("--needle-set", default="sf", help="needle (data/haystack.py NEEDLE_SETS)")
@@ -165,8 +165,8 @@ def plot(table, path: Path, model_name: str) -> None:
 
 def prompt_columns(q_tail, k, config, budget: int, cache: dict):
     """The column keys (tail_columns) of the whole prompt for one layer: what its question tail ranks best
-    (utils.dhsa_method.question_keys), computed once per layer and selection heads."""
-    from utils.dhsa_method import question_keys
+    (utils.methods.dhsa.question_keys), computed once per layer and selection heads."""
+    from utils.methods.dhsa import question_keys
 
     options = config.dhsa_options()
     key = (options.dense_tail, options.exact_tail, options.share_heads, options.head_pooling)
@@ -180,10 +180,10 @@ def run(args) -> Path:
     from tqdm import tqdm
 
     from boundary_predictor.capture import global_layers
-    from utils.boundaries import make_boundary_source
+    from utils.methods.dhsa.boundaries import make_boundary_source
     from utils.methods import METHODS, LayerContext
     from utils.models import load_model
-    from utils.wheels import cache_dir
+    from utils.models.wheels import cache_dir
 
     specs = check_args(args)
     model, tokenizer = load_model(args.model, device=args.device, dtype="fp32")

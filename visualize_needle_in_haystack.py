@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
-from utils.cli import user_errors  # noqa: E402
+from utils.runs.cli import user_errors  # noqa: E402
 from utils.runs import read_jsonl  # noqa: E402
 
 # The red -> yellow -> green scale of Kamradt's test, which the authors' plots use too.
@@ -35,7 +35,7 @@ CMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD7
 
 
 def load_run(path: str | Path) -> pd.DataFrame:
-    """The records of one JSONL run file (utils/runs.py read_jsonl: a last line cut off by an interrupted run is
+    """The records of one JSONL run file (utils/runs/records.py read_jsonl: a last line cut off by an interrupted run is
     left out)."""
     path = Path(path)
     rows = read_jsonl(path)

@@ -1,4 +1,4 @@
-"""How long the tiny test stand-ins take to build (utils/models.py tiny_tokenizer, tiny_model): the test suite builds
+"""How long the tiny test stand-ins take to build (utils/models/stand_ins.py tiny_tokenizer, tiny_model): the test suite builds
 them dozens of times, so each should stay well under a second or two. A benchmark, not a unit test: wall-clock limits
 fail at random on a shared 2-core CI machine.
 

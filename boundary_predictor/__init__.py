@@ -1,6 +1,6 @@
 """Learned boundary predictor of DHSA (paper §3.2, App. B): where the key chunks end.
 
-Engine API (used by utils/boundaries.py):
+Engine API (used by utils/methods/dhsa/boundaries.py):
     predictor = load_predictor(path)                      # weights + metadata in one small .pt file
     default_weights_path("gemma-3-270m")                  # boundary_predictor/weights/<model>.pt or None
     ends = predict_boundaries(predictor, keys, max_chunks, nms_window=8, min_confidence=0.05,

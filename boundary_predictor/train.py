@@ -201,7 +201,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
         val_summary = evaluate(model, predictor, val_set, cache, layers, args, device) if val_set else None
         summary = {"epoch": epoch + 1, "train": train_summary, "val": val_summary,
                    "seconds": round(time.perf_counter() - started, 1)}
-        append_jsonl(log_path, summary)  # crash-safe (utils/runs.py); creates run_dir
+        append_jsonl(log_path, summary)  # crash-safe (utils/runs/records.py); creates run_dir
         print(json.dumps(summary), file=sys.stderr)
         score = val_summary["loss"] if val_summary else train_summary["loss"]
         if score <= best["val_loss"]:

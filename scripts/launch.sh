@@ -1,5 +1,5 @@
 # Sourced by the sweep scripts: `launch SCRIPT.py ARGS...` runs a runner with $PYTHON, or under torchrun with
-# $NPROC processes (one per GPU, each taking every NPROC-th sample; utils/sharding.py) when NPROC > 1.
+# $NPROC processes (one per GPU, each taking every NPROC-th sample; utils/runs/sharding.py) when NPROC > 1.
 #   NPROC=2 bash scripts/run_longbench.sh        # two GPUs of one machine
 NPROC="${NPROC:-1}"
 case "${NPROC}" in

@@ -42,7 +42,7 @@ case "${SWEEP}" in
         TABLE_2_4+=" streaming_strided vertical_slash flexprefill xattention"
         RUN_GROUPS=("${TABLE_2_4}|0.125" "dhsa|0.0625 0.25") ;;
     grid)
-        METHODS=${METHODS:-$("$PYTHON" -c 'from utils.registry import method_names; print(" ".join(method_names()))')}
+        METHODS=${METHODS:-$("$PYTHON" -c 'from utils.methods import method_names; print(" ".join(method_names()))')}
         RUN_GROUPS=("${METHODS}|${DENSITIES:-0.0625 0.125 0.25}") ;;
     *) echo "error: SWEEP must be paper or grid, got '${SWEEP}'" >&2; exit 2 ;;
 esac

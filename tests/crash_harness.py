@@ -5,7 +5,7 @@
 
 Used by tests/test_resume.py (kill-and-resume tests). utils.models.load_model is replaced by `tiny_loader`, so the
 runner does everything it does for a real model (flags, prompts, patching, generation, results files) in seconds.
-With --half-write N, the N-th write of results lines (utils.runs._write, where every JSONL/CSV line reaches the disk)
+With --half-write N, the N-th write of results lines (utils.runs.records._write, where every JSONL/CSV line reaches the disk)
 writes only half of its last line, flushes it to disk, creates the file --marker, and waits to be killed: the
 test then SIGKILLs the process, as a crash, an out-of-memory kill or a lost machine would (each process also writes its
 pid to `<marker>.pid.<RANK>`, so that a test can kill the ranks of a torchrun launch). With --write-log DIR, every
@@ -39,9 +39,9 @@ def tiny_loader(family: str = "llama", max_positions: int | None = None, chat_te
 
 def die_during_write(number: int, marker: Path) -> None:
     """Make the `number`-th results write (1-based) stop half-way through its last line and hang there."""
-    import utils.runs
+    import utils.runs.records
 
-    real_write = utils.runs._write
+    real_write = utils.runs.records._write
     count = 0
 
     def write(path, data: bytes) -> None:
@@ -59,14 +59,14 @@ def die_during_write(number: int, marker: Path) -> None:
         time.sleep(600)  # the test kills the process here
         raise SystemExit("crash_harness: not killed within 600 s")
 
-    utils.runs._write = write
+    utils.runs.records._write = write
 
 
 def log_writes(folder: Path) -> None:
     """Also log every results line to folder/rank<RANK>.log, as `<file path>\\t<line>`."""
-    import utils.runs
+    import utils.runs.records
 
-    real_write = utils.runs._write
+    real_write = utils.runs.records._write
     log = folder / f"rank{os.environ.get('RANK', '0')}.log"
 
     def write(path, data: bytes) -> None:
@@ -74,7 +74,7 @@ def log_writes(folder: Path) -> None:
             f.writelines(str(path).encode() + b"\t" + line + b"\n" for line in data.splitlines())
         real_write(path, data)
 
-    utils.runs._write = write
+    utils.runs.records._write = write
 
 
 def main() -> None:

@@ -10,12 +10,12 @@ import torch
 
 from run_attention_recall import main as recall_main
 from utils.attention import dense_attention, sparse_attention
-from utils.baselines.quest import page_bounds
-from utils.baselines.streaming import window_offsets
-from utils.baselines.vertical_slash import estimate_pattern
+from utils.methods.baselines.quest import page_bounds
+from utils.methods.baselines.streaming import window_offsets
+from utils.methods.baselines.vertical_slash import estimate_pattern
 from utils.config import SparseAttentionConfig
 from utils.methods import METHODS, LayerContext, run_method
-from utils.recall import kept_mask, layer_recall, read_keys, recall_scores, topk_thresholds, true_attention
+from utils.bench.recall import kept_mask, layer_recall, read_keys, recall_scores, topk_thresholds, true_attention
 
 SPARSE = [name for name, method in METHODS.items() if method.select is not None]
 ISSUE_METHODS = ["streaming", "streaming_dilated", "streaming_strided", "vertical_slash", "block_sparse", "quest",
@@ -349,7 +349,7 @@ def tiny_models():
 def test_patch_model_forward_and_generate(tiny_models, family, name, monkeypatch):
     """A patched model's logits and greedy tokens at a small budget equal those of the same model whose sparse
     layers run the reference executor (masked softmax over the selection), prefill and decode."""
-    import utils.registry
+    import utils.methods.registry
     from utils.patch import patch_model
 
     model = tiny_models[family]
@@ -369,7 +369,7 @@ def test_patch_model_forward_and_generate(tiny_models, family, name, monkeypatch
         if not METHODS[name].dense_prefill:  # quest: the prefill is dense
             assert (logits - dense_logits).abs().max() > 1e-3, "12 of 40 keys should change the logits"
         with monkeypatch.context() as patch:
-            patch.setattr(utils.registry, "sparse_attention", masked_attention)
+            patch.setattr(utils.methods.registry, "sparse_attention", masked_attention)
             torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
             assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), tokens)
         if name in DENSE_AT_FULL_BUDGET:

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import utils.attention as attention
-import utils.dhsa as dhsa
+import utils.methods.dhsa.select as dhsa
 from utils.attention import dense_attention, sparse_attention
 from utils.config import SparseAttentionConfig
-from utils.dhsa import dhsa_select
-from utils.dhsa_math import chunk_vectors, max_pooled_chunk_scores, tile_key_means
+from utils.methods.dhsa.select import dhsa_select
+from utils.methods.dhsa.scores import chunk_vectors, max_pooled_chunk_scores, tile_key_means
 from utils.selection import Selection, full_selection
 
 
@@ -146,7 +146,7 @@ CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the ch
 
 @pytest.mark.parametrize("L,Hq,Hkv,Lq,extra", CHUNK_CASES)
 def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq, extra):
-    """Top-N_b over whole chunks (utils.dhsa._chunk_topk) keeps exactly the keys of the token-level top-k, and it
+    """Top-N_b over whole chunks (utils.methods.dhsa.select._chunk_topk) keeps exactly the keys of the token-level top-k, and it
     does run (uniform chunks, budget, sinks and window in whole chunks)."""
     g = torch.Generator().manual_seed(L + Lq)
     q, k = torch.randn(1, Hq, Lq, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
@@ -189,8 +189,8 @@ def test_decode_chunk_vectors_kept_between_steps_are_the_same_numbers(monkeypatc
     """Sparse decode steps with the chunk vectors kept in the layer state (DecodeChunks, extended key by key,
     across prefix-sum slices) give bit for bit the chunk vectors and centring of a recomputation, and the same
     kept keys as a step without the cache."""
-    import utils.dhsa_math as dhsa_math
-    from utils.dhsa_math import decode_boundaries
+    import utils.methods.dhsa.scores as dhsa_math
+    from utils.methods.dhsa.scores import decode_boundaries
     from utils.methods import METHODS, LayerContext
     monkeypatch.setattr(dhsa_math, "_PREFIX_SLICE", 100)  # cross slice boundaries within a few steps
     g = torch.Generator().manual_seed(7)

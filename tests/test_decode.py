@@ -5,7 +5,7 @@ always the newest ones, so a model can read what it just wrote (the failure that
 import pytest
 import torch
 
-import utils.registry as registry
+import utils.methods.registry as registry
 from utils.config import DHSAOptions, SparseAttentionConfig
 from utils.methods import METHODS, LayerContext
 from utils.models import TINY_FAMILIES, tiny_model
@@ -73,9 +73,9 @@ def test_dhsa_sparse_decode_keeps_generated_tokens_and_local_window(family, monk
 @torch.no_grad()
 def test_decode_keeps_the_newest_token_even_when_its_chunk_scores_lowest():
     """A current token whose own chunk scores far below every other chunk is still read."""
-    from utils.boundaries import fixed_size_ends
-    from utils.dhsa import dhsa_select
-    from utils.dhsa_math import decode_boundaries
+    from utils.methods.dhsa.boundaries import fixed_size_ends
+    from utils.methods.dhsa.select import dhsa_select
+    from utils.methods.dhsa.scores import decode_boundaries
 
     g = torch.Generator().manual_seed(3)
     L = 200

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-import utils.dhsa_math as dhsa_math
+import utils.methods.dhsa.scores as dhsa_math
 from utils.attention import dense_attention, sparse_attention
-from utils.boundaries import as_boundary_list, fixed_size_ends
+from utils.methods.dhsa.boundaries import as_boundary_list, fixed_size_ends
 from utils.config import DHSAOptions, SparseAttentionConfig
-from utils.dhsa import dhsa_attention, dhsa_select
-from utils.dhsa_math import chunk_vectors, decode_boundaries, max_pooled_chunk_scores
+from utils.methods.dhsa.select import dhsa_attention, dhsa_select
+from utils.methods.dhsa.scores import chunk_vectors, decode_boundaries, max_pooled_chunk_scores
 from utils.selection import Selection, full_selection
 
 SHAPES = [  # B, Hq, Hkv, L, D
@@ -228,7 +228,7 @@ def test_no_length_squared_memory(rss_growth_mib):
     """64K tokens at budget 256: an L x L fp32 score matrix would need 16 GiB; the run must stay under 1.5 GiB."""
     grown_mib = rss_growth_mib(
         "import torch\n"
-        "from utils.dhsa import dhsa_attention\n"
+        "from utils.methods.dhsa.select import dhsa_attention\n"
         "q = torch.randn(1, 1, 65536, 16); k = torch.randn(1, 1, 65536, 16); v = torch.randn(1, 1, 65536, 16)",
         "dhsa_attention(q, k, v, budget=256)")
     assert grown_mib < 1536, f"peak memory grew by {grown_mib} MiB"

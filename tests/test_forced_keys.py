@@ -5,10 +5,10 @@ budget entirely)."""
 import pytest
 import torch
 
-from utils.boundaries import fixed_size_ends
+from utils.methods.dhsa.boundaries import fixed_size_ends
 from utils.config import DHSAOptions
-from utils.dhsa import dhsa_select
-from utils.dhsa_math import forced_key_counts
+from utils.methods.dhsa.select import dhsa_select
+from utils.methods.dhsa.scores import forced_key_counts
 
 L, D, T, BUDGET = 256, 16, 16, 40
 

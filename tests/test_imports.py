@@ -1,5 +1,6 @@
 """The project's imports, read from the source (issue 18): no import cycles, no import of a module that does not exist,
-and the method table read through utils.methods; and no top-level script over 400 lines.
+the method table read through utils.methods, and the engine (utils/kernels/, utils/methods/) importing none of the
+run or benchmark infrastructure (utils/bench/, utils/runs/, data/); and no top-level script over 400 lines.
 
 The graph is built by parsing, not by importing: every `import` and `from ... import` statement of every project
 file, including those inside functions (a function-level import is a cycle that is only hidden until the function
@@ -106,20 +107,62 @@ def missing_modules(modules: dict[str, Path] | None = None) -> list[str]:
     return found
 
 
-TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.registry
+TABLE_READERS = {"METHODS", "get_method", "method_names"}  # what only utils.methods may take from utils.methods.registry
 
 
 def registry_table_reads(modules: dict[str, Path] | None = None) -> list[str]:
-    """Modules that read the method table from utils.registry, where only "dense" is registered, instead of from
+    """Modules that read the method table from utils.methods.registry, where only "dense" is registered, instead of from
     utils.methods, which imports every method module first (returns "module: names")."""
     modules = project_modules() if modules is None else modules
     found = []
     for module, names, node in import_statements(modules):
-        if module != "utils.methods" and isinstance(node, ast.ImportFrom) and names[0] == "utils.registry":
+        if module != "utils.methods" and isinstance(node, ast.ImportFrom) and names[0] == "utils.methods.registry":
             taken = sorted(TABLE_READERS & {alias.name for alias in node.names})
             if taken:
                 found.append(f"{module}: {', '.join(taken)}")
     return found
+
+
+ENGINE_PACKAGES = ("utils.kernels", "utils.methods")  # issue 23: what a patched model's attention runs
+NOT_FOR_THE_ENGINE = ("utils.bench", "utils.runs", "data")  # benchmarks, results files and flags, data sets
+
+
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def engine_imports_of_infrastructure(modules: dict[str, Path] | None = None) -> list[str]:
+    """Imports, anywhere in a file of utils/kernels/ or utils/methods/, of utils/bench/, utils/runs/ or data/
+    ("module: name"): the engine must load and run without the runners' infrastructure."""
+    modules = project_modules() if modules is None else modules
+    found = []
+    for module, names, node in import_statements(modules):
+        if _within(module, ENGINE_PACKAGES):  # `from utils import runs` asks for utils.runs: every name counts
+            hits = [name for name in names if _within(name, NOT_FOR_THE_ENGINE)]
+            found += [f"{module}: {hits[0]}"] if hits else []
+    return found
+
+
+def test_engine_infrastructure_check_sees_imports(tmp_path):
+    """The check itself, on a small tree: a function-level import of utils.runs and `import data.x` are found."""
+    for folder in ("utils", "utils/methods", "utils/runs", "data"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    (tmp_path / "utils" / "runs" / "records.py").write_text("")
+    (tmp_path / "data" / "x.py").write_text("")
+    (tmp_path / "utils" / "methods" / "a.py").write_text("def f():\n    from utils.runs.records import g\n")
+    (tmp_path / "utils" / "methods" / "b.py").write_text("import os, data.x\n")
+    (tmp_path / "utils" / "methods" / "c.py").write_text("from utils import methods, runs\n")
+    (tmp_path / "utils" / "d.py").write_text("import data.x\n")  # outside the engine: allowed
+    assert engine_imports_of_infrastructure(project_modules(tmp_path)) == [
+        "utils.methods.a: utils.runs.records", "utils.methods.b: data.x", "utils.methods.c: utils.runs"]
+
+
+def test_engine_imports_no_run_or_benchmark_code():
+    modules = project_modules()
+    assert {"utils.kernels", "utils.methods.dhsa.select", "utils.bench.recall"} <= set(modules)  # the layout is there
+    found = engine_imports_of_infrastructure(modules)
+    assert not found, "utils/kernels/ and utils/methods/ import run or benchmark code:\n" + "\n".join(found)
 
 
 def test_graph_sees_function_level_and_relative_imports(tmp_path):
@@ -139,7 +182,7 @@ def test_graph_sees_function_level_and_relative_imports(tmp_path):
 
 def test_no_import_cycles():
     graph = import_graph()
-    assert {"utils.dhsa", "utils.registry", "utils.attention"} <= set(graph)  # the walk found the package
+    assert {"utils.methods.dhsa.select", "utils.methods.registry", "utils.attention"} <= set(graph)  # the walk found the package
     cycles = import_cycles(graph)
     assert not cycles, f"{len(cycles)} import cycle(s) among the project's modules:\n{describe(cycles)}"
 
@@ -174,9 +217,9 @@ def test_no_top_level_script_over_400_lines():
 
 
 def test_method_table_is_read_through_utils_methods():
-    """`from utils.registry import METHODS` would silently see "dense" only (nothing imports the method modules)."""
+    """`from utils.methods.registry import METHODS` would silently see "dense" only (nothing imports the method modules)."""
     readers = registry_table_reads()
-    assert not readers, "read the method table from utils.methods, not utils.registry:\n" + "\n".join(readers)
+    assert not readers, "read the method table from utils.methods, not utils.methods.registry:\n" + "\n".join(readers)
 
 
 if __name__ == "__main__":

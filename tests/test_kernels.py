@@ -1,5 +1,5 @@
 """GPU fast paths (utils/kernels): the Triton attention kernel equals the PyTorch executor on the same selection,
-the fused selection keeps the same keys as utils.dhsa.dhsa_select, the block-aligned path and FlexAttention agree.
+the fused selection keeps the same keys as utils.methods.dhsa.select.dhsa_select, the block-aligned path and FlexAttention agree.
 
 Where the checks run:
   * on CUDA (test_cuda_*): bf16/fp16, head dims 64/128/256, several GQA ratios;
@@ -24,9 +24,10 @@ except ImportError:  # the compile check is skipped (needs_triton)
 
 from utils import kernels
 from utils.attention import sparse_attention
-from utils.boundaries import as_boundary_list, fixed_size_ends
+from utils.methods.dhsa.boundaries import as_boundary_list, fixed_size_ends
 from utils.config import DHSAOptions
-from utils.dhsa import dhsa_attention, dhsa_select
+import utils.methods.dhsa.select as dhsa_select_module
+from utils.methods.dhsa.select import dhsa_attention, dhsa_select
 from utils.selection import Selection, block_selection_to_tokens, blocks_from_token_selection, full_selection
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,7 +109,7 @@ def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, so
 
 
 def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local, share_heads=False):
-    from utils.kernels.select import dhsa_select_fused
+    from utils.methods.dhsa.fused import dhsa_select_fused
 
     q, k = rand(B, Hq, L, 16, device=device, seed=1), rand(B, Hkv, L, 16, device=device, seed=2)
     ends = as_boundary_list(bounds or fixed_size_ends(L, 7, device=device), B, L, device=device)
@@ -127,10 +128,10 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
 
 
 def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
-    """The kernel's max-pooled S_c vs utils.dhsa_math.max_pooled_chunk_scores (fp32, same queries); and per (head,
+    """The kernel's max-pooled S_c vs utils.methods.dhsa.scores.max_pooled_chunk_scores (fp32, same queries); and per (head,
     tile) the same top-K chunks wherever the reference's K-th and (K+1)-th scores are clearly apart."""
-    from utils.dhsa_math import max_pooled_chunk_scores, tile_key_means
-    from utils.kernels.select import max_pooled_chunk_scores_gpu
+    from utils.methods.dhsa.scores import max_pooled_chunk_scores, tile_key_means
+    from utils.methods.dhsa.fused import max_pooled_chunk_scores_gpu
 
     q = rand(Hq, L, D, device=device, dtype=dtype, seed=3)
     chunk_k = rand(H, Nc, D, device=device, seed=4)
@@ -186,8 +187,8 @@ def test_sliding_window_reference_path_equals_dense(Lq, Lk, window, T):
 
 def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
     """Block-aligned DHSA by plain PyTorch: snapped chunks, scores upsampled to blocks, forced blocks, top-K."""
-    from utils.dhsa_math import chunk_vectors, forced_key_counts, query_tile_vectors
-    from utils.kernels.select import snap_to_blocks
+    from utils.methods.dhsa.scores import chunk_vectors, forced_key_counts, query_tile_vectors
+    from utils.methods.dhsa.fused import snap_to_blocks
 
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
@@ -211,7 +212,7 @@ def block_reference(q, k, ends, budget, bs, sink_blocks, local_blocks):
 
 
 def check_block_path(device, dtype, B, Hq, Hkv, L, D, bs, budget):
-    from utils.kernels.select import dhsa_block_select
+    from utils.methods.dhsa.fused import dhsa_block_select
 
     q, k, v = (rand(B, h, L, D, device=device, dtype=dtype, seed=i + 5) for i, h in enumerate((Hq, Hkv, Hkv)))
     ends = as_boundary_list(fixed_size_ends(L, 11, device=device), B, L, device=device)
@@ -235,7 +236,7 @@ def _block_kernel(q, k, v, sel):
 
 
 def check_block_sparse_baseline(device, dtype, L):
-    from utils.baselines.block_sparse import block_sparse_select
+    from utils.methods.baselines.block_sparse import block_sparse_select
 
     q, k, v = rand(1, 4, L, 16, device=device, dtype=dtype), rand(1, 2, L, 16, device=device, dtype=dtype, seed=1), \
         rand(1, 2, L, 16, device=device, dtype=dtype, seed=2)
@@ -253,8 +254,8 @@ def check_block_sparse_baseline(device, dtype, L):
 def check_peer_baselines(device, dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
     """flexprefill and xattention (utils/baselines): their token lists through the token kernel and their block
     form through the block kernel equal the PyTorch executor on the token lists (per query head, Hs = Hq)."""
-    from utils.baselines.flexprefill import flexprefill_select
-    from utils.baselines.xattention import xattention_select
+    from utils.methods.baselines.flexprefill import flexprefill_select
+    from utils.methods.baselines.xattention import xattention_select
     from utils.kernels.sparse_prefill import sparse_prefill
 
     q = rand(B, Hq, Lq, D, device=device, dtype=dtype, seed=7)
@@ -285,7 +286,7 @@ def test_cpu_tensors_never_reach_the_kernels(monkeypatch):
     """On the CPU the dispatch is skipped: results equal the reference with kernels on or off."""
     q, k, v = rand(1, 4, 70, 16), rand(1, 2, 70, 16, seed=1), rand(1, 2, 70, 16, seed=2)
     monkeypatch.setattr(kernels, "try_sparse_attention", lambda *a, **kw: pytest.fail("kernel called on CPU"))
-    monkeypatch.setattr(kernels, "try_dhsa_select", lambda *a, **kw: pytest.fail("fused selection called on CPU"))
+    monkeypatch.setattr(dhsa_select_module, "try_fused_select", lambda *a, **kw: pytest.fail("fused selection called on CPU"))
     out = dhsa_attention(q, k, v, budget=20, query_chunk=16)
     with kernels.disabled():
         assert not kernels.enabled()
@@ -296,7 +297,7 @@ def test_cpu_tensors_never_reach_the_kernels(monkeypatch):
 def test_executor_reads_block_selections_on_the_cpu():
     """A block-mode KernelSelection (block numbers, for the block kernel) given to sparse_attention on the CPU runs
     as its token lists: the same output as the token selection it was made from."""
-    from utils.baselines.block_sparse import block_sparse_select
+    from utils.methods.baselines.block_sparse import block_sparse_select
 
     q, k, v = rand(1, 4, 96, 16), rand(1, 2, 96, 16, seed=1), rand(1, 2, 96, 16, seed=2)
     tokens = block_sparse_select(q, k, budget=48, block_size=16)
@@ -409,8 +410,8 @@ def test_interp_block_path_and_flex():
 @pytest.mark.parametrize("Lq", [1, 20])
 def test_interp_queries_after_a_prefix(Lq):
     """Decode (Algorithm 2 boundaries) and a chunk of queries after cached keys: q_offset > 0."""
-    from utils.dhsa_math import decode_boundaries
-    from utils.kernels.select import dhsa_select_fused
+    from utils.methods.dhsa.scores import decode_boundaries
+    from utils.methods.dhsa.fused import dhsa_select_fused
     from utils.kernels.sparse_prefill import sparse_prefill
     q, k, v = rand(1, 4, Lq, 16), rand(1, 2, 120, 16, seed=1), rand(1, 2, 120, 16, seed=2)
     ends = [decode_boundaries(fixed_size_ends(110, 8), 110, 120)] if Lq == 1 else [fixed_size_ends(120, 8)]
@@ -426,7 +427,7 @@ def test_interp_queries_after_a_prefix(Lq):
 @interpreter_only
 def test_interp_sorted_lists_skip_the_mask_safely():
     """KernelSelections are ascending: the kernel runs the blocks below each tile unmasked. Same output."""
-    from utils.kernels.select import dhsa_block_select, dhsa_select_fused
+    from utils.methods.dhsa.fused import dhsa_block_select, dhsa_select_fused
     from utils.kernels.sparse_prefill import sparse_prefill
     q, k, v = rand(1, 4, 300, 16), rand(1, 2, 300, 16, seed=1), rand(1, 2, 300, 16, seed=2)
     ends = [fixed_size_ends(300, 7)]
@@ -537,7 +538,7 @@ def test_cuda_block_path_baseline_and_flex(dtype):
 def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
     """Block mode on K/V laid out as transformers keeps them ([B, L, H, D] viewed as [B, H, L, D]) and a length
     that is no multiple of the key step: TMA descriptors (Hopper) and plain loads give the reference output."""
-    from utils.kernels.select import dhsa_block_select
+    from utils.methods.dhsa.fused import dhsa_block_select
     from utils.kernels.sparse_prefill import sparse_prefill
 
     B, Hq, Hkv, L, D, bs = 2, 8, 2, 1000, 128, 128
@@ -568,7 +569,7 @@ def test_cuda_flexprefill_and_xattention_through_the_kernels(dtype, B, Hq, Hkv, 
 def test_cuda_exact_tail_on_the_fused_path():
     """exact_tail: the fused kernel selects every tile, then the tail tiles are redone exactly on the PyTorch path;
     the result equals the PyTorch path for the whole selection."""
-    from utils.dhsa import dhsa_select
+    from utils.methods.dhsa.select import dhsa_select
     g = torch.Generator(device="cuda").manual_seed(0)
     L, T = 3000, 64
     q = torch.randn(1, 12, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -594,7 +595,7 @@ def test_cuda_dense_tail_and_decode_question_keys():
     """The default dense question tail on the kernel path: the tail tiles equal dense attention, the tiles before it
     equal the same selection without a tail; a sparse decode step with the question's keys keeps its budget."""
     from utils.attention import dense_attention
-    from utils.dhsa import dhsa_attention
+    from utils.methods.dhsa.select import dhsa_attention
     from utils.methods import METHODS, LayerContext
     from utils.config import SparseAttentionConfig
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -621,7 +622,7 @@ def test_cuda_dense_tail_and_decode_question_keys():
 def test_rtx3090_gets_smaller_tiles_that_fit(monkeypatch):
     """With 99 KB per block (RTX 3090, sm_86) the configs shrink to fit, by the kernels' own accounting, and the
     H100's stay as tuned; the limit is forced by shared_memory_limit or DHSA_SHARED_MEMORY."""
-    from utils.kernels.select import max_pooled_config
+    from utils.methods.dhsa.fused import max_pooled_config
     from utils.kernels.shared_memory import H100, RTX_3090, shared_memory_limit, shared_memory_per_block
     from utils.kernels.sparse_prefill import default_config
 
@@ -683,7 +684,7 @@ def shared_memory_on_sm86(kernel, args, kwargs) -> int:
 def launches_of(monkeypatch, limit: int) -> list[tuple]:
     """(kernel, args, kwargs) of the Triton launches that the kernels' wrappers make under a shared-memory limit,
     for the layer shapes of the latency tables (head dims 64/128/256, token and block mode, bf16, fp32 scoring)."""
-    from utils.kernels import select as select_module
+    from utils.methods.dhsa import fused as select_module
     from utils.kernels import sparse_prefill as prefill_module
     from utils.kernels.shared_memory import shared_memory_limit
 

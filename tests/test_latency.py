@@ -1,4 +1,4 @@
-"""Latency benchmark (run_latency_test.py, utils/latency_methods.py, utils/latency.py) on the CPU: the method table
+"""Latency benchmark (run_latency_test.py, utils/bench/latency_methods.py, utils/bench/latency.py) on the CPU: the method table
 covers the registry and selects as a patched model does, its one timing loop writes the rows of the CSV, bad flags
 give one-line errors. The GPU-only block variants run under Triton's CPU interpreter in a subprocess."""
 
@@ -16,8 +16,8 @@ import run_latency_test
 from utils import kernels
 from utils.attention import sparse_attention
 from utils.config import DHSAOptions, SparseAttentionConfig
-from utils.dhsa import dhsa_select
-from utils.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, fixed_boundaries, layer_contexts,
+from utils.methods.dhsa.select import dhsa_select
+from utils.bench.latency_methods import (CPU_DEFAULTS, KERNEL_DEFAULTS, LAYER_METHODS, fixed_boundaries, layer_contexts,
                                    reference)
 from utils.methods import METHODS, LayerContext
 from utils.selection import KernelSelection
@@ -112,7 +112,7 @@ def test_cpu_mode_writes_the_csv(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "cpu", "--methods", "dhsa_block"], "dhsa_block need\\(s\\) a CUDA GPU"),
     (["--mode", "cpu", "--methods", "nope"], "unknown method\\(s\\) \\['nope'\\]; choose from sdpa, .*dhsa_block"),
-    (["--mode", "cpu", "--shape", "nope"], r"unknown shape 'nope'; choose a model of utils/model_specs.py \(.*qwen.*\) or give HqxHkvxD"),
+    (["--mode", "cpu", "--shape", "nope"], r"unknown shape 'nope'; choose a model of utils/models/specs.py \(.*qwen.*\) or give HqxHkvxD"),
     (["--mode", "cpu", "--kernel-configs", "[{}]"], "use it with --mode kernel"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message):
@@ -133,8 +133,8 @@ import torch
 from utils.kernels._interpreter import fix_interpreter
 fix_interpreter()
 from utils.config import DHSAOptions, SparseAttentionConfig
-from utils.kernels.select import dhsa_block_select
-from utils.latency_methods import LAYER_METHODS, fixed_boundaries, plan_selection, reference
+from utils.methods.dhsa.fused import dhsa_block_select
+from utils.bench.latency_methods import LAYER_METHODS, fixed_boundaries, plan_selection, reference
 
 g = torch.Generator().manual_seed(0)
 q, k, v = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g), \\
@@ -167,7 +167,7 @@ def test_block_variants_under_triton_interpreter():
 def test_decode_step_runs_the_registry_decode_with_the_selection_inside():
     """DecodeStep is run_method's sparse decode step (Algorithm 2 for DHSA: the prompt's chunks in the layer state,
     the new token reading at most N_b keys, itself included), and each call selects again for its query."""
-    from utils.latency_decode import DecodeStep, decode_inputs
+    from utils.bench.latency_decode import DecodeStep, decode_inputs
     from utils.methods import run_method
 
     shape = dict(name="tiny", heads=4, kv_heads=2, head_dim=16, scale=None, softcap=None)
@@ -195,7 +195,7 @@ def test_pinned_dense_decode_reads_each_kv_head_for_its_group():
     """The pinned SDPA entries pass a GQA group's heads as queries of their KV head: the same output as dense
     attention with K/V shared per group (here on SDPA's math backend, which the CPU has)."""
     from utils.attention import dense_attention
-    from utils.latency_decode import _pinned, decode_inputs
+    from utils.bench.latency_decode import _pinned, decode_inputs
 
     shape = dict(name="tiny", heads=6, kv_heads=2, head_dim=16, scale=None, softcap=None)
     q, k, v = decode_inputs(shape, 2, 50, torch.float32, "cpu", seed=3)
@@ -249,7 +249,7 @@ def test_decode_defaults():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_mode_on_cuda(tmp_path):
     """Every default entry on the GPU at small caches: dense backends agree, sparse steps match the executor."""
-    from utils.latency_decode import DENSE_DECODE, decode_inputs
+    from utils.bench.latency_decode import DENSE_DECODE, decode_inputs
 
     shape = run_latency_test.layer_shape("llama-3.1-8b")
     q, k, v = decode_inputs(shape, 1, 4096, torch.bfloat16, "cuda", seed=0)
@@ -306,7 +306,7 @@ def test_e2e_on_the_cpu_times_attention_inside_the_prefill(tmp_path, capsys):
 
 def test_decode_step_keeps_the_chunk_vectors_between_steps():
     """On the CPU the timed DHSA decode step reads the prompt's chunk vectors from the layer state."""
-    from utils.latency_decode import DecodeStep, decode_inputs
+    from utils.bench.latency_decode import DecodeStep, decode_inputs
     q, k, v = decode_inputs(dict(heads=4, kv_heads=2, head_dim=16), 1, 600, torch.float32, "cpu", seed=0)
     step = DecodeStep("dhsa", q, k, v, SparseAttentionConfig(density=0.125))
     entry = step.context.state["dhsa"]["decode_cache"]["chunks"][0]

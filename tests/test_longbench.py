@@ -10,7 +10,8 @@ import eval_longbench as ev
 import run_longbench as rl
 from data import longbench as lb
 from data import longbench_metrics as lm
-from utils import longbench_plots, longbench_tables, models
+from utils import models
+from utils.bench import longbench_plots, longbench_tables
 from utils.patch import patch_model
 
 # Test fixture only (the product never reads it): LongBench's multi_news etc. in ../shared beside the repository.

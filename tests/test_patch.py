@@ -31,7 +31,7 @@ def family_model(request):
 
 @torch.no_grad()
 def test_full_budget_logits_equal_dense(family_model, monkeypatch):
-    import utils.registry
+    import utils.methods.registry
 
     family, model = family_model
     ids = prompt(model, 150)
@@ -43,7 +43,7 @@ def test_full_budget_logits_equal_dense(family_model, monkeypatch):
     patch_model(model, "dhsa", density=0.1, query_chunk=16, boundary_source="fixed")
     sparse = model(ids).logits
     assert (sparse - ref).abs().max() > 1e-3, "a small budget should change the logits"
-    monkeypatch.setattr(utils.registry, "sparse_attention", masked_attention)
+    monkeypatch.setattr(utils.methods.registry, "sparse_attention", masked_attention)
     torch.testing.assert_close(model(ids).logits, sparse, atol=1e-5, rtol=1e-4)
     monkeypatch.undo()
     patch_model(model, "dense")
@@ -86,7 +86,7 @@ def test_generate_end_to_end_with_sparse_prefill_and_decode(family_model, monkey
     sparse layers only, and the tokens of a hand-written loop: decode="dense" is the sparse prefill followed by
     the model's own dense attention, decode="sparse" the reference executor (masked softmax) on every step."""
     family, model = family_model
-    import utils.registry as registry
+    import utils.methods.registry as registry
 
     seen = []
     original = registry.sparse_attention
@@ -205,6 +205,28 @@ def test_patch_reconfigures_and_validates():
     with pytest.raises(ValueError, match="density"):
         patch_model(model, "dhsa", density=1.5)
     assert get_method("dhsa").select is not None
+
+
+def test_config_is_frozen_and_setup_is_the_methods():
+    """Issue 23: every layer holds the same config, so it cannot be edited (a change is a new value); only a method
+    with a setup hook (DHSA) gets a boundary source, patch_model itself knows none."""
+    import dataclasses
+
+    from utils.config import SparseAttentionConfig
+
+    model = tiny_model("llama").eval()
+    patch_model(model, "dhsa", density=0.25)
+    layers = attention_layers(model)
+    cfg = layers[0].sparse_config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.density = 0.5
+    assert cfg.replace(density=0.5).density == 0.5 and all(layer.sparse_config.density == 0.25 for layer in layers)
+    assert SparseAttentionConfig(method="quest").decode == "sparse"  # normalised in the constructor
+    assert SparseAttentionConfig(method="dense", decode="sparse").decode == "dense"
+    assert SparseAttentionConfig(dense_layers=[1, 0]).dense_layers == (1, 0)
+    assert "boundary_source" in layers[0].sparse_context.shared
+    patch_model(model, "streaming", density=0.25)
+    assert get_method("streaming").setup is None and attention_layers(model)[0].sparse_context.shared == {}
 
 
 @torch.no_grad()

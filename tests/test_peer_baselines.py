@@ -1,4 +1,4 @@
-"""flexprefill and xattention (utils/baselines/flexprefill.py, xattention.py, blocks.py) beyond the registry-wide
+"""flexprefill and xattention (utils/methods/baselines/flexprefill.py, xattention.py, blocks.py) beyond the registry-wide
 checks of test_baselines.py: their scores against brute-force loops, planted attention patterns they must find
 (a vertical line, a slash line, query-dependent blocks), their thresholds (more kept as they rise), the density
 they report, and the block-number form the GPU block kernel reads."""
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from utils.attention import sparse_attention
-from utils.baselines.blocks import (REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached,
+from utils.methods.baselines.blocks import (REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached,
                                     reached_density, token_selection)
-from utils.baselines.flexprefill import flexprefill_blocks, sqrt_js_divergence
-from utils.baselines.oracle import last_query_attention
-from utils.baselines.xattention import antidiagonal_block_scores, xattention_blocks
+from utils.methods.baselines.flexprefill import flexprefill_blocks, sqrt_js_divergence
+from utils.methods.baselines.oracle import last_query_attention
+from utils.methods.baselines.xattention import antidiagonal_block_scores, xattention_blocks
 from utils.config import SparseAttentionConfig
 from utils.methods import METHODS, LayerContext
 from utils.selection import block_selection_to_tokens

@@ -6,9 +6,9 @@ authors' code was checked on their own functions, outside the test suite: README
 import pytest
 import torch
 
-from utils.baselines.blocks import BlockGrid, cover_mask, within_mask
-from utils.baselines.flexprefill import blocks_needed, flexprefill_blocks
-from utils.baselines.xattention import official_chunk_tiles, threshold_mask, xattention_blocks
+from utils.methods.baselines.blocks import BlockGrid, cover_mask, within_mask
+from utils.methods.baselines.flexprefill import blocks_needed, flexprefill_blocks
+from utils.methods.baselines.xattention import official_chunk_tiles, threshold_mask, xattention_blocks
 from utils.config import LEGACY_VALUES, SparseAttentionConfig
 from utils.methods import METHODS, LayerContext
 

@@ -1,5 +1,5 @@
 """DHSA's question tail (`dense_tail`, the authors' dense instruction tail) and the question's keys at sparse decode
-steps (`tail_key_ranking`), and the selection testbed that measured them (utils/testbed.py,
+steps (`tail_key_ranking`), and the selection testbed that measured them (utils/bench/testbed.py,
 run_selection_testbed.py)."""
 
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from utils.attention import dense_attention, sparse_attention
-from utils.boundaries import fixed_size_ends
+from utils.methods.dhsa.boundaries import fixed_size_ends
 from utils.config import DHSAOptions, SparseAttentionConfig
-from utils.dhsa import dhsa_attention, dhsa_select, tail_key_ranking
+from utils.methods.dhsa.select import dhsa_attention, dhsa_select, tail_key_ranking
 from utils.methods import METHODS, LayerContext
-from utils.testbed import (dhsa_flop_ratio, parse_spec, score_selection, window_rows, window_starts,
+from utils.bench.testbed import (dhsa_flop_ratio, parse_spec, score_selection, window_rows, window_starts,
                            window_truth)
 
 

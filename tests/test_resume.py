@@ -269,7 +269,7 @@ def test_recall_killed_mid_layer_resumes_exactly_once(tmp_path, essays, recall_r
 def test_latency_csv_killed_mid_row_stays_parseable(tmp_path):
     """The latency runner does not resume (each run measures anew), but a killed run must not break the CSV: the
     next run cuts the half row away and appends whole rows after the complete ones."""
-    from utils.latency import COLUMNS
+    from utils.bench.latency import COLUMNS
 
     runner = Runner("run_latency_test")
     out = tmp_path / "out"

@@ -14,9 +14,9 @@ from transformers import AutoConfig
 
 import run_needle_in_haystack as runner
 import visualize_needle_in_haystack as viz
-from utils.cli import model_folder, parse_length
+from utils.runs.cli import results_folder_name, parse_length
 from utils.models import TINY_MAX_POSITIONS, load_model, published_config, tiny_config, tiny_model, tiny_tokenizer
-from utils.rope_scaling import RopeScaling, apply_rope_scaling, parse_rope_scaling
+from utils.models.rope_scaling import RopeScaling, apply_rope_scaling, parse_rope_scaling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,8 @@ def test_parse_rope_scaling():
     assert parse_rope_scaling(str(scaling)) == scaling and parse_rope_scaling(scaling) is scaling
     for nothing in (None, "", "none", "off"):
         assert parse_rope_scaling(nothing) is None
-    assert model_folder("qwen2.5-coder-1.5b-instruct", scaling) == "qwen2.5-coder-1.5b-instruct_yarn4"
-    assert model_folder("/models/qwen/", "yarn:2") == "qwen_yarn2" and model_folder("m", None) == "m"
+    assert results_folder_name("qwen2.5-coder-1.5b-instruct", scaling) == "qwen2.5-coder-1.5b-instruct_yarn4"
+    assert results_folder_name("/models/qwen/", "yarn:2") == "qwen_yarn2" and results_folder_name("m", None) == "m"
 
 
 @pytest.mark.parametrize("spec, message", [

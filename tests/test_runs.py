@@ -1,5 +1,5 @@
-"""The shared run layer: crash-safe JSONL and CSV results (utils/runs.py), run names, and greedy generation with
-stopping (utils/generation.py)."""
+"""The shared run layer: crash-safe JSONL and CSV results (utils/runs/records.py), run names, and greedy generation with
+stopping (utils/runs/generation.py)."""
 
 import csv
 import io
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from utils.config import SparseAttentionConfig
-from utils.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
+from utils.runs.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.runs import (append_csv, append_jsonl, check_same_settings, config_dict, read_csv_rows, read_jsonl,
                         repair_jsonl, run_name)
 

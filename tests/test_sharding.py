@@ -1,5 +1,5 @@
-"""Sharded runs (utils/sharding.py): which rank takes which work, which device, the file lock that lets ranks append
-to one results file (utils/runs.py). The runners under torchrun with two processes: tests/test_resume.py (needle,
+"""Sharded runs (utils/runs/sharding.py): which rank takes which work, which device, the file lock that lets ranks append
+to one results file (utils/runs/records.py). The runners under torchrun with two processes: tests/test_resume.py (needle,
 LongBench) and tests/test_ruler.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from utils.runs import append_jsonl, locked, read_jsonl
-from utils.sharding import Shard, distributed
+from utils.runs.sharding import Shard, distributed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from utils.attention import dense_attention
-from utils.boundaries import fixed_size_ends
+from utils.methods.dhsa.boundaries import fixed_size_ends
 from utils.config import DHSAOptions, SparseAttentionConfig
-from utils.dhsa import dhsa_attention, dhsa_select
+from utils.methods.dhsa.select import dhsa_attention, dhsa_select
 
 OPTIONS = DHSAOptions(query_chunk=16, sink_tokens=4, local_tokens=8)
 

@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .selection import Selection, block_selection_to_tokens
+from utils import kernels
+from utils.selection import Selection, block_selection_to_tokens
 
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25

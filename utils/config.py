@@ -15,9 +15,13 @@ import os
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseAttentionConfig:
     """Options shared by all attention methods (dense, dhsa and the baselines).
+
+    Frozen: every layer of a patched model holds the same config, so a change is a new value
+    (`config.replace(density=x)`), never an edit that all layers would see. Fields by group: generic, DHSA (the
+    DHSAOptions fields and its boundaries), layers, baselines.
 
     Budget: each query reads at most N_b keys. Give N_b directly (`budget`) or as a token density N_b / L
     (`density`, the paper's knob: 6.25%, 12.5%, 25%). `min_budget` is a floor (the paper keeps 512 keys at 1K).
@@ -106,9 +110,9 @@ class SparseAttentionConfig:
         if self.decode not in ("dense", "sparse"):
             raise ValueError(f"decode must be dense or sparse, got {self.decode!r}; e.g. --decode sparse")
         if self.method == "quest":  # Quest acts only at decode (prefill stays dense): its decode is always sparse
-            self.decode = "sparse"
+            object.__setattr__(self, "decode", "sparse")  # normalised once, in the constructor (frozen)
         if self.method == "dense":  # nothing is sparse: one protocol, so dense runs are shared by both
-            self.decode = "dense"
+            object.__setattr__(self, "decode", "dense")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
         if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
@@ -133,7 +137,7 @@ class SparseAttentionConfig:
             raise ValueError(f"flex_min_budget must be >= 0 tokens, got {self.flex_min_budget}")
         if self.flex_tau < 0 or self.xattn_stride < 1:
             raise ValueError(f"flex_tau must be >= 0 and xattn_stride >= 1, got {self.flex_tau}, {self.xattn_stride}")
-        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
 
     def resolve_budget(self, num_keys: int) -> int:
         """N_b for a sequence of `num_keys` keys: budget, else ceil(density * L), floored by min_budget."""
@@ -164,7 +168,7 @@ class SparseAttentionConfig:
 
 @dataclass(frozen=True)
 class DHSAOptions:
-    """The options of DHSA's key selection (utils/dhsa.py `dhsa_select` and its GPU kernel), as one value.
+    """The options of DHSA's key selection (utils/methods/dhsa/select.py `dhsa_select` and its GPU kernel), as one value.
 
     Every field is the SparseAttentionConfig field of the same name, with the same default and meaning (see
     there); build it from a config with `config.dhsa_options()`. The budget N_b and the chunk boundaries depend
@@ -203,14 +207,14 @@ class DHSAOptions:
 
 
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
-# equals this one may resume it (utils/runs.py check_same_settings). Add an entry with every new field.
+# equals this one may resume it (utils/runs/records.py check_same_settings). Add an entry with every new field.
 LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
                  "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
                  "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
                  "xattn_rule": "paper"}
 
 
-# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs.py
+# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs/records.py
 # same_config), so a changed default of, say, XAttention's threshold does not split DHSA's results.
 METHOD_ONLY_FIELDS = {
     "peer_budget": ("flexprefill", "xattention"),

@@ -14,17 +14,15 @@ Sparse methods run one unpadded sequence at a time (the paper loops over a batch
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import dense_attention, sliding_window_attention
-from .boundaries import make_boundary_source
-from .config import SparseAttentionConfig, config_field_names
-from .methods import LayerContext, get_method, method_names, run_method
+from utils.attention import dense_attention, sliding_window_attention
+from utils.config import SparseAttentionConfig, config_field_names
+from utils.methods import LayerContext, get_method, method_names, run_method
 
 _SHARED_BY_CONFIG: dict[int, dict] = {}  # per-model shared state for models set up only via attn_implementation=
 
@@ -32,12 +30,15 @@ _SHARED_BY_CONFIG: dict[int, dict] = {}  # per-model shared state for models set
 def _default_context(module) -> tuple[SparseAttentionConfig, LayerContext]:
     """Config and context for a model loaded with attn_implementation="<method>" and never patched."""
     config = SparseAttentionConfig(method=module.config._attn_implementation)
-    shared = _SHARED_BY_CONFIG.setdefault(id(module.config), {})
-    if "boundary_source" not in shared:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            shared["boundary_source"] = make_boundary_source(config, _model_name(module.config))
-    return config, LayerContext(getattr(module, "layer_idx", 0), {}, shared, shared["boundary_source"])
+    shared = _SHARED_BY_CONFIG.get(id(module.config))
+    if shared is None:  # the first call of this model: the method's setup, once (it sees the layer, not the model)
+        shared = _SHARED_BY_CONFIG[id(module.config)] = {}
+        setup = get_method(config.method).setup
+        if setup is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                setup(module, config, shared)
+    return config, LayerContext(getattr(module, "layer_idx", 0), {}, shared)
 
 
 def _is_sliding(module, sliding_window) -> bool:
@@ -104,11 +105,6 @@ def _register_all() -> None:
 _register_all()
 
 
-def _model_name(config) -> str | None:
-    path = getattr(config, "_name_or_path", "") or ""
-    return os.path.basename(os.path.normpath(path)) if path else None
-
-
 def attention_layers(model) -> list[torch.nn.Module]:
     """The self-attention modules of a decoder (those that carry a `layer_idx`), in layer order."""
     layers = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
@@ -156,26 +152,12 @@ def patch_model(model, method: str = "dhsa", density: float | None = None, budge
 
     model.set_attn_implementation(config.method)
     shared: dict = {}
-    if config.method.startswith("dhsa"):
-        shared["boundary_source"] = make_boundary_source(config, _model_name(model.config), tokenizer)
-    if chosen.setup is not None:
-        chosen.setup(model, config, shared)
+    if chosen.setup is not None:  # what the method loads once per patch (DHSA: its boundary source)
+        chosen.setup(model, config, shared, tokenizer)
     for layer in layers:
         layer.sparse_config = config
-        layer.sparse_context = LayerContext(layer.layer_idx, {}, shared, shared.get("boundary_source"))
-    if config.newline_boundaries:
-        _remember_input_ids(model, shared)
+        layer.sparse_context = LayerContext(layer.layer_idx, {}, shared)
     return model
-
-
-def _remember_input_ids(model, shared: dict) -> None:
-    """Keep the prompt's token ids where boundary sources can read them (for newline boundaries)."""
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[-1] > 1:
-            shared["input_ids"] = ids
-    if not getattr(model, "_dhsa_input_ids_hook", None):
-        model._dhsa_input_ids_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 __all__ = ["patch_model", "sparse_attention_forward", "attention_layers", "sparse_layer_indices"]

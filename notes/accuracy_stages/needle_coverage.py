@@ -1,7 +1,7 @@
 """Diagnostic (CPU or GPU): how much of the last query tile's attention on the needle survives DHSA's selection?
 
 One dense forward of a needle prompt, with an attention hook that keeps every layer's post-RoPE queries of the last
-tile and all keys. The production selection (`utils.dhsa.dhsa_select`) then runs on those queries for each variant
+tile and all keys. The production selection (`utils.methods.dhsa.select.dhsa_select`) then runs on those queries for each variant
 of the options; per layer and query head we measure, over the tile's queries, the dense attention mass on the needle
 tokens and the part of it that the kept keys hold. A head "needs" the needle when its mass on it is >= --mass.
 Reported per variant: needle mass kept (summed over the needing heads, relative to dense), the number of needing heads
@@ -23,9 +23,9 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from data.haystack import NEEDLE_SETS, Haystack, make_sample, read_essays, resolve_prompt_style  # noqa: E402
-from utils.boundaries import fixed_size_ends  # noqa: E402
+from utils.methods.dhsa.boundaries import fixed_size_ends  # noqa: E402
 from utils.config import SparseAttentionConfig  # noqa: E402
-from utils.dhsa import dhsa_select  # noqa: E402
+from utils.methods.dhsa.select import dhsa_select  # noqa: E402
 from utils.models import load_model  # noqa: E402
 
 VARIANTS = {"base": {}, "chunk8": {"chunk_size": 8}, "rescore2": {"token_rescore": 2.0},

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from data.haystack import NEEDLE_SETS, Haystack, make_sample, read_essays, resolve_prompt_style  # noqa: E402
-from utils.boundaries import fixed_size_ends  # noqa: E402
-from utils.dhsa_math import chunk_vectors, tile_key_means  # noqa: E402
+from utils.methods.dhsa.boundaries import fixed_size_ends  # noqa: E402
+from utils.methods.dhsa.scores import chunk_vectors, tile_key_means  # noqa: E402
 from utils.models import load_model  # noqa: E402
 
 p = argparse.ArgumentParser()

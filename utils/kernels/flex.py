@@ -1,6 +1,6 @@
 """Block-aligned sparse attention through PyTorch FlexAttention, as an alternative to the Triton block kernel
 (the faster one is picked by measurement, notes/kernel_notes.md). Input: a block-mode KernelSelection
-(utils/kernels/select.py `dhsa_block_select`), query tiles of one block. Blocks strictly below the diagonal are
+(utils/methods/dhsa/fused.py `dhsa_block_select`), query tiles of one block. Blocks strictly below the diagonal are
 passed as full blocks (no mask evaluated), the diagonal block as a partial block with the causal mask.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..selection import KernelSelection
+from utils.selection import KernelSelection
 
 _compiled = {}
 

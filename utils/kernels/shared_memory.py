@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from ._interpreter import interpreting
+from utils.kernels._interpreter import interpreting
 
 RTX_3090 = 99 * 1024  # opt-in shared memory per block of sm_86 (RTX 30xx, A10, A40), bytes
 H100 = 227 * 1024     # sm_90

@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import interpreting
-from .shared_memory import shared_memory_per_block
+from utils.kernels._interpreter import interpreting
+from utils.kernels.head_dims import HEAD_DIMS
+from utils.kernels.shared_memory import shared_memory_per_block
 
 try:  # Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -235,7 +236,7 @@ def sparse_prefill(
     Hkv, Lk = k.shape[1], k.shape[2]
     Hs, n_tiles, K = key_index.shape[1], key_index.shape[2], key_index.shape[3]
     T = query_chunk
-    if D not in (16, 32, 64, 128, 256) or v.shape[-1] != D:
+    if D not in HEAD_DIMS or v.shape[-1] != D:
         raise ValueError(f"sparse_prefill supports head dims 16..256 (powers of two, Dv == D); got {D}, {v.shape[-1]}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"sparse_prefill needs q, k, v of one dtype (fp16/bf16/fp32); got {q.dtype}, {k.dtype}")

@@ -1,6 +1,6 @@
 """Scratch (device, issue 25): /tmp/blob (the carried pieces, appended in order) -> the GGUF of
-qwen2.5-coder-1.5b-instruct, checked against the size and sha256 of utils/model_specs.py, then converted into
-$DHSA_CACHE/models/<name> with the project's own conversion (utils.gguf_convert.convert_gguf), built in a hidden
+qwen2.5-coder-1.5b-instruct, checked against the size and sha256 of utils/models/specs.py, then converted into
+$DHSA_CACHE/models/<name> with the project's own conversion (utils.models.gguf_convert.convert_gguf), built in a hidden
 temp folder and renamed at the end, as utils.models.offline_model_dir does (which would fetch the wheels instead).
 
     python3 notes/device_plan/issue25/convert.py [/tmp/blob]
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from utils.model_specs import get_spec  # noqa: E402
-from utils.wheels import cache_dir  # noqa: E402
+from utils.models.specs import get_spec  # noqa: E402
+from utils.models.wheels import cache_dir  # noqa: E402
 
 NAME = os.environ.get("MODEL_NAME", "qwen2.5-coder-1.5b-instruct")
 
@@ -36,7 +36,7 @@ def main(blob: Path) -> None:
     if digest.hexdigest() != spec.gguf.sha256:
         sys.exit(f"{blob} has sha256 {digest.hexdigest()}, expected {spec.gguf.sha256}")
     print("sha ok", spec.gguf.sha256, flush=True)
-    from utils.gguf_convert import convert_gguf
+    from utils.models.gguf_convert import convert_gguf
 
     final.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

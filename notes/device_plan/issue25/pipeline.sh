@@ -34,7 +34,7 @@ if ! python3 -c "import gguf, rouge_score.rouge_scorer" 2>/dev/null; then
   python3 -c "import gguf, rouge_score.rouge_scorer" >> /tmp/exp/pip.log 2>&1 || fail "import gguf/rouge_score"
 fi
 
-# 2. /tmp/blob -> GGUF (size + sha256 of utils/model_specs.py) -> $DHSA_CACHE/models/qwen2.5-coder-1.5b-instruct
+# 2. /tmp/blob -> GGUF (size + sha256 of utils/models/specs.py) -> $DHSA_CACHE/models/qwen2.5-coder-1.5b-instruct
 echo "RUNNING convert" > /tmp/exp/status
 echo "$(date +%s) start convert" >> /tmp/exp/jobs.log
 python3 notes/device_plan/issue25/convert.py /tmp/blob > /tmp/exp/convert.log 2>&1
