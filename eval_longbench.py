@@ -32,7 +32,7 @@ from pathlib import Path
 from data.longbench import ALL_DATASETS
 from data.longbench_metrics import dataset_score, dataset_score_by_length
 from utils.runs.cli import HelpFormatter
-from utils.config import LEGACY_VALUES
+from utils.runs.records import LEGACY_VALUES
 from utils.bench.longbench_plots import plot_density
 from utils.bench.longbench_tables import build_tables, write_csv
 from utils.runs import read_jsonl

@@ -41,7 +41,7 @@ import torch
 
 from data.essay_text import essay_tokens, validation_essays
 from utils.runs.cli import parse_length, user_errors
-from utils.config import add_config_args, config_from_args
+from utils.runs.cli import add_config_args, config_from_args
 from utils.bench.recall import METRICS, layer_recall
 from utils.runs import append_jsonl, read_jsonl
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from utils import kernels
 from utils.attention import sparse_attention
-from utils.config import SparseAttentionConfig, add_config_args, config_from_args
+from utils.config import SparseAttentionConfig
+from utils.runs.cli import add_config_args, config_from_args
 from utils.bench.latency import Results, device_name, measure, random_qkv, rel_err, sdpa_backend
 from utils.bench.latency_batch import batch_mode
 from utils.bench.latency_cpu import cpu_interleaved, e2e_cpu_interleaved

@@ -37,7 +37,7 @@ from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBE
                             file_name, load_samples, uses_chat_template)
 from utils.methods.baselines.blocks import density_reached
 from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, results_folder_name, sweep_configs
-from utils.config import add_config_args
+from utils.runs.cli import add_config_args
 from utils.runs.generation import eos_token_ids, greedy_generate
 from utils.runs import append_jsonl, config_dict, read_jsonl, run_name, same_config, write_atomic
 from utils.runs.sharding import Shard, distributed

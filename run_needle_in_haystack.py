@@ -32,7 +32,8 @@ from data.haystack import (
 )
 from utils.methods.baselines.blocks import density_reached
 from utils.runs.cli import add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs, user_errors
-from utils.config import SparseAttentionConfig, add_config_args
+from utils.config import SparseAttentionConfig
+from utils.runs.cli import add_config_args
 from utils.runs.generation import StopAtNewline, eos_token_ids, greedy_generate, sync
 from utils.models.rope_scaling import apply_rope_scaling, too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name

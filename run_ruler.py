@@ -30,7 +30,8 @@ from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
 from utils.methods.baselines.blocks import density_reached
 from utils.runs.cli import (HelpFormatter, add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs,
                             user_errors)
-from utils.config import SparseAttentionConfig, add_config_args
+from utils.config import SparseAttentionConfig
+from utils.runs.cli import add_config_args
 from utils.runs.generation import eos_token_ids, greedy_generate
 from utils.models.rope_scaling import too_long_message
 from utils.runs import append_jsonl, check_same_settings, config_dict, read_jsonl, run_name

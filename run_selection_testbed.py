@@ -25,7 +25,8 @@ import torch
 
 from utils import kernels
 from utils.runs.cli import parse_length, user_errors
-from utils.config import METHOD_ONLY_FIELDS, SparseAttentionConfig
+from utils.config import SparseAttentionConfig
+from utils.runs.records import METHOD_ONLY_FIELDS
 from utils.runs import append_jsonl, read_jsonl
 from utils.bench.testbed import (TAIL_OPTIONS, cache_path, capture, dhsa_flop_ratio, parse_spec, score_selection,
                            window_rows, window_starts, window_truth)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from utils.runs.cli import parse_length, user_errors
-from utils.config import add_config_args, config_from_args
+from utils.runs.cli import add_config_args, config_from_args
 
 MAX_BOUNDARY_LINES = 48  # more chunk boundaries than this are drawn as ticks on the panel's edges
 DEFAULT_METHODS = ["dhsa", "block_sparse", "vertical_slash", "streaming", "streaming_strided", "quest",

@@ -9,7 +9,8 @@ import torch
 from utils.methods.baselines.blocks import BlockGrid, cover_mask, within_mask
 from utils.methods.baselines.flexprefill import blocks_needed, flexprefill_blocks
 from utils.methods.baselines.xattention import official_chunk_tiles, threshold_mask, xattention_blocks
-from utils.config import LEGACY_VALUES, SparseAttentionConfig
+from utils.config import SparseAttentionConfig
+from utils.runs.records import LEGACY_VALUES
 from utils.methods import METHODS, LayerContext
 
 

@@ -1,14 +1,14 @@
 """Every option of the sparse attention methods, in one dataclass with the paper's defaults.
 
 Command-line flags map onto the fields one to one (`--query-chunk 256` sets `query_chunk`), through
-`add_config_args` and `config_from_args`, so every runner exposes the same options under the same names.
+`utils.runs.cli.add_config_args` and `config_from_args`, so every runner exposes the same options under the same
+names; the rules for resuming results written before a field existed live in utils/runs/records.py.
 `DHSAOptions` is the part of the config that DHSA's key selection reads, as one frozen value
 (`config.dhsa_options()`), so that the selection, its GPU kernel and the latency benchmark take one argument.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -206,59 +206,8 @@ class DHSAOptions:
         return dataclasses.replace(self, **changes)
 
 
-# What a run did before a field existed: a results record written then lacks the field, and only a run whose value
-# equals this one may resume it (utils/runs/records.py check_same_settings). Add an entry with every new field.
-LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
-                 "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
-                 "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
-                 "xattn_rule": "paper"}
-
-
-# Fields that only some methods read: a run of another method ignores them when it resumes (utils/runs/records.py
-# same_config), so a changed default of, say, XAttention's threshold does not split DHSA's results.
-METHOD_ONLY_FIELDS = {
-    "peer_budget": ("flexprefill", "xattention"),
-    "flex_gamma": ("flexprefill",), "flex_tau": ("flexprefill",), "flex_min_budget": ("flexprefill",),
-    "flex_rule": ("flexprefill",),
-    "xattn_threshold": ("xattention",), "xattn_stride": ("xattention",), "xattn_rule": ("xattention",),
-}
-
-
 def config_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(SparseAttentionConfig)]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per config field (`query_chunk` -> `--query-chunk`), defaults from the dataclass."""
-    group = parser.add_argument_group("sparse attention (utils/config.py)")
-    defaults = SparseAttentionConfig()
-    for f in dataclasses.fields(SparseAttentionConfig):
-        if f.name in skip:
-            continue
-        default = getattr(defaults, f.name)
-        if f.type in ("bool",) or isinstance(default, bool):
-            group.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction)
-        elif f.name == "dense_layers":
-            group.add_argument(_flag(f.name), type=int, nargs="*", default=list(default))
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
-            if kind is None:  # "int | None" and friends
-                kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            group.add_argument(_flag(f.name), type=kind, default=default)
-
-
-def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionConfig:
-    """Build the config from parsed flags; `overrides` win (e.g. method=... per sweep entry)."""
-    values = {name: getattr(args, name) for name in config_field_names() if hasattr(args, name)}
-    values.update(overrides)
-    if "dense_layers" in values and values["dense_layers"] is not None:
-        values["dense_layers"] = tuple(values["dense_layers"])
-    return SparseAttentionConfig(**values)
-
-
-__all__ = ["SparseAttentionConfig", "DHSAOptions", "add_config_args", "config_from_args", "config_field_names",
-           "LEGACY_VALUES", "METHOD_ONLY_FIELDS"]
+__all__ = ["SparseAttentionConfig", "DHSAOptions", "config_field_names"]

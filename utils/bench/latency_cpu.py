@@ -11,7 +11,7 @@ import sys
 import torch
 
 from utils import kernels
-from utils.config import config_from_args
+from utils.runs.cli import config_from_args
 from utils.bench.latency import Results, random_qkv
 from utils.bench.latency_methods import LayerMethod, layer_contexts
 

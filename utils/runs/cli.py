@@ -1,11 +1,14 @@
 """Small command-line helpers shared by the runners (lengths like "4K", --rope-scaling, a help formatter, one-line
-user errors)."""
+user errors) and the mapping of flags onto SparseAttentionConfig (add_config_args, config_from_args)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from pathlib import Path
+
+from utils.config import SparseAttentionConfig, config_field_names
 
 
 def parse_length(text: str) -> int:
@@ -68,7 +71,6 @@ def user_errors():
 def sweep_configs(args: argparse.Namespace) -> list:
     """One SparseAttentionConfig per requested run: --methods (else --method) x --densities (else --density), dense
     once whatever the density, in the order given. Raises ValueError naming the choices for an unknown method."""
-    from utils.config import config_from_args
     from utils.methods import method_names
 
     methods = args.methods or [args.method]
@@ -85,5 +87,37 @@ def sweep_configs(args: argparse.Namespace) -> list:
     return configs
 
 
-__all__ = ["sweep_configs", "parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "results_folder_name",
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per config field (`query_chunk` -> `--query-chunk`), defaults from the dataclass."""
+    group = parser.add_argument_group("sparse attention (utils/config.py)")
+    defaults = SparseAttentionConfig()
+    for f in dataclasses.fields(SparseAttentionConfig):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        if f.type in ("bool",) or isinstance(default, bool):
+            group.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction)
+        elif f.name == "dense_layers":
+            group.add_argument(_flag(f.name), type=int, nargs="*", default=list(default))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+            if kind is None:  # "int | None" and friends
+                kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+            group.add_argument(_flag(f.name), type=kind, default=default)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> SparseAttentionConfig:
+    """Build the config from parsed flags; `overrides` win (e.g. method=... per sweep entry)."""
+    values = {name: getattr(args, name) for name in config_field_names() if hasattr(args, name)}
+    values.update(overrides)
+    if "dense_layers" in values and values["dense_layers"] is not None:
+        values["dense_layers"] = tuple(values["dense_layers"])
+    return SparseAttentionConfig(**values)
+
+
+__all__ = ["add_config_args", "config_from_args", "sweep_configs", "parse_length", "rope_scaling_arg", "add_rope_scaling_arg", "results_folder_name",
            "HelpFormatter", "user_errors"]

@@ -28,6 +28,23 @@ import json
 import os
 from pathlib import Path
 
+# What a run did before a field existed: a results record written then lacks the field, and only a run whose value
+# equals this one may resume it (check_same_settings below). Add an entry with every new field.
+LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0,
+                 "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
+                 "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",
+                 "xattn_rule": "paper"}
+
+
+# Fields that only some methods read: a run of another method ignores them when it resumes (same_config
+# below), so a changed default of, say, XAttention's threshold does not split DHSA's results.
+METHOD_ONLY_FIELDS = {
+    "peer_budget": ("flexprefill", "xattention"),
+    "flex_gamma": ("flexprefill",), "flex_tau": ("flexprefill",), "flex_min_budget": ("flexprefill",),
+    "flex_rule": ("flexprefill",),
+    "xattn_threshold": ("xattention",), "xattn_stride": ("xattention",), "xattn_rule": ("xattention",),
+}
+
 
 def _complete_length(data: bytes) -> int:
     """Bytes of `data` up to and including its last newline (0 if there is none)."""
@@ -215,7 +232,6 @@ def same_config(recorded: dict | None, current: dict) -> bool:
     counts as its LEGACY_VALUES entry, the behaviour before the field existed. Dense attention ignores every
     option, so any two dense configs are the same run (a DHSA flag on the command line does not split it); fields
     that only other methods read (METHOD_ONLY_FIELDS: FlexPrefill's and XAttention's) are ignored likewise."""
-    from utils.config import LEGACY_VALUES, METHOD_ONLY_FIELDS
 
     if recorded is None:
         return False
