@@ -1,4 +1,4 @@
-"""flexprefill and xattention (utils/methods/baselines/flexprefill.py, xattention.py, blocks.py) beyond the registry-wide
+"""flexprefill and xattention (utils/methods/baselines/flexprefill.py, xattention.py, threshold_blocks.py) beyond the registry-wide
 checks of test_baselines.py: their scores against brute-force loops, planted attention patterns they must find
 (a vertical line, a slash line, query-dependent blocks), their thresholds (more kept as they rise), the density
 they report, and the block-number form the GPU block kernel reads."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from utils.attention import sparse_attention
-from utils.methods.baselines.blocks import (REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached,
+from utils.methods.baselines.threshold_blocks import (REACHED, BlockGrid, block_selection, cover_mask, keep_blocks, reached,
                                     reached_density, token_selection)
 from utils.methods.baselines.flexprefill import flexprefill_blocks, sqrt_js_divergence
 from utils.methods.baselines.oracle import last_query_attention

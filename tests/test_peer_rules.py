@@ -6,7 +6,7 @@ authors' code was checked on their own functions, outside the test suite: README
 import pytest
 import torch
 
-from utils.methods.baselines.blocks import BlockGrid, cover_mask, within_mask
+from utils.methods.baselines.threshold_blocks import BlockGrid, cover_mask, within_mask
 from utils.methods.baselines.flexprefill import blocks_needed, flexprefill_blocks
 from utils.methods.baselines.xattention import official_chunk_tiles, threshold_mask, xattention_blocks
 from utils.config import SparseAttentionConfig

@@ -13,7 +13,7 @@ Importing this package registers every baseline in `utils.methods.registry.METHO
 All but flexprefill and xattention take one budget N_b (`density` * L or `budget`), and no query reads more than N_b keys.
 flexprefill and xattention run as their authors run them by default (peer_budget="adaptive"): their thresholds
 alone decide how much each tile reads; with peer_budget="matched" they are capped at N_b and may stop below it.
-Both record the density they reached (blocks.py: context.state["reached"], `reached_density(model)`).
+Both record the density they reached (threshold_blocks.py: context.state["reached"], `reached_density(model)`).
 """
 
 # each module registers its methods

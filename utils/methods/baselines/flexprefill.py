@@ -1,7 +1,7 @@
 """FlexPrefill (Lai et al., ICLR 2025; github.com/bytedance/FlexPrefill): per head, a query-aware choice between
 a vertical-slash pattern and a query-aware block pattern, each sized by a cumulative-attention threshold gamma.
 
-What it keeps, per query head, on the block grid of utils/methods/baselines/blocks.py (blocks of `block_size` = 128 keys,
+What it keeps, per query head, on the block grid of utils/methods/baselines/threshold_blocks.py (blocks of `block_size` = 128 keys,
 query tiles of 128). By default (peer_budget="adaptive", as the authors run it) gamma alone sizes every tile:
 there is no cap and the density it reaches is recorded; peer_budget="matched" caps each tile at
 floor(N_b / 128) blocks (refused when that leaves <= 2 blocks).
@@ -26,7 +26,7 @@ Always kept: the first block and the diagonal (the tile's own block). Adaptive: 
 max(2 x 128, min_budget rounded up to blocks) keys is read densely (the authors' short-sequence rule). Matched:
 a tile whose last query sees at most N_b keys reads everything (N_b >= L is dense attention); when a tile wants
 more than its cap, the blocks with the most estimated attention (vertical + slash score; query-aware: the block
-score) are kept. The registry method stores the density reached in `context.state["reached"]` (blocks.py).
+score) are kept. The registry method stores the density reached in `context.state["reached"]` (threshold_blocks.py).
 
 Where the authors' code differs and this one does not follow it: when L % 128 != 0 their slash distribution is
 pooled into blocks from the far end (distance L - 1 down), so their "block diagonal" o holds the distances
@@ -53,7 +53,7 @@ from utils.config import SparseAttentionConfig
 from utils.methods.registry import AttentionMethod, LayerContext, register
 from utils.selection import Selection
 from utils.methods.baselines.block_sparse import block_means
-from utils.methods.baselines.blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
+from utils.methods.baselines.threshold_blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
                      method_selection, reached, token_selection, within_mask)
 from utils.methods.baselines.oracle import last_query_attention
 

@@ -1,7 +1,7 @@
 """XAttention (Xu et al., 2025; github.com/mit-han-lab/x-attention): block-sparse attention whose blocks are
 scored by antidiagonal sums and kept up to a cumulative threshold.
 
-What it keeps, per query head, on the block grid of utils/methods/baselines/blocks.py (blocks of `block_size` = 128 keys,
+What it keeps, per query head, on the block grid of utils/methods/baselines/threshold_blocks.py (blocks of `block_size` = 128 keys,
 query tiles of 128). By default (peer_budget="adaptive", as the authors run it) the threshold alone sizes every
 tile: no cap, the density reached is recorded; peer_budget="matched" caps each tile at floor(N_b / 128) blocks
 (the best-scoring ones; refused when that leaves <= 2 blocks).
@@ -22,7 +22,7 @@ tile: no cap, the density reached is recorded; peer_budget="matched" caps each t
      threshold is kept, and block 0 is added (their find_blocks_chunked overwrites the block-0 flag with the
      diagonal's, sums as if two blocks were forced, and pads with block 0). Other tiles: the paper's rule.
 Matched: a tile whose last query sees at most N_b keys reads everything, so N_b >= L is dense attention. The
-registry method stores the density reached in `context.state["reached"]` (blocks.py).
+registry method stores the density reached in `context.state["reached"]` (threshold_blocks.py).
 
 Differences from the authors' code: scores are computed per query head against the shared KV head without
 repeating K (their code repeats K/V per query head: the same scores); S is reduced to gcd(S, block) when blocks
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from utils.config import SparseAttentionConfig
 from utils.methods.registry import AttentionMethod, LayerContext, register
 from utils.selection import Selection
-from utils.methods.baselines.blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
+from utils.methods.baselines.threshold_blocks import (REACHED, BlockGrid, block_selection, check_matched, cover_mask, keep_blocks,
                      method_selection, reached, token_selection)
 
 _STEP_ELEMENTS = 1 << 24  # elements of the group-score temporaries of one step (4x on a GPU: fewer, larger steps)

@@ -1,5 +1,5 @@
-"""Block-aligned selections for the methods that choose whole key blocks per query tile by a threshold
-(flexprefill.py, xattention.py): the block grid, the per-tile cap at N_b, the two output forms (token lists for
+"""Helpers, no method of their own: block-aligned selections for the methods that choose whole key blocks per
+query tile by a threshold (flexprefill.py, xattention.py): the block grid, the per-tile cap at N_b, the two output forms (token lists for
 every consumer, block lists for the GPU block kernel) and the density a selection really reached.
 
 Grid. Keys are cut into blocks of `size` tokens from position 0; queries (at positions Lk - Lq .. Lk - 1) into
