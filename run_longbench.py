@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data.longbench import (CHINESE_DATASETS, ENGLISH_DATASETS, HUB_REPO, LONGBENCH_E_DATASETS, MAX_NEW_TOKENS,
                             build_input, chat_overhead, check_dataset, datasets_in_folder, default_data_dir,
                             file_name, load_samples, uses_chat_template)
-from utils.methods.baselines.blocks import density_reached
+from utils.methods.baselines.threshold_blocks import density_reached
 from utils.runs.cli import HelpFormatter, add_rope_scaling_arg, results_folder_name, sweep_configs
 from utils.runs.cli import add_config_args
 from utils.runs.generation import eos_token_ids, greedy_generate

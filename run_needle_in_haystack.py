@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from data.haystack import (
     NEEDLE_SETS, PROMPT_STYLES, Haystack, make_sample, read_essays, resolve_prompt_style, score_answer,
 )
-from utils.methods.baselines.blocks import density_reached
+from utils.methods.baselines.threshold_blocks import density_reached
 from utils.runs.cli import add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs, user_errors
 from utils.config import SparseAttentionConfig
 from utils.runs.cli import add_config_args

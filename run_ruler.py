@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data.ruler import TASK_NAMES, RulerGenerator, load_tasks, score
-from utils.methods.baselines.blocks import density_reached
+from utils.methods.baselines.threshold_blocks import density_reached
 from utils.runs.cli import (HelpFormatter, add_rope_scaling_arg, parse_length, results_folder_name, sweep_configs,
                             user_errors)
 from utils.config import SparseAttentionConfig
