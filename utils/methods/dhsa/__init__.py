@@ -14,10 +14,11 @@ Registers "dhsa" and the two ablations of Table 4: "dhsa_no_robust_repr" (plain 
   * decode step (one query, Algorithm 2): the prompt's chunks are remembered in the layer's `context.state`, the
     tokens generated so far form one more chunk and the current token its own, and the generated tokens are kept
     without scoring, and so are the keys to which the prompt's question tail gave the most attention (ranked once
-    at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget;
-  * with `tail_columns`, the prefill's tiles also keep the best of those keys (vertical columns shared by every tile). Only reached with
+    at the prefill, `tail_key_ranking`, as SnapKV's observation window does), within the budget. Only reached with
     `decode="sparse"`; with "dense" `run_method` runs decode steps dense. On the CPU the prompt's chunk vectors are
-    kept in the state from step to step (`decode_cache`, utils.methods.dhsa.select.DecodeChunks), not recomputed over the cache.
+    kept in the state from step to step (`decode_cache`, utils.methods.dhsa.select.DecodeChunks), not recomputed
+    over the cache;
+  * with `tail_columns`, the prefill's tiles also keep the best of those keys (vertical columns shared by every tile).
 The selection options come from the config in one piece, `config.dhsa_options()`.
 """
 
@@ -86,10 +87,8 @@ def _dhsa(robust: bool | None, dynamic: bool):
                 columns = question_keys(q, k, options, config.resolve_budget(Lk))
             if config.decode == "sparse":
                 context.state["dhsa"]["question_keys"] = columns
-        if options.tail_columns and Lq > 1:
-            return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options,
-                               ranked_keys=columns, ranked_share=options.tail_columns)
-        return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options)
+        return dhsa_select(q, k, budget=config.resolve_budget(Lk), boundaries=ends, options=options,
+                           ranked_keys=columns if options.tail_columns else None, ranked_share=options.tail_columns)
     return select
 
 

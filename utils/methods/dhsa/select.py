@@ -248,8 +248,7 @@ def _first_ranked(ranked: torch.Tensor, end: torch.Tensor, sink: torch.Tensor, l
     """[heads, g, Lk] bool: per tile, the first `extra` keys of `ranked` ([heads, M], best first, -1 pads) that
     the tile sees and does not keep anyway (sinks, local window). end, sink, local, extra: [g, 1] per tile."""
     r = ranked[:, None, :]  # [heads, 1, M]
-    usable = (r >= sink) & (r < end - local)  # [heads, g, M]; -1 pads fail r >= sink unless sink is 0
-    usable &= r >= 0
+    usable = (r >= sink) & (r >= 0) & (r < end - local)  # [heads, g, M]; -1 pads never usable
     take = usable & (usable.cumsum(-1) <= extra)
     out = torch.zeros(ranked.shape[0], end.shape[0], Lk + 1, dtype=torch.bool, device=ranked.device)
     out.scatter_(-1, torch.where(take, r, Lk), True)
