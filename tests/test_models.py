@@ -519,3 +519,15 @@ def test_offline_default_gemma3_270m():
         logits = model(ids).logits[0, :-1]
     nll_per_char = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item() / len(text)
     assert nll_per_char < 1.5
+
+
+def test_default_cache_is_the_repository_s(monkeypatch):
+    """Without $DHSA_CACHE, models and wheels go to <repo>/.cache (the README's path), wherever the module lives."""
+    from pathlib import Path
+
+    from utils.models import wheels
+
+    monkeypatch.delenv("DHSA_CACHE", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    assert (repo / "README.md").is_file()
+    assert wheels.cache_dir() == repo / ".cache"
