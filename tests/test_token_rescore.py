@@ -133,3 +133,44 @@ def test_bad_rescore_options():
         SparseAttentionConfig(token_rescore=0.5)
     with pytest.raises(ValueError, match="exact_tail"):
         SparseAttentionConfig(exact_tail=-1)
+
+
+def test_sampled_rescoring_equals_brute_force_on_its_queries():
+    """rescore_queries = R: the tile's candidates are ranked by R of its queries, every (T // R)-th back from its
+    last one; with R >= T it is full rescoring."""
+    q, k = rand_qk(L=150, seed=6)
+    L, T, budget, R = 150, 16, 30, 4
+    ends = [fixed_size_ends(L, 8)]
+    full = OPTIONS.replace(token_rescore=100.0)  # every visible key a candidate: the ranking is the queries' alone
+    sampled = dhsa_select(q, k, budget=budget, boundaries=ends, options=full.replace(rescore_queries=R))
+    assert torch.equal(dhsa_select(q, k, budget=budget, boundaries=ends, options=full).key_index,
+                       dhsa_select(q, k, budget=budget, boundaries=ends, options=full.replace(rescore_queries=T)).key_index)
+    for tile in (3, 9):  # a full tile and the short last one (150 = 9 * 16 + 6)
+        first, last = tile * T, min(L, (tile + 1) * T) - 1
+        rows = sorted({max(first, last - i * (T // R)) for i in range(R)})
+        for head in range(4):
+            logits = q[0, head, rows] @ k[0, head // 2, : last + 1].T * 16 ** -0.5
+            logits = logits.masked_fill(torch.arange(last + 1)[None] > torch.tensor(rows)[:, None], float("-inf"))
+            weight = torch.log_softmax(logits, dim=-1).amax(0)
+            weight[list(set(range(4)) | set(range(last + 1 - 8, last + 1)))] = float("inf")
+            assert kept(sampled, head, tile) == set(torch.topk(weight, budget).indices.tolist())
+
+
+@pytest.mark.parametrize("R", [1, 3, 8])
+def test_budget_causality_and_full_budget_with_sampled_rescoring(R):
+    q, k = rand_qk(L=130, seed=R)
+    options = OPTIONS.replace(token_rescore=2.0, rescore_queries=R)
+    idx = dhsa_select(q, k, budget=24, boundaries=[fixed_size_ends(130, 8)], options=options).key_index
+    tile_last = torch.clamp(torch.arange(1, idx.shape[2] + 1) * 16, max=130) - 1
+    assert ((idx >= 0).sum(-1) <= 24).all()
+    assert not ((idx >= 0) & (idx > tile_last[None, None, :, None])).any()
+    v = torch.randn_like(k)
+    out = dhsa_attention(q, k, v, budget=130, query_chunk=16, token_rescore=2.0, rescore_queries=R,
+                         sink_tokens=4, local_tokens=8)
+    ref = dense_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_bad_rescore_queries():
+    with pytest.raises(ValueError, match="rescore_queries"):
+        SparseAttentionConfig(rescore_queries=-1).dhsa_options()

@@ -55,6 +55,8 @@ class SparseAttentionConfig:
                                            # of a GQA group share one selection (summed queries / best head)
     token_rescore: float = 0.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
                                            # them, are rescored key by key by the tile's queries; 0: chunk scores only
+    rescore_queries: int = 0               # queries of a tile that do the token rescoring (evenly spaced, its last
+                                           # query included); 0: all of them
     exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
                                            # the first answer token) rescore every visible key; 0: off
     dense_tail: int = 128                  # prefill: the tiles holding the last dense_tail queries (the question, the
@@ -184,6 +186,7 @@ class DHSAOptions:
     head_pooling: str = SparseAttentionConfig.head_pooling
     center_keys: bool = SparseAttentionConfig.center_keys
     token_rescore: float = SparseAttentionConfig.token_rescore
+    rescore_queries: int = SparseAttentionConfig.rescore_queries
     exact_tail: int = SparseAttentionConfig.exact_tail
     dense_tail: int = SparseAttentionConfig.dense_tail
     tail_columns: float = SparseAttentionConfig.tail_columns
@@ -199,6 +202,9 @@ class DHSAOptions:
         if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
             raise ValueError(f"token_rescore must be 0 or >= 1, exact_tail and dense_tail >= 0; got "
                              f"{self.token_rescore}, {self.exact_tail}, {self.dense_tail}")
+        if self.rescore_queries < 0:
+            raise ValueError(f"rescore_queries must be >= 0 (0: every query of a tile), got {self.rescore_queries}; "
+                             "e.g. --rescore-queries 16")
         if not 0.0 <= self.tail_columns <= 1.0:
             raise ValueError(f"tail_columns must be in [0, 1], got {self.tail_columns}; e.g. --tail-columns 0.25")
 

@@ -236,7 +236,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
-                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K)
+                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
@@ -443,14 +443,15 @@ def _tile_groups(n_tiles: int, size: int, split: int):
 
 
 def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: torch.Tensor, t0: int, T: int,
-                    q_offset: int, K: int):
+                    q_offset: int, K: int, sample: int = 0):
     """Token-level refinement of the chunk-ranked candidates of a group of query tiles.
 
     q: [Hq, Lq, D], k: [H, Lk, D] (one sequence; H query heads share a selection, Hq = G * H); top, idx: [H, g, W]
     candidate keys of tiles t0 .. t0+g-1 with their chunk scores (+inf forced, -inf not visible). Every candidate
     gets the largest attention weight that any query (and any head of its group) of the tile gives it in a softmax
     over the tile's candidates, causally; forced keys stay forced. Returns the K best (top, idx) per tile.
-    Cost: T x W dot products per tile and head, done a few tiles at a time.
+    sample: if 0 < sample < T, only `sample` queries per tile rescore, evenly spaced back from its last query.
+    Cost: T (or sample) x W dot products per tile and head, done a few tiles at a time.
     """
     H, g, W = idx.shape
     Hq, Lq, D = q.shape
@@ -458,17 +459,25 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     best = torch.empty(H, g, K, dtype=top.dtype, device=top.device)
     best_idx = torch.empty(H, g, K, dtype=idx.dtype, device=idx.device)
     elements = dhsa_scores.SCORE_ELEMENTS * (4 if q.is_cuda else 1)  # logits held at once (GPUs have room)
-    step = max(1, elements // max(1, Hq * T * W))  # tiles per slice
+    R = sample if 0 < sample < T else T  # rescoring queries per tile
+    step = max(1, elements // max(1, Hq * R * W))  # tiles per slice
     for s0 in range(0, g, step):
         s1 = min(g, s0 + step)
         n = s1 - s0
         first, last = (t0 + s0) * T, min(Lq, (t0 + s1) * T)  # query rows of these tiles
-        rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
-        rows = rows.view(H, G, n, T, D).float()
+        if R < T:  # every (T // R)-th query back from each tile's last one, within the tile (a short tile repeats)
+            tile_first = first + torch.arange(n, device=q.device)[:, None] * T
+            tile_last = torch.clamp(tile_first + T, max=Lq) - 1
+            picked = torch.maximum(tile_last - torch.arange(R, device=q.device) * (T // R), tile_first)  # [n, R]
+            rows = q[:, picked.reshape(-1)].view(H, G, n, R, D).float()
+            query_pos = q_offset + picked
+        else:
+            rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
+            rows = rows.view(H, G, n, T, D).float()
+            query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
         cand = idx[:, s0:s1]  # [H, n, W]
         keys = torch.gather(k, 1, cand.reshape(H, n * W, 1).expand(-1, -1, D)).view(H, n, W, D).float()
         logits = torch.einsum("hgntd,hnwd->hgntw", rows, keys) * D ** -0.5
-        query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
         blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None]) \
             | (top[:, s0:s1] == float("-inf"))[:, None, :, None, :]
         blocked = blocked | (query_pos >= q_offset + Lq)[None, None, :, :, None]  # padded rows
