@@ -53,6 +53,8 @@ CASES = [  # L, Hq, Hkv, extra options
     (1100, 6, 2, dict(head_pooling="mean")),
     (1024, 4, 4, {}),
     (1024, 8, 2, dict(token_rescore=4, exact_tail=128)),
+    (2048, 8, 2, dict(token_rescore=2, rescore_queries=8)),
+    (1500, 8, 2, dict(token_rescore=2)),
     (1024, 8, 2, dict(query_pooling="mean")),
     (1024, 8, 2, dict(share_heads=True)),
 ]
@@ -141,6 +143,8 @@ CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the ch
     (2048, 8, 2, 2048, dict(query_pooling="mean")),
     (3072, 8, 2, 1024, {}),                              # queries after a cache (q_offset > 0)
     (2048, 8, 2, 2048, dict(dense_tail=0, sink_tokens=16, local_tokens=48)),
+    (4096, 8, 2, 4096, dict(token_rescore=2, rescore_queries=8)),  # rescoring's candidates over chunks too
+    (2048, 8, 2, 2048, dict(token_rescore=2)),
 ]
 
 

@@ -203,8 +203,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             if expand > 1:  # the same numbers as chunk vectors of repeated keys, for 1/expand of the prefix sums
                 chunk_k = chunk_k.repeat_interleave(expand, 0)
             centring = tile_key_means(chunk_k, ends, tile_end, robust) if options.center_keys else None
-        if expand > 1 and (width_other > K or first_exact < n_tiles):  # only token rescoring reads keys per head
-            keys = keys.repeat_interleave(expand, 0)
+        # token rescoring reads the keys of selecting head h at keys[h // expand] (no copy per query head)
         if query_pooling == "mean":
             vec = q_vec[b] if head_pooling == "max" else q_vec[b][:, None]  # [heads, G or 1, n_tiles, D]
             chunk_scores = torch.einsum("hgtd,hcd->hgtc", vec, chunk_k)
@@ -224,6 +223,18 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 if picked is not None:
                     key_index[b, :, t0:t1] = picked
                     continue
+            if K < width < Lk and ranked_keys is None and _CHUNK_TOPK:  # rescoring: the candidates over chunks too
+                picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1],
+                                     torch.clamp(tile_end[t0:t1], max=width), sink[t0:t1], local[t0:t1], width)
+                if picked is not None:
+                    end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
+                    forced = (picked >= 0) & ((picked < s) | (picked >= end - l))
+                    top = torch.where(forced, float("inf"), 0.0).masked_fill_(picked < 0, float("-inf"))
+                    top, idx = _rescore_tokens(q[b], keys, top, picked, t0, T, q_offset, K, options.rescore_queries,
+                                               expand)
+                    idx = torch.sort(torch.where(top == float("-inf"), Lk, idx), dim=-1).values
+                    key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)
+                    continue
             if chunk_of_key is None:
                 chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
             part = chunk_scores[:, t0:t1]  # upsample to tokens: [heads, g, Lk] (gather: 9x index_select on the CPU)
@@ -236,7 +247,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
             top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
-                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries)
+                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries, expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
@@ -442,11 +453,15 @@ def _tile_groups(n_tiles: int, size: int, split: int):
     return [(t0, min(hi, t0 + size)) for lo, hi in zip(cuts, cuts[1:]) for t0 in range(lo, hi, size)]
 
 
+_CPU_GATHER_ELEMENTS = 1 << 22  # CPU token rescoring: candidate keys gathered per slice of tiles (16 MB fp32)
+
+
 def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: torch.Tensor, t0: int, T: int,
-                    q_offset: int, K: int, sample: int = 0):
+                    q_offset: int, K: int, sample: int = 0, expand: int = 1):
     """Token-level refinement of the chunk-ranked candidates of a group of query tiles.
 
-    q: [Hq, Lq, D], k: [H, Lk, D] (one sequence; H query heads share a selection, Hq = G * H); top, idx: [H, g, W]
+    q: [Hq, Lq, D], k: [H / expand, Lk, D] (one sequence; H heads select, G = Hq / H query heads share a selection;
+    selecting head h reads keys k[h // expand]: expand > 1 when every query head selects alone); top, idx: [H, g, W]
     candidate keys of tiles t0 .. t0+g-1 with their chunk scores (+inf forced, -inf not visible). Every candidate
     gets the largest attention weight that any query (and any head of its group) of the tile gives it in a softmax
     over the tile's candidates, causally; forced keys stay forced. Returns the K best (top, idx) per tile.
@@ -455,12 +470,21 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     """
     H, g, W = idx.shape
     Hq, Lq, D = q.shape
+    Lk = k.shape[1]
     G = Hq // H
+    key_row = torch.arange(H, device=k.device)[:, None, None] // expand * Lk  # first row of head h's keys
+    key_rows = k.reshape(-1, D)  # once per call (a copy only if k is not contiguous)
     best = torch.empty(H, g, K, dtype=top.dtype, device=top.device)
     best_idx = torch.empty(H, g, K, dtype=idx.dtype, device=idx.device)
     elements = dhsa_scores.SCORE_ELEMENTS * (4 if q.is_cuda else 1)  # logits held at once (GPUs have room)
     R = sample if 0 < sample < T else T  # rescoring queries per tile
     step = max(1, elements // max(1, Hq * R * W))  # tiles per slice
+    if not q.is_cuda:  # the CPU gathers a few MB of keys at a time: they stay in cache until the product reads them
+        step = max(1, min(step, _CPU_GATHER_ELEMENTS // max(1, H * W * D)))
+    # one buffer for the gathered keys and one for the logits, reused by every slice: a fresh allocation of this
+    # size per slice is a fresh mmap on the CPU, and its page faults cost more than the copy
+    key_buf = torch.empty(H * min(step, g) * W * D, dtype=k.dtype, device=k.device)
+    logit_buf = torch.empty(H * min(step, g) * G * R * W, dtype=torch.float32, device=k.device)
     for s0 in range(0, g, step):
         s1 = min(g, s0 + step)
         n = s1 - s0
@@ -469,21 +493,29 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
             tile_first = first + torch.arange(n, device=q.device)[:, None] * T
             tile_last = torch.clamp(tile_first + T, max=Lq) - 1
             picked = torch.maximum(tile_last - torch.arange(R, device=q.device) * (T // R), tile_first)  # [n, R]
-            rows = q[:, picked.reshape(-1)].view(H, G, n, R, D).float()
+            rows = q[:, picked.reshape(-1)].view(H, G, n, R, D)
             query_pos = q_offset + picked
         else:
             rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
-            rows = rows.view(H, G, n, T, D).float()
+            rows = rows.view(H, G, n, T, D)
             query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
+        rows = rows.transpose(1, 2).reshape(H * n, G * R, D).float()  # the rows of one (head, tile) together
         cand = idx[:, s0:s1]  # [H, n, W]
-        keys = torch.gather(k, 1, cand.reshape(H, n * W, 1).expand(-1, -1, D)).view(H, n, W, D).float()
-        logits = torch.einsum("hgntd,hnwd->hgntw", rows, keys) * D ** -0.5
-        blocked = (cand[:, None, :, None, :] > query_pos[None, None, :, :, None]) \
-            | (top[:, s0:s1] == float("-inf"))[:, None, :, None, :]
-        blocked = blocked | (query_pos >= q_offset + Lq)[None, None, :, :, None]  # padded rows
-        logits = logits.masked_fill(blocked, float("-inf"))
+        # the candidates' keys: rows of the flattened keys (index_select copies whole rows; gather with an index
+        # expanded over D is several times slower on the CPU)
+        flat = (cand.clamp(min=0) + key_row).reshape(-1)
+        keys = torch.index_select(key_rows, 0, flat, out=key_buf[: flat.numel() * D].view(-1, D))
+        keys = keys.view(H * n, W, D).float()
+        logits = torch.bmm(rows, keys.transpose(1, 2), out=logit_buf[: H * n * G * R * W].view(H * n, G * R, W))
+        logits = logits.view(H, n, G, R, W).mul_(D ** -0.5)
+        blocked = (cand[:, :, None, None, :] > query_pos[None, :, None, :, None]) \
+            | (top[:, s0:s1] == float("-inf"))[:, :, None, None, :]
+        if R == T:
+            blocked |= (query_pos >= q_offset + Lq)[None, :, None, :, None]  # padded rows
+        logits.masked_fill_(blocked, float("-inf"))
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        weight = torch.where(torch.isfinite(lse), logits - lse, float("-inf")).amax(dim=(1, 3))  # [H, n, W]
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a row that sees no candidate keeps -inf logits
+        weight = logits.sub_(lse).amax(dim=(2, 3))  # [H, n, W]: log of the best softmax weight
         weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)  # forced and invisible keys
         best[:, s0:s1], pick = torch.topk(weight, K, dim=-1, sorted=False)
         best_idx[:, s0:s1] = torch.gather(cand, -1, pick)
