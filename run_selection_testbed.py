@@ -82,13 +82,34 @@ def settings_key(args, length: int) -> str:
 ADDED_LATER = {"tail_columns": 0.0, "rescore_queries": 0}
 
 
-def spec_digest(spec: str) -> str:
-    """Fingerprint of the whole config a method spec stands for, defaults included: a row made before a default
-    changed is not taken for the new spec ("dhsa" then and now can be two configurations)."""
+LEARNED_BOUNDARY_METHODS = ("dhsa", "dhsa_no_robust_repr")  # the DHSA variants that read a boundary source
+
+
+def boundary_weights(spec: str, model_name: str | None) -> Path | None:
+    """The predictor weights a spec's boundaries come from (its predictor_path, else the model's shipped weights
+    when boundary_source is auto or predictor), or None: uniform chunks."""
+    name, overrides = parse_spec(spec)
+    config = SparseAttentionConfig(method=name, budget=1, **overrides)
+    if name not in LEARNED_BOUNDARY_METHODS or config.boundary_source == "fixed":
+        return None
+    if config.predictor_path is not None:
+        return Path(config.predictor_path)
+    from boundary_predictor import default_weights_path
+
+    return default_weights_path(model_name) if model_name else None
+
+
+def spec_digest(spec: str, model_name: str | None = None) -> str:
+    """Fingerprint of the whole config a method spec stands for, defaults included, and of the predictor weights
+    its boundaries come from: a row made before a default changed (or before weights were shipped for the model)
+    is not taken for the new spec ("dhsa" then and now can be two configurations)."""
     name, overrides = parse_spec(spec)
     config = vars(SparseAttentionConfig(method=name, budget=1, **overrides))
     read = {field: value for field, value in config.items() if name in METHOD_ONLY_FIELDS.get(field, (name,))
             and not (field in ADDED_LATER and value == ADDED_LATER[field])}
+    weights = boundary_weights(spec, model_name)
+    if weights is not None:  # uniform chunks add nothing, so rows made before this field existed stay valid
+        read["boundary_weights"] = hashlib.sha1(weights.read_bytes()).hexdigest()[:12]
     return hashlib.sha1(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -181,7 +202,7 @@ def run(args) -> Path:
     from tqdm import tqdm
 
     from boundary_predictor.capture import global_layers
-    from utils.methods.dhsa.boundaries import make_boundary_source
+    from utils.methods.dhsa.boundaries import as_boundary_list, make_boundary_source
     from utils.methods import METHODS, LayerContext
     from utils.models import load_model
     from utils.models.wheels import cache_dir
@@ -200,14 +221,22 @@ def run(args) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "testbed.jsonl"
     rows = read_jsonl(jsonl)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        source = make_boundary_source(SparseAttentionConfig(method="dhsa"), model_name, tokenizer)
+    sources = {}  # spec -> its boundary source (learned or uniform), made once
+
+    def source_for(spec: str, config: SparseAttentionConfig):
+        if spec not in sources:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                weights = boundary_weights(spec, model_name)
+                sources[spec] = make_boundary_source(config.replace(boundary_source="fixed") if weights is None
+                                                     else config.replace(predictor_path=str(weights)),
+                                                     model_name, tokenizer)
+        return sources[spec]
     info = {"density": args.density, "min_budget": args.min_budget}
     for length in args.lengths:
         key = settings_key(args, length)
         done = {(r["window"], r["layer"], r["method"]) for r in rows
-                if r.get("settings") == key and r.get("config") == spec_digest(r["method"])}
+                if r.get("settings") == key and r.get("config") == spec_digest(r["method"], model_name)}
         ids, needle = needle_prompt(tokenizer, args, length)
         L = len(ids)
         starts = window_starts(L)
@@ -218,6 +247,8 @@ def run(args) -> Path:
         data = capture(model, ids, layers, starts, cache_path(cache_dir(), model_name, ids, starts))
         budget = max(math.ceil(args.density * L), args.min_budget)
         windows = window_rows(L, starts)
+        ids_t = torch.tensor(ids, device=args.device)[None]
+        boundary_cache = {}  # (window, spec) -> the chunk ends of one forward (share_boundaries): from the first layer
         for layer in tqdm(layers, desc=f"L={L} layers", unit="layer"):
             q_all, k, options = data[layer]
             offset, column_cache = 0, {}
@@ -237,12 +268,20 @@ def run(args) -> Path:
                                                                   budget, column_cache)
                         overrides = {**overrides, **{o: 0 for o in TAIL_OPTIONS}}
                     config = SparseAttentionConfig(method=method_name, budget=budget, **overrides)
-                    context = LayerContext(layer, state, {}, source)
+                    shared = {"input_ids": ids_t[:, :end]}
+                    source = source_for(spec, config) if method_name in LEARNED_BOUNDARY_METHODS else None
+                    if source is not None and config.share_boundaries:  # as one prefill: the first layer's keys
+                        if (name, spec) not in boundary_cache:
+                            first_k = data[layers[0]][1][:, :, :end]
+                            boundary_cache[(name, spec)] = as_boundary_list(
+                                source(first_k, config.num_chunks(end), shared["input_ids"]), 1, end, first_k.device)
+                        shared["boundaries"] = (-1, end, 1, boundary_cache[(name, spec)])
+                    context = LayerContext(layer, state, shared, source)
                     with torch.no_grad(), kernels.disabled():  # the PyTorch selections, on any device
                         truth = truth or window_truth(q, k[:, :, :end], options, budget)
                         selection = METHODS[method_name].select(q, k[:, :, :end], config, context)
                         scores = score_selection(truth, selection, needle if name == "tail" else None)
-                    row = {"settings": key, "config": spec_digest(spec), "model": model_name, "length": L,
+                    row = {"settings": key, "config": spec_digest(spec, model_name), "model": model_name, "length": L,
                            "depth": args.depth,
                            "needle_set": args.needle_set, "window": name, "layer": layer, "method": spec,
                            "budget": budget, "head_dim": k.shape[-1], **scores}
@@ -252,7 +291,7 @@ def run(args) -> Path:
     # config its spec stands for today
     digests = {}
     wanted = [r for r in rows if any(r.get("settings") == settings_key(args, n) for n in args.lengths)
-              and r.get("config") == digests.setdefault(r["method"], spec_digest(r["method"]))]
+              and r.get("config") == digests.setdefault(r["method"], spec_digest(r["method"], model_name))]
     table = summarize(wanted, {**info, "D": wanted[0]["head_dim"] if wanted else 64})
     table.to_csv(out_dir / "testbed.csv", index=False, float_format="%.4f")
     plot(table, out_dir / "testbed.png", model_name)
