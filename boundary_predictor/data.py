@@ -195,3 +195,18 @@ class LabelCache:
 
 __all__ = ["Document", "Sample", "HF_SOURCES", "folder_documents", "hf_documents", "make_samples",
            "split_samples", "is_validation", "LabelCache"]
+
+
+def key_cache_path(folder, input_ids: torch.Tensor, layers: list[int]) -> Path:
+    """Where training keeps the captured keys of one sample (train.py --key-cache): named by its token ids and
+    layers."""
+    digest = hashlib.sha1(input_ids.cpu().numpy().tobytes() + json.dumps(list(layers)).encode()).hexdigest()[:20]
+    return Path(folder) / f"{digest}.pt"
+
+
+def save_keys(path: Path, keys: dict) -> None:
+    """{layer: keys} to `path`, written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({int(k): v.cpu() for k, v in keys.items()}, tmp)
+    tmp.replace(path)

@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from .attention_mass import ALPHA, BETA, DEFAULT_TILE_ELEMENTS, EPSILON, WINDOW, attention_mass_ratios, soft_labels
 from .capture import capture_attention, resolve_layers
-from .data import LabelCache, Sample, folder_documents, hf_documents, make_samples
+from .data import LabelCache, Sample, folder_documents, hf_documents, key_cache_path, make_samples, save_keys
 
 
 def label_sample(model, input_ids: torch.Tensor, layers: list[int], *, window: int = WINDOW, eps: float = EPSILON,
-                 tile_elements: int = DEFAULT_TILE_ELEMENTS) -> torch.Tensor:
-    """Ratios of eq. 7 for `layers` from one forward pass. input_ids: [1, L] -> float32 [n_layers, L] (NaN edges)."""
+                 tile_elements: int = DEFAULT_TILE_ELEMENTS, keys_out: dict | None = None) -> torch.Tensor:
+    """Ratios of eq. 7 for `layers` from one forward pass. input_ids: [1, L] -> float32 [n_layers, L] (NaN edges).
+    keys_out: a dict that receives {layer: post-RoPE keys [1, Hkv, L, D]} of the same forward (CPU)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"label one unpadded sequence at a time: input_ids must be [1, L], "
                          f"got {tuple(input_ids.shape)}")
@@ -35,6 +36,8 @@ def label_sample(model, input_ids: torch.Tensor, layers: list[int], *, window: i
         ratios[layer] = attention_mass_ratios(
             query, key, scaling=options["scaling"], sliding_window=options["sliding_window"],
             softcap=options["softcap"], window=window, eps=eps, tile_elements=tile_elements)[0].cpu()
+        if keys_out is not None:
+            keys_out[layer] = key.detach().cpu()
 
     with torch.no_grad(), capture_attention(model, layers, on_layer):
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
@@ -131,7 +134,11 @@ def ensure_labels(model, samples: list[Sample], layers: list[int], cache: LabelC
     for sample in tqdm(todo, desc=desc, unit="sample", disable=not todo):
         start = time.perf_counter()
         ids = torch.tensor([sample.input_ids], device=device)
-        ratios = label_sample(model, ids, layers, window=args.window, eps=args.eps, tile_elements=args.label_tile)
+        keys = {} if getattr(args, "key_cache", None) else None  # training with a key cache: keep this forward's
+        ratios = label_sample(model, ids, layers, window=args.window, eps=args.eps, tile_elements=args.label_tile,
+                              keys_out=keys)
+        if keys is not None:
+            save_keys(key_cache_path(args.key_cache, ids, layers), keys)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         cache.save(sample, layers, ratios, time.perf_counter() - start)

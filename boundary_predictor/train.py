@@ -13,8 +13,10 @@ each epoch, metrics on the held-out documents (precision / recall / F1, top-K ov
 metadata (training command, validation metrics, ...). The checkpoint `<run-dir>/checkpoint.pt` is written
 every --save-every samples and after each epoch; rerunning the same command resumes from it.
 
-Keys are recomputed rather than cached: for these small models one forward is cheaper than reading
-L x (layers x Hkv x D) numbers back from disk (smollm2-135m at 8K: ~90 MB of keys per sample).
+Keys are recomputed each epoch by default: on a GPU one forward of these small models is cheaper than reading
+L x (layers x Hkv x D) numbers back from disk (smollm2-135m at 8K: ~90 MB of keys per sample). On a CPU the
+forward dominates (qwen2.5-coder-0.5b-instruct at 2K: ~25 MB of fp32 keys per sample against tens of seconds of
+forward), so `--key-cache DIR` keeps each sample's captured keys on disk after their first forward.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from utils.runs import append_jsonl
 
 from .attention_mass import ALPHA, BETA, soft_labels
 from .capture import capture_keys, kv_shape
-from .data import LabelCache, split_samples
+from .data import LabelCache, key_cache_path, save_keys, split_samples
 from .inference import WEIGHTS_DIR, model_key, save_predictor
 from .labels import add_data_args, check_data_args, collect_samples, ensure_labels, load_llm, model_layers
 from .loss import GAMMA, POS_WEIGHT, TOP_K, BoundaryMetrics, focal_bce
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every N training samples")
     g.add_argument("--out", default=None, help="weights file (default boundary_predictor/weights/<model>.pt)")
     g.add_argument("--run-dir", default=None, help="checkpoint + metrics.jsonl (default .cache/boundary_runs/<model>)")
+    g.add_argument("--key-cache", default=None, help="folder that keeps each sample's captured keys after the first "
+                   "forward (CPU training; default: recompute every epoch)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from <run-dir>/checkpoint.pt when it exists (default)")
     return parser
@@ -79,9 +83,16 @@ def _run_settings(args) -> dict:
     return {k: getattr(args, k) for k in _RUN_KEYS}
 
 
-def _layer_batches(model, ids, layers, layer_batch):
-    """Captured keys of all layers as predictor features, in groups: yields (indices into layers, keys list)."""
-    keys = capture_keys(model, ids, layers)
+def _layer_batches(model, ids, layers, layer_batch, key_cache=None):
+    """Captured keys of all layers as predictor features, in groups: yields (indices into layers, keys list).
+    key_cache: a folder where the keys of these token ids and layers are read from, or written after the forward."""
+    path = key_cache_path(key_cache, ids, layers) if key_cache is not None else None
+    if path is not None and path.is_file():
+        keys = {int(k): v.to(ids.device) for k, v in torch.load(path, weights_only=True).items()}
+    else:
+        keys = capture_keys(model, ids, layers)
+        if path is not None:
+            save_keys(path, keys)
     for start in range(0, len(layers), layer_batch):
         group = list(range(start, min(len(layers), start + layer_batch)))
         yield group, [keys[layers[j]] for j in group]
@@ -95,7 +106,7 @@ def run_sample(model, predictor, entry, layers, args, device, metrics, optimizer
     if total_positions == 0:
         return float("nan")
     loss_sum = 0.0
-    for group, keys in _layer_batches(model, ids, layers, args.layer_batch):
+    for group, keys in _layer_batches(model, ids, layers, args.layer_batch, args.key_cache):
         features = torch.cat([predictor.features_from_keys(k) for k in keys]).float()   # [g, L, C]
         labels = labels_all[group]
         mask = ~labels.isnan()

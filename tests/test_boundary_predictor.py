@@ -345,3 +345,33 @@ def test_training_cli_end_to_end_and_resume(tmp_path):
     keys = capture_keys(model, torch.randint(3, 320, (1, 120)), [1])[1]
     ends = predict_boundaries(predictor, keys, 8)[0]
     assert ends[-1].item() == 120 and len(ends) <= 8
+
+
+def test_training_with_a_key_cache_makes_the_same_weights_with_one_forward_per_sample(tmp_path, monkeypatch):
+    """--key-cache: the label forward keeps each sample's keys, so training runs no LLM forward of its own, and
+    the weights are those of a run that recomputes the keys every epoch."""
+    from boundary_predictor import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    torch.manual_seed(2)
+    for n in range(4):
+        words = ["alpha beta gamma. ", "delta epsilon? ", "zeta eta theta!\n", "iota kappa, "]
+        data.joinpath(f"doc{n}.txt").write_text("".join(words[int(i)] for i in torch.randint(0, 4, (30,))))
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+
+    def argv(name):
+        return ["--model", "tiny-llama", "--data-dir", str(data), "--max-length", "96", "--min-length", "48",
+                "--cache-dir", str(tmp_path / f"cache_{name}"), "--run-dir", str(tmp_path / f"run_{name}"),
+                "--out", str(tmp_path / f"{name}.pt"), "--val-fraction", "0.25", "--d-model", "32", "--hidden", "32",
+                "--device", "cpu", "--topk", "10", "--epochs", "2"]
+
+    plain = load_predictor(train.main(argv("plain"), model=model, tokenizer=tokenizer)["out"])
+    captures = []
+    real_capture = train.capture_keys
+    monkeypatch.setattr(train, "capture_keys", lambda *a: captures.append(1) or real_capture(*a))
+    cached = load_predictor(train.main(argv("cached") + ["--key-cache", str(tmp_path / "keys")], model=model,
+                                       tokenizer=tokenizer)["out"])
+    assert captures == [] and len(list((tmp_path / "keys").glob("*.pt"))) >= 3
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], value)
