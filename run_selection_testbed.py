@@ -13,6 +13,7 @@ DHSA's FLOPs relative to dense attention) and testbed.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -99,6 +100,7 @@ def boundary_weights(spec: str, model_name: str | None) -> Path | None:
     return default_weights_path(model_name) if model_name else None
 
 
+@functools.lru_cache(maxsize=None)  # asked once per stored row: the weights are read and hashed once per spec
 def spec_digest(spec: str, model_name: str | None = None) -> str:
     """Fingerprint of the whole config a method spec stands for, defaults included, and of the predictor weights
     its boundaries come from: a row made before a default changed (or before weights were shipped for the model)
@@ -289,9 +291,8 @@ def run(args) -> Path:
                     rows.append(row)
     # the table holds every method measured at these lengths (this run's and earlier runs'), each row made with the
     # config its spec stands for today
-    digests = {}
     wanted = [r for r in rows if any(r.get("settings") == settings_key(args, n) for n in args.lengths)
-              and r.get("config") == digests.setdefault(r["method"], spec_digest(r["method"], model_name))]
+              and r.get("config") == spec_digest(r["method"], model_name)]
     table = summarize(wanted, {**info, "D": wanted[0]["head_dim"] if wanted else 64})
     table.to_csv(out_dir / "testbed.csv", index=False, float_format="%.4f")
     plot(table, out_dir / "testbed.png", model_name)

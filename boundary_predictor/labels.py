@@ -127,18 +127,19 @@ def collect_samples(args, tokenizer, model=None) -> list[Sample]:
 
 
 def ensure_labels(model, samples: list[Sample], layers: list[int], cache: LabelCache, args, device,
-                  desc: str = "labels") -> list[torch.Tensor]:
-    """Label every sample missing from the cache (resumable). Returns the ratios computed in this call."""
+                  desc: str = "labels", key_cache=None) -> list[torch.Tensor]:
+    """Label every sample missing from the cache (resumable). Returns the ratios computed in this call.
+    key_cache: a folder where each labelled sample's keys are kept too (train.py --key-cache)."""
     todo = [s for s in samples if not cache.has(s, layers)]
     done = []
     for sample in tqdm(todo, desc=desc, unit="sample", disable=not todo):
         start = time.perf_counter()
         ids = torch.tensor([sample.input_ids], device=device)
-        keys = {} if getattr(args, "key_cache", None) else None  # training with a key cache: keep this forward's
+        keys = {} if key_cache else None
         ratios = label_sample(model, ids, layers, window=args.window, eps=args.eps, tile_elements=args.label_tile,
                               keys_out=keys)
         if keys is not None:
-            save_keys(key_cache_path(args.key_cache, ids, layers), keys)
+            save_keys(key_cache_path(key_cache, ids, layers), keys)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         cache.save(sample, layers, ratios, time.perf_counter() - start)

@@ -166,7 +166,7 @@ def main(argv=None, model=None, tokenizer=None) -> dict:
     print(f"{len(train_set)} train / {len(val_set)} validation samples "
           f"({len({s.doc_id for s in train_set})} / {len({s.doc_id for s in val_set})} documents), "
           f"layers {layers}, device {device}", file=sys.stderr)
-    ensure_labels(model, train_set + val_set, layers, cache, args, device)
+    ensure_labels(model, train_set + val_set, layers, cache, args, device, key_cache=args.key_cache)
 
     num_kv_heads, head_dim = kv_shape(model)
     config = PredictorConfig(num_kv_heads=num_kv_heads, head_dim=head_dim, window=args.window,

@@ -289,15 +289,20 @@ def test_documents_samples_and_split(tmp_path):
         folder_documents(tmp_path / "nope")
 
 
+def random_documents(folder, seed: int, count: int):
+    """`count` short .txt documents of random words (30 each) in `folder`, seeded; returns the folder."""
+    folder.mkdir()
+    torch.manual_seed(seed)
+    words = ["alpha beta gamma. ", "delta epsilon? ", "zeta eta theta!\n", "iota kappa, "]
+    for n in range(count):
+        folder.joinpath(f"doc{n}.txt").write_text("".join(words[int(i)] for i in torch.randint(0, 4, (30,))))
+    return folder
+
+
 def test_training_cli_end_to_end_and_resume(tmp_path):
     from boundary_predictor import train
 
-    data = tmp_path / "data"
-    data.mkdir()
-    torch.manual_seed(1)
-    for n in range(5):
-        words = ["alpha beta gamma. ", "delta epsilon? ", "zeta eta theta!\n", "iota kappa, "]
-        data.joinpath(f"doc{n}.txt").write_text("".join(words[int(i)] for i in torch.randint(0, 4, (30,))))
+    data = random_documents(tmp_path / "data", seed=1, count=5)
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     argv = ["--model", "tiny-llama", "--data-dir", str(data), "--max-length", "96", "--min-length", "48",
             "--pieces-per-doc", "2", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
@@ -352,12 +357,7 @@ def test_training_with_a_key_cache_makes_the_same_weights_with_one_forward_per_s
     the weights are those of a run that recomputes the keys every epoch."""
     from boundary_predictor import train
 
-    data = tmp_path / "data"
-    data.mkdir()
-    torch.manual_seed(2)
-    for n in range(4):
-        words = ["alpha beta gamma. ", "delta epsilon? ", "zeta eta theta!\n", "iota kappa, "]
-        data.joinpath(f"doc{n}.txt").write_text("".join(words[int(i)] for i in torch.randint(0, 4, (30,))))
+    data = random_documents(tmp_path / "data", seed=2, count=4)
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
 
     def argv(name):

@@ -5,13 +5,10 @@
 # committed ones under results_needle/). From a snapshot of the tree, one job after another.
 #   FLAGS="--token-rescore 2 --rescore-queries 4" OUT=/work/main/results_needle/candidate bash notes/cpu_testbed/candidate_checks.sh
 set -u
-REPO=/work/main; SNAP=${SNAP:-/work/snap_cand}; LOG=${LOG:-/work/cand.log}; OUT=${OUT:?}; FLAGS=${FLAGS:?}
-export DHSA_CACHE=$REPO/.cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-rm -rf "$SNAP"; mkdir -p "$SNAP"
-(cd $REPO && git ls-files -co --exclude-standard | grep -v '^results_' | tar cf - -T -) | tar xf - -C "$SNAP"
-cd "$SNAP"; PY=$REPO/.venv/bin/python; Q=qwen2.5-coder-0.5b-instruct
+SNAP=${SNAP:-/work/snap_cand}; LOG=${LOG:-/work/cand.log}; OUT=${OUT:?}; FLAGS=${FLAGS:?}
+source "$(dirname "$0")/snapshot.sh"
+Q=qwen2.5-coder-0.5b-instruct
 NIAH="$PY run_needle_in_haystack.py --device cpu --methods dhsa $FLAGS"
-job() { echo "$(date +%T) start $1" >> $LOG; shift; /usr/bin/time -f "%e s wall" "$@" >> $LOG.out 2>&1; echo "$(date +%T) end rc=$?" >> $LOG; }
 job n32 $NIAH --model $Q --densities 0.0625 --min-budget 512 --lengths 32K --depths 20 --output-dir $OUT
 job n16 $NIAH --model $Q --densities 0.0625 --min-budget 512 --lengths 16K --depths 10 30 50 70 --output-dir $OUT
 job tr16 $NIAH --model $Q --densities 0.0625 --min-budget 512 --needle-set trondheim --haystack-dir $REPO/.carry/news --lengths 16K --depths 30 70 --output-dir $OUT/trondheim_news

@@ -3,17 +3,12 @@
 # made while they run do not change them. Results go to the real checkout ($REPO). Log: $LOG.
 # ONLY="a b" runs those jobs only, in the order below; WAIT_PID=N first waits for process N to end.
 set -u
-REPO=/work/main
 SNAP=${SNAP:-/work/snap}
 LOG=${LOG:-/work/queue.log}
-export DHSA_CACHE=$REPO/.cache PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
-rm -rf "$SNAP"; mkdir -p "$SNAP"
-(cd $REPO && git ls-files -co --exclude-standard | grep -v '^results_' | tar cf - -T -) | tar xf - -C "$SNAP"
-cd "$SNAP"
-PY=$REPO/.venv/bin/python
+OMP_NUM_THREADS=2
+source "$(dirname "$0")/snapshot.sh"
 Q=qwen2.5-coder-0.5b-instruct
 NIAH="$PY run_needle_in_haystack.py --model $Q --device cpu --densities 0.0625 --min-budget 512"
-job() { echo "$(date +%T) start $1" >> $LOG; shift; "$@" >> $LOG.out 2>&1; echo "$(date +%T) end rc=$?" >> $LOG; }
 [ -n "${WAIT_PID:-}" ] && while kill -0 "$WAIT_PID" 2>/dev/null; do sleep 10; done  # a run of an earlier queue
 while read -r name cmd; do
   [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue

@@ -217,35 +217,29 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         chunk_of_key = None
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             width = Lk if t0 >= first_exact else width_other
-            if width == K and ranked_keys is None and _CHUNK_TOPK:  # plain top-N_b: try it over whole chunks
-                picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1], tile_budget[t0:t1],
-                                     sink[t0:t1], local[t0:t1], K)
-                if picked is not None:
-                    key_index[b, :, t0:t1] = picked
-                    continue
-            if K < width < Lk and ranked_keys is None and _CHUNK_TOPK:  # rescoring: the candidates over chunks too
+            end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
+            picked = None
+            if (width == K or width < Lk) and ranked_keys is None and _CHUNK_TOPK:  # top-width over whole chunks
                 picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1],
                                      torch.clamp(tile_end[t0:t1], max=width), sink[t0:t1], local[t0:t1], width)
-                if picked is not None:
-                    end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
-                    forced = (picked >= 0) & ((picked < s) | (picked >= end - l))
-                    top = torch.where(forced, float("inf"), 0.0).masked_fill_(picked < 0, float("-inf"))
-                    top, idx = _rescore_tokens(q[b], keys, top, picked, t0, T, q_offset, K, options.rescore_queries,
-                                               expand)
-                    idx = torch.sort(torch.where(top == float("-inf"), Lk, idx), dim=-1).values
-                    key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)
-                    continue
-            if chunk_of_key is None:
-                chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
-            part = chunk_scores[:, t0:t1]  # upsample to tokens: [heads, g, Lk] (gather: 9x index_select on the CPU)
-            scores = torch.gather(part, 2, chunk_of_key.expand(part.shape[0], part.shape[1], Lk))
-            end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
-            visible = key_pos[None, :] < end
-            forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
-            if ranked_keys is not None:
-                forced = forced | _first_ranked(ranked_keys[b], end, s, l, extra[t0:t1, None], Lk)  # [heads, g, Lk]
-            scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
-            top, idx = torch.topk(scores, width, dim=-1, sorted=False)
+            if picked is not None and width == K:  # plain top-N_b
+                key_index[b, :, t0:t1] = picked
+                continue
+            if picked is not None:  # rescoring's candidates: their chunk scores only mark forced and unused slots
+                forced = (picked >= 0) & ((picked < s) | (picked >= end - l))
+                top = torch.where(forced, float("inf"), 0.0).masked_fill_(picked < 0, float("-inf"))
+                idx = picked
+            else:
+                if chunk_of_key is None:
+                    chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
+                part = chunk_scores[:, t0:t1]  # upsample to tokens: [heads, g, Lk] (gather: 9x index_select on CPU)
+                scores = torch.gather(part, 2, chunk_of_key.expand(part.shape[0], part.shape[1], Lk))
+                visible = key_pos[None, :] < end
+                forced = visible & ((key_pos[None, :] < s) | (key_pos[None, :] >= end - l))
+                if ranked_keys is not None:
+                    forced = forced | _first_ranked(ranked_keys[b], end, s, l, extra[t0:t1, None], Lk)  # [heads, g, Lk]
+                scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
+                top, idx = torch.topk(scores, width, dim=-1, sorted=False)
             if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
                 top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries, expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
