@@ -121,6 +121,7 @@ class SparseAttentionConfig:
             raise ValueError(f"token_rescore must be 0 (off) or >= 1 (candidates per kept key), exact_tail and "
                              f"dense_tail >= 0; got {self.token_rescore}, {self.exact_tail}, {self.dense_tail}; "
                              "e.g. --token-rescore 4 --exact-tail 64 --dense-tail 0")
+        self.dhsa_options()  # DHSA's own checks (rescore_queries, tail_columns, ...) when the config is made
         if self.predictor_path is not None and not os.path.isfile(self.predictor_path):
             raise ValueError(f"no boundary-predictor weights at {self.predictor_path}; pass an existing file or "
                              "train one with `python -m boundary_predictor.train --model NAME --out PATH`")
