@@ -127,6 +127,79 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
         assert torch.equal(per_chunk_counts(idx[b], ends[b]), per_chunk_counts(ref.key_index[b], ends[b]))
 
 
+def random_candidates(H, n_tiles, W, L, T, q_offset, sink, local, budget, device, seed=0):
+    """[H, n_tiles, W] ascending candidate lists as pick_keys writes them: each tile's sinks and local window (of
+    `budget`), then visible keys between them at random, -1 after."""
+    from utils.methods.dhsa.scores import forced_key_counts
+
+    g = torch.Generator().manual_seed(seed)
+    tile_end = q_offset + torch.clamp(torch.arange(1, n_tiles + 1) * T, max=L - q_offset)
+    s, l = forced_key_counts(torch.clamp(tile_end, max=budget), sink, local)
+    cand = torch.full((H, n_tiles, W), -1, dtype=torch.long)
+    for t in range(n_tiles):
+        end, st, lt = int(tile_end[t]), int(s[t]), int(l[t])
+        middle = torch.arange(st, end - lt)
+        for h in range(H):
+            pick = middle[torch.randperm(middle.numel(), generator=g)[:max(0, W - st - lt)]]
+            keys = torch.cat([torch.arange(st), pick, torch.arange(end - lt, end)]).sort().values
+            cand[h, t, :keys.numel()] = keys
+    return cand.to(device), s.to(device), l.to(device), tile_end.to(device)
+
+
+def check_fused_rescoring(device, dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local, config=None):
+    """rescore_candidates vs the PyTorch path's _rescore_tokens on the same candidates: the same kept keys (fp32:
+    all; 16-bit logits: 97% of them), ascending, within the budget, forced keys kept, causal."""
+    from utils.methods.dhsa.fused_rescore import rescore_candidates
+    from utils.methods.dhsa.select import _rescore_tokens
+
+    q, k = rand(Hq, Lq, D, device=device, dtype=dtype, seed=11), rand(H, Lk, D, device=device, dtype=dtype, seed=12)
+    q_offset, n_tiles = Lk - Lq, math.ceil(Lq / T)
+    cand, s, l, tile_end = random_candidates(H, n_tiles, W, Lk, T, q_offset, sink, local, budget, device)
+    got, counts = rescore_candidates(q, k, cand, budget=budget, query_chunk=T, q_offset=q_offset, sink_tokens=sink,
+                                     local_tokens=local, rescore_queries=R, config=config)
+    end = tile_end[None, :, None]
+    forced = (cand >= 0) & ((cand < s[None, :, None]) | (cand >= end - l[None, :, None]))
+    top = torch.where(forced, float("inf"), 0.0).masked_fill_(cand < 0, float("-inf"))
+    best, idx = _rescore_tokens(q.float(), k.float(), top, cand, 0, T, q_offset, min(budget, W), R)
+    ref = torch.where(best == float("-inf"), Lk, idx).sort(-1).values
+    ref = torch.where(ref == Lk, -1, ref)
+    assert got.shape == ref.shape
+    assert torch.equal(counts.long(), (ref >= 0).sum(-1)), "kept counts differ"
+    assert ((got[..., 1:] > got[..., :-1]) | (got[..., 1:] < 0)).all(), "lists must be ascending, -1 last"
+    assert ((got < end) | (got < 0)).all(), "a key after the tile's last query"
+    kept = lambda x: torch.zeros(x.shape[:-1] + (Lk + 1,), dtype=torch.bool, device=device).scatter_(  # noqa: E731
+        -1, x % (Lk + 1), True)[..., :Lk]
+    assert (kept(got) >= kept(cand.masked_fill(~forced, -1))).all(), "a sink or local key was dropped"
+    agree = (kept(got) & kept(ref)).sum() / kept(ref).sum()
+    assert agree >= (1.0 if dtype == torch.float32 else 0.97), agree
+
+
+def check_fused_selection_with_rescoring(device, dtype, B, Hq, Hkv, L, D, T, budget, rescore, R, share=False):
+    """dhsa_select_fused with token rescoring vs the PyTorch path (kernels off), head_pooling "mean": the same
+    kept keys up to rounding of the scores (fp32: 99%), the same counts, ascending lists. Chunks of 8 keys, sinks
+    and window of 8, W - 16 a multiple of 8: the candidates are whole chunks, so no tie-break inside a partly
+    kept chunk (where the two paths may take different keys) reaches the rescoring."""
+    from utils.methods.dhsa.fused import dhsa_select_fused
+
+    q, k = rand(B, Hq, L, D, device=device, dtype=dtype, seed=13), rand(B, Hkv, L, D, device=device, dtype=dtype,
+                                                                        seed=14)
+    ends = as_boundary_list(fixed_size_ends(L, 8, device=device), B, L, device=device)
+    options = DHSAOptions(query_chunk=T, sink_tokens=8, local_tokens=8, head_pooling="mean", token_rescore=rescore,
+                          rescore_queries=R, share_heads=share, dense_tail=0)
+    with kernels.disabled():
+        ref = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends, options=options)
+    got = dhsa_select_fused(q, k, budget=budget, boundaries=ends, options=options)
+    assert got.key_index.shape == ref.key_index.shape
+    idx = got.key_index
+    assert torch.equal(got.counts.long(), (idx >= 0).sum(-1))
+    assert torch.equal(got.counts.long(), (ref.key_index >= 0).sum(-1))
+    assert ((idx[..., 1:] > idx[..., :-1]) | (idx[..., 1:] < 0)).all(), "lists must be ascending, -1 last"
+    kept = torch.zeros(idx.shape[:-1] + (L + 1,), dtype=torch.bool, device=device).scatter_(-1, idx % (L + 1), True)
+    ref_kept = torch.zeros_like(kept).scatter_(-1, ref.key_index % (L + 1), True)
+    agree = (kept & ref_kept)[..., :L].sum() / ref_kept[..., :L].sum()
+    assert agree >= (0.99 if dtype == torch.float32 else 0.95), agree
+
+
 def check_max_pooled_scores(device, dtype, Hq, H, L, D, T, Nc, config=None):
     """The kernel's max-pooled S_c vs utils.methods.dhsa.scores.max_pooled_chunk_scores (fp32, same queries); and per (head,
     tile) the same top-K chunks wherever the reference's K-th and (K+1)-th scores are clearly apart."""
@@ -365,6 +438,27 @@ def test_interp_fused_selection_keeps_the_same_keys(B, Hq, Hkv, L, T, budget, bo
 
 
 @interpreter_only
+@pytest.mark.parametrize("dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local", [
+    (torch.float32, 4, 2, 100, 100, 16, 16, 30, 60, 4, 4, 8),     # GQA 2:1, 4 sampled queries, last tile short
+    (torch.float32, 4, 2, 70, 70, 16, 16, 30, 60, 0, 4, 8),       # every query rescores
+    (torch.float32, 4, 1, 64, 90, 32, 16, 24, 40, 2, 0, 0),       # one selection for all heads, after a prefix
+    (torch.bfloat16, 2, 2, 80, 80, 16, 8, 20, 50, 4, 2, 4),       # MHA, bf16 logits
+])
+def test_interp_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local):
+    check_fused_rescoring("cpu", dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local, config=dict(block_w=16))
+
+
+@interpreter_only
+@pytest.mark.parametrize("B, Hq, Hkv, L, T, budget, rescore, R, share", [
+    (1, 4, 2, 150, 16, 40, 2.0, 4, False),
+    (2, 2, 2, 120, 32, 32, 1.5, 0, False),
+    (1, 4, 2, 100, 16, 40, 2.0, 4, True),
+])
+def test_interp_fused_selection_rescores_tokens(B, Hq, Hkv, L, T, budget, rescore, R, share):
+    check_fused_selection_with_rescoring("cpu", torch.float32, B, Hq, Hkv, L, 16, T, budget, rescore, R, share)
+
+
+@interpreter_only
 @pytest.mark.parametrize("dtype, Hq, H, L, D, T, Nc, config", [
     (torch.bfloat16, 8, 2, 100, 16, 16, 37, dict(rows=32, block_c=16)),  # 2 tiles a program, partial last tile
     (torch.float16, 4, 1, 70, 32, 32, 20, dict(rows=16, block_c=16)),    # one selection for all heads; 2 slices
@@ -563,6 +657,23 @@ def test_cuda_block_kernel_reads_strided_kv_with_and_without_tma(tma):
 ])
 def test_cuda_flexprefill_and_xattention_through_the_kernels(dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget):
     check_peer_baselines("cuda", dtype, B, Hq, Hkv, Lq, Lk, D, bs, budget)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local", [
+    (torch.bfloat16, 12, 2, 3000, 3000, 128, 64, 512, 1024, 4, 64, 128),   # qwen2.5-coder-1.5b heads, default tile
+    (torch.float32, 14, 2, 2000, 2000, 64, 64, 256, 512, 4, 64, 128),      # qwen2.5-coder-0.5b heads, fp32
+    (torch.float16, 8, 1, 1000, 1500, 256, 64, 200, 300, 0, 16, 16),       # head dim 256, shared, all queries
+])
+def test_cuda_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local):
+    check_fused_rescoring("cuda", dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_selection_rescores_tokens(dtype):
+    check_fused_selection_with_rescoring("cuda", dtype, 1, 12, 2, 4096, 128, 64, 512, 2.0, 4)
+    check_fused_selection_with_rescoring("cuda", dtype, 2, 14, 2, 2000, 64, 64, 256, 2.0, 4, share=True)
 
 
 @cuda_only

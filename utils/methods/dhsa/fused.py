@@ -27,6 +27,7 @@ import triton.language as tl
 from utils.config import DHSAOptions
 from utils.kernels.head_dims import HEAD_DIMS
 from utils.kernels.shared_memory import shared_memory_per_block
+from utils.methods.dhsa.fused_rescore import forced_counts, rescore_candidates
 from utils.methods.dhsa.scores import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
 from utils.selection import KernelSelection
 
@@ -42,18 +43,15 @@ def _max2(a, b):
 def _dhsa_pick_kernel(
     Scores, Ends, KeyIdx, Counts,
     stride_sh, stride_st, stride_ih, stride_it, stride_ch,
-    num_chunks, Lq, q_offset, budget, sink_tokens, local_tokens, num_slots,
+    num_chunks, Lq, q_offset, budget, forced_budget, sink_tokens, local_tokens, num_slots,
     T: tl.constexpr, NC_P2: tl.constexpr, FILL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     end = q_offset + tl.minimum((tile + 1) * T, Lq)  # keys visible to the tile's last query
-    # forced_key_counts (utils/methods/dhsa/scores.py), per tile
     tile_budget = tl.minimum(end, budget)
-    local = tl.minimum(tile_budget // 2, local_tokens)
-    sink = tl.minimum((tile_budget - local) // 2, sink_tokens)
-    if sink_tokens > 0:
-        sink = tl.maximum(sink, tl.minimum(tile_budget - local, 1))
+    # forced_key_counts (utils/methods/dhsa/scores.py), per tile, of the budget the sinks and window belong to
+    local, sink = forced_counts(tl.minimum(end, forced_budget), sink_tokens, local_tokens)
     free_hi = end - local
     wanted = tile_budget - sink - local
 
@@ -110,12 +108,15 @@ def _dhsa_pick_kernel(
 
 
 def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_offset: int, budget: int,
-              query_chunk: int, sink_tokens: int, local_tokens: int, num_slots: int, num_warps: int | None = None):
+              query_chunk: int, sink_tokens: int, local_tokens: int, num_slots: int, num_warps: int | None = None,
+              forced_budget: int | None = None):
     """Top-`budget` keys per query tile from chunk scores, for one sequence.
 
     scores: [H, n_tiles, Nc] fp32 (S_c); ends: [Nc] ascending chunk ends (last = number of keys).
     Returns key_index [H, n_tiles, num_slots] int64 (ascending, -1 after the kept keys) and counts [H, n_tiles]
-    int32. Units are tokens, or blocks when the caller passes block scores and block ends.
+    int32. Units are tokens, or blocks when the caller passes block scores and block ends. forced_budget (default
+    `budget`): the budget whose sink and local counts are kept first; token rescoring picks `budget` = W candidates
+    around the sinks and window of the final budget N_b, as the PyTorch path does.
     """
     H, n_tiles, Nc = scores.shape
     if Nc > MAX_CHUNKS:
@@ -129,8 +130,8 @@ def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_o
     _dhsa_pick_kernel[(n_tiles, H)](
         scores, ends, key_index, counts,
         scores.stride(0), scores.stride(1), key_index.stride(0), key_index.stride(1), counts.stride(0),
-        Nc, num_queries, q_offset, budget, sink_tokens, local_tokens, num_slots,
-        T=query_chunk, NC_P2=nc_p2, FILL=1024, num_warps=warps,
+        Nc, num_queries, q_offset, budget, budget if forced_budget is None else forced_budget, sink_tokens,
+        local_tokens, num_slots, T=query_chunk, NC_P2=nc_p2, FILL=1024, num_warps=warps,
     )
     return key_index, counts
 
@@ -375,13 +376,15 @@ def _tile_vectors(q: torch.Tensor, num_kv_heads: int, query_chunk: int, robust: 
 def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundaries: list[torch.Tensor],
                       options: DHSAOptions) -> KernelSelection:
     """Same contract and result as utils.methods.dhsa.select.dhsa_select with head_pooling "mean" (up to ties), on the GPU: the
-    queries of a GQA group are summed before scoring, whatever options.head_pooling says. q: [B, Hq, Lq, D],
+    queries of a GQA group are summed before scoring, whatever options.head_pooling says; token_rescore > 1 rescores
+    the W = token_rescore x N_b best keys of each tile key by key (utils/methods/dhsa/fused_rescore.py). q: [B, Hq, Lq, D],
     k: [B, Hkv, Lk, D]; returns key_index [B, Hkv, n_tiles, min(budget, Lk)] plus counts."""
     T, robust, share_heads = options.query_chunk, options.robust_chunk_repr, options.share_heads
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     n_tiles = math.ceil(Lq / T)
     K = min(budget, Lk)
+    W = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K  # candidates per tile
     if options.query_pooling == "mean":
         q_vec = _tile_vectors(q, Hkv, T, robust)
         if share_heads:
@@ -400,9 +403,16 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
                 scores -= (q_vec[b] * centring[0]).sum(-1, keepdim=True) * centring[1]
         else:
             scores = _max_pooled_scores(q[b], chunk_k, T, boundaries[b], Lk - Lq, centring)
-        key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=budget,
-                                            query_chunk=T, sink_tokens=options.sink_tokens,
-                                            local_tokens=options.local_tokens, num_slots=K)
+        forced = dict(sink_tokens=options.sink_tokens, local_tokens=options.local_tokens)
+        if W > K:  # the W best keys by chunk scores, then the N_b best of those key by key
+            cand, _ = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=W, query_chunk=T,
+                                num_slots=W, forced_budget=budget, **forced)
+            key_index[b], counts[b] = rescore_candidates(q[b], keys, cand, budget=budget, query_chunk=T,
+                                                         q_offset=Lk - Lq, rescore_queries=options.rescore_queries,
+                                                         **forced)
+        else:
+            key_index[b], counts[b] = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq,
+                                                budget=budget, query_chunk=T, num_slots=K, **forced)
     if share_heads:
         key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
     return KernelSelection(key_index, T, Lk - Lq, counts=counts)

@@ -53,6 +53,7 @@ import utils.methods.dhsa.scores as dhsa_scores
 from utils import kernels
 from utils.attention import sparse_attention
 from utils.config import DHSAOptions, SparseAttentionConfig
+from utils.kernels.head_dims import HEAD_DIMS
 from utils.methods.dhsa.boundaries import FixedSizeBoundaries, as_boundary_list
 from utils.methods.dhsa.scores import (chunk_vectors, forced_key_counts, max_pooled_chunk_scores, query_tile_vectors,
                                        tile_key_means)
@@ -114,14 +115,20 @@ def try_fused_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundarie
                      options: DHSAOptions) -> KernelSelection | None:
     """The fused GPU selection (utils/methods/dhsa/fused.py) for `dhsa_select` (same arguments, K one per query
     head), or None where it does not apply: it runs on CUDA tensors with the kernels on (`kernels.usable`), scores
-    summed GQA groups (head_pooling "mean"), does not rescore tokens (dhsa_select adds an exact tail itself), and
-    holds at most MAX_CHUNKS chunk scores per tile."""
-    if not kernels.usable(q) or options.head_pooling != "mean" or options.token_rescore or options.exact_tail:
+    summed GQA groups (head_pooling "mean"), has no exact tail (`_select` adds it on the PyTorch path), holds at most
+    MAX_CHUNKS chunk scores per tile and, rescoring tokens, at most MAX_CANDIDATES candidates of a head dim the
+    kernels take."""
+    if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail:
         return None
     from utils.methods.dhsa.fused import MAX_CHUNKS, dhsa_select_fused  # imports Triton
+    from utils.methods.dhsa.fused_rescore import MAX_CANDIDATES
 
     if max(int(e.numel()) for e in boundaries) > MAX_CHUNKS:
         return None
+    if options.token_rescore:
+        width = min(k.shape[2], math.ceil(options.token_rescore * min(budget, k.shape[2])))
+        if width > MAX_CANDIDATES or q.shape[-1] not in HEAD_DIMS:
+            return None
     return dhsa_select_fused(q, k, budget=budget, boundaries=boundaries, options=options)
 
 
@@ -134,7 +141,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torc
         # between decode steps
         return _select_on_pytorch(q, k, budget, boundaries, options, expand, ranked_keys, ranked_share, decode_cache)
     if q.is_cuda:  # None = the fused selection does not apply
-        tail_only = options.exact_tail and not options.token_rescore and q.shape[2] > options.exact_tail
+        tail_only = options.exact_tail and q.shape[2] > options.exact_tail
         plain = options.replace(exact_tail=0) if tail_only else options
         k_heads = k.repeat_interleave(expand, dim=1) if expand > 1 else k  # the fused selection: one K per head
         fused = try_fused_select(q, k_heads, budget=budget, boundaries=boundaries, options=plain)
@@ -143,7 +150,10 @@ def _select(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries: list[torc
                 T = options.query_chunk
                 first = (q.shape[2] - options.exact_tail) // T  # first exact tile
                 tail = _select_on_pytorch(q[:, :, first * T:], k, budget, boundaries, options, expand)
-                fused.key_index[:, :, first:] = tail.key_index
+                key_index, counts = fused.key_index.clone(), fused.counts.clone()  # (shared heads: expanded views)
+                key_index[:, :, first:] = tail.key_index
+                counts[:, :, first:] = (tail.key_index >= 0).sum(-1)
+                fused = KernelSelection(key_index, T, fused.q_offset, counts=counts)
             return fused
     return _select_on_pytorch(q, k, budget, boundaries, options, expand)
 
