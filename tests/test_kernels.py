@@ -445,7 +445,8 @@ def test_interp_fused_selection_keeps_the_same_keys(B, Hq, Hkv, L, T, budget, bo
     (torch.bfloat16, 2, 2, 80, 80, 16, 8, 20, 50, 4, 2, 4),       # MHA, bf16 logits
 ])
 def test_interp_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local):
-    check_fused_rescoring("cpu", dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local, config=dict(block_w=16))
+    check_fused_rescoring("cpu", dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink, local,
+                          config=dict(rows=16, block_w=16))  # 32 rows (every query, G = 2): two slices
 
 
 @interpreter_only

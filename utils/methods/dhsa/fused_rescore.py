@@ -52,55 +52,61 @@ def _rescore_weights_kernel(
     end = q_offset + last + 1  # keys visible to the tile's last query
     local, sink = forced_counts(tl.minimum(end, budget), sink_tokens, local_tokens)
 
-    # rows: query head g of the group x sampled query j (j = 0 is the tile's last query)
-    r = tl.arange(0, ROWS)
-    row_ok = r < G * R
-    g = r // R
-    pos = tl.maximum(last - (r % R) * step, first)
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + (h * G + g).to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_ql + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q_pos = q_offset + pos
     cand_row = Cand + h.to(tl.int64) * stride_ch + tile.to(tl.int64) * stride_ct
-    keys = K + h.to(tl.int64) * stride_kh
-
-    # pass 1: log-sum-exp of each row over the candidates it sees
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    acc = tl.zeros([ROWS], tl.float32)
-    for w0 in range(0, W, BLOCK_W):
-        cols = w0 + tl.arange(0, BLOCK_W)
-        idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
-        k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
-                    other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
-        m = m_new
-    lse = tl.where(m == float("-inf"), float("inf"), m + tl.log(tl.where(m == float("-inf"), 1.0, acc)))  # a row that sees nothing gives -inf below
-
-    # pass 2: each candidate's best weight over the rows, in log space
     out_row = Weight + h.to(tl.int64) * stride_wh + tile.to(tl.int64) * stride_wt
-    for w0 in range(0, W, BLOCK_W):
-        cols = w0 + tl.arange(0, BLOCK_W)
-        idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
-        k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
-                    other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
-        best = tl.max(tl.where(seen, s - lse[:, None], float("-inf")), 0)
-        forced = (idx >= 0) & ((idx < sink) | (idx >= end - local))
-        best = tl.where(forced, float("inf"), best)
-        best = tl.where(idx >= 0, best, float("-inf"))
-        tl.store(out_row + cols, best, mask=cols < W)
+    keys = K + h.to(tl.int64) * stride_kh
+    dims = tl.arange(0, HEAD_DIM)
+    # rows: query head g of the group x sampled query j (j = 0 is the tile's last query), ROWS at a time; a later
+    # slice of rows keeps the best of its weights and those the earlier slices wrote
+    for r0 in range(0, G * R, ROWS):
+        r = r0 + tl.arange(0, ROWS)
+        row_ok = r < G * R
+        g = r // R
+        pos = tl.maximum(last - (r % R) * step, first)
+        q = tl.load(Q + (h * G + g).to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_ql + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        q_pos = q_offset + pos
+
+        # pass 1: log-sum-exp of each row over the candidates it sees
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        acc = tl.zeros([ROWS], tl.float32)
+        for w0 in range(0, W, BLOCK_W):
+            cols = w0 + tl.arange(0, BLOCK_W)
+            idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
+            k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
+                        other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+            m = m_new
+        # a row that sees nothing (a padded row) gets lse = +inf: its weights are -inf below
+        lse = tl.where(m == float("-inf"), float("inf"), m + tl.log(tl.where(m == float("-inf"), 1.0, acc)))
+
+        # pass 2: each candidate's best weight over the rows, in log space
+        tl.debug_barrier()  # the previous slice's weights are written before this one reads them
+        for w0 in range(0, W, BLOCK_W):
+            cols = w0 + tl.arange(0, BLOCK_W)
+            idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
+            k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
+                        other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
+            best = tl.max(tl.where(seen, s - lse[:, None], float("-inf")), 0)
+            if r0 > 0:
+                best = tl.maximum(best, tl.load(out_row + cols, mask=cols < W, other=float("-inf")))
+            forced = (idx >= 0) & ((idx < sink) | (idx >= end - local))
+            best = tl.where(forced, float("inf"), best)
+            best = tl.where(idx >= 0, best, float("-inf"))
+            tl.store(out_row + cols, best, mask=cols < W)
 
 
 @triton.jit
@@ -143,9 +149,13 @@ def _keep_best_kernel(
     tl.store(Counts + h * stride_nh + tile, count)
 
 
-def rescore_config(head_dim: int, rows: int) -> dict:
-    """Candidates per step and warps of rescore_weights: 64 keys of head dim <= 128 per step, 32 above."""
-    return dict(block_w=64 if head_dim <= 128 else 32, num_warps=4 if rows <= 64 else 8)
+def rescore_config(head_dim: int) -> dict:
+    """Query rows per slice, candidates per step and warps of rescore_weights, per head dim: 64 rows x 64 keys up to
+    head dim 128 (the sampled rows of a GQA group, G x R = 28 for 14 / 2 heads and R = 4, fit in one slice of 32),
+    32 x 32 at 256, so that the queries and one key block fit in shared memory on every GPU."""
+    if head_dim <= 128:
+        return dict(rows=64, block_w=64, num_warps=4)
+    return dict(rows=32, block_w=32, num_warps=4)
 
 
 def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, *, budget: int, query_chunk: int,
@@ -156,7 +166,7 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
     q: [Hq, Lq, D] fp16/bf16/fp32; keys: [H, Lk, D] (H heads select; G = Hq / H query heads share a selection);
     cand: [H, n_tiles, W] int64 ascending candidate keys per tile, -1 after (pick_keys at budget W).
     rescore_queries: R queries per tile rescore (0 or >= query_chunk: all). Returns key_index [H, n_tiles,
-    min(budget, W)] int64 (ascending, -1 after) and counts [H, n_tiles] int32. config: block_w, num_warps.
+    min(budget, W)] int64 (ascending, -1 after) and counts [H, n_tiles] int32. config: rows, block_w, num_warps.
     """
     Hq, Lq, D = q.shape
     H, Lk, Dk = keys.shape
@@ -170,8 +180,8 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         raise ValueError(f"{W} candidates exceed the fused rescoring's limit of {MAX_CANDIDATES}")
     G = Hq // H
     R = rescore_queries if 0 < rescore_queries < T else T
-    rows = max(16, triton.next_power_of_2(G * R))
-    cfg = dict(rescore_config(D, rows), **(config or {}))
+    cfg = dict(rescore_config(D), **(config or {}))
+    rows = max(16, min(cfg["rows"], triton.next_power_of_2(G * R)))
     if q.stride(-1) != 1:
         q = q.contiguous()
     keys = keys.to(q.dtype)
@@ -183,7 +193,8 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         q, keys, cand, weight, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), cand.stride(0),
         cand.stride(1), weight.stride(0), weight.stride(1), Lq, q_offset, budget, sink_tokens, local_tokens, W, G, T,
         R, max(1, T // R), D ** -0.5,
-        ROWS=rows, HEAD_DIM=D, BLOCK_W=cfg["block_w"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"])
+        ROWS=rows, HEAD_DIM=D, BLOCK_W=cfg["block_w"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3))
     K = min(budget, W)
     key_index = torch.empty(H, n_tiles, K, dtype=torch.long, device=q.device)
     counts = torch.empty(H, n_tiles, dtype=torch.int32, device=q.device)
