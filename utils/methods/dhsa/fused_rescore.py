@@ -202,7 +202,7 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
     _keep_best_kernel[(n_tiles, H)](
         weight, cand, key_index, counts, weight.stride(0), weight.stride(1), cand.stride(0), cand.stride(1),
         key_index.stride(0), key_index.stride(1), counts.stride(0), W, budget, K,
-        W_P2=w_p2, FILL=1024, num_warps=4 if w_p2 <= 2048 else 8 if w_p2 <= 8192 else 16)
+        W_P2=w_p2, FILL=1024, num_warps=4 if w_p2 <= 2048 else 8 if w_p2 <= 8192 else 32)  # 32: 1.7 vs 2.3 ms (16) at W = 16K, H200
     return key_index, counts
 
 
