@@ -324,3 +324,60 @@ def test_sequence_shorter_than_one_chunk():
     q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     assert fixed_size_ends(10, 16).tolist() == [10]
     torch.testing.assert_close(dhsa_attention(q, k, v, budget=10), dense_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_bound_scores_are_at_least_every_key_of_the_chunk():
+    """chunk_score="bound": [q+, q-] . [kmax, kmin] >= q . k for every key k of the chunk, with equality for a chunk
+    of one key; with centring, the bound of the centred keys (bound - q . m_t)."""
+    g = torch.Generator().manual_seed(0)
+    k, q = torch.randn(2, 70, 8, generator=g), torch.randn(2, 9, 8, generator=g)
+    ends = torch.tensor([1, 16, 17, 40, 70])
+    bound = torch.einsum("hqd,hcd->hqc", dhsa_math.bound_queries(q), dhsa_math.bound_chunk_keys(k, ends))
+    chunk_of_key = torch.searchsorted(ends, torch.arange(70), right=True)
+    best = torch.full_like(bound, float("-inf")).scatter_reduce(
+        -1, chunk_of_key.expand(2, 9, 70), torch.einsum("hqd,hkd->hqk", q, k), "amax")
+    assert (bound >= best - 1e-5).all()
+    torch.testing.assert_close(bound[..., [0, 2]], best[..., [0, 2]])  # one-key chunks: the bound is that key
+    key_mean, weight = dhsa_math.bound_centring(k, ends, torch.tensor([40, 70]))
+    assert torch.equal(weight, torch.ones(5))
+    shift = (dhsa_math.bound_queries(q) * key_mean[:, 1:2]).sum(-1)
+    torch.testing.assert_close(shift, (q * key_mean[:, 1:2, :8]).sum(-1))  # [q+, q-] . [m, m] = q . m
+
+
+def test_bound_keeps_a_single_strong_key_that_the_chunk_mean_misses():
+    """Planted needle: one key of a distant 16-key chunk matches the last tile's queries strongly, its 15
+    neighbours point away; another chunk matches a little with every key. The chunk mean ranks the uniform chunk
+    first, the bound on the best key ranks the needle's chunk first."""
+    L, D = 128, 4
+    k = torch.zeros(1, 1, L, D)
+    k[0, 0, 16:32, 1] = -1.0            # the needle's chunk: 15 keys pointing away ...
+    k[0, 0, 20, :] = 0.0
+    k[0, 0, 20, 0] = 6.0                # ... and one key, 20, that matches direction 0 strongly
+    k[0, 0, 48:64, 0] = 1.0             # a chunk whose every key matches a little
+    q = torch.zeros(1, 1, L, D)
+    q[0, 0, :, 0], q[0, 0, :, 1] = 1.0, 1.0
+    ends = [torch.arange(16, L + 1, 16)]
+    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0, center_keys=False, dense_tail=0)
+    kept = {score: dhsa_select(q, k, budget=16, boundaries=ends, options=options.replace(chunk_score=score))
+            .key_index[0, 0, -1].tolist() for score in ("mean", "bound")}
+    assert 20 in kept["bound"] and kept["bound"] == list(range(16, 32))
+    assert 20 not in kept["mean"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bound_scores_keep_budget_causality_and_full_budget(shape):
+    """chunk_score="bound" through dhsa_attention: dense at full budget; at a small budget no future key and at
+    most N_b keys per query (before the dense tail); a sparse decode step reads at most N_b keys."""
+    q, k, v = rand_qkv(*shape, seed=4)
+    L, G = shape[3], shape[1] // shape[2]
+    ref = dense_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+    out = dhsa_attention(q, k, v, budget=L, query_chunk=16, chunk_score="bound")
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for boundaries in (None, [1, 2, 3, 10, 11, 40, L - 1, L]):
+        read = keys_read(q, k, budget=24, query_chunk=16, boundaries=boundaries, chunk_score="bound", dense_tail=0) > 0
+        assert torch.triu(read, diagonal=1).sum() == 0, "a query read a future key"
+        assert read.sum(-1).le(24).all(), "a query read more keys than its budget"
+    step = keys_read(q[:, :, -1:], k, budget=24, query_chunk=16, chunk_score="bound") > 0
+    assert step.sum(-1).le(24).all()
+    with pytest.raises(ValueError, match="chunk_score"):
+        DHSAOptions(chunk_score="max")

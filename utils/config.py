@@ -51,6 +51,8 @@ class SparseAttentionConfig:
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
     query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
     center_keys: bool = True               # centre keys on their causal mean before chunk scoring (see README)
+    chunk_score: str = "mean"              # a chunk's score: its chunk vector (eq. 4, "mean") or the bound on its best
+                                           # key from per-chunk key max / min ("bound", as Quest's pages)
     head_pooling: str = "none"             # "none": every query head selects its own keys; "mean" / "max": the heads
                                            # of a GQA group share one selection (summed queries / best head)
     token_rescore: float = 0.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
@@ -186,6 +188,7 @@ class DHSAOptions:
     query_pooling: str = SparseAttentionConfig.query_pooling
     head_pooling: str = SparseAttentionConfig.head_pooling
     center_keys: bool = SparseAttentionConfig.center_keys
+    chunk_score: str = SparseAttentionConfig.chunk_score
     token_rescore: float = SparseAttentionConfig.token_rescore
     rescore_queries: int = SparseAttentionConfig.rescore_queries
     exact_tail: int = SparseAttentionConfig.exact_tail
@@ -200,6 +203,8 @@ class DHSAOptions:
             raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
+        if self.chunk_score not in ("mean", "bound"):
+            raise ValueError(f"chunk_score must be mean or bound, got {self.chunk_score!r}; e.g. --chunk-score bound")
         if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
             raise ValueError(f"token_rescore must be 0 or >= 1, exact_tail and dense_tail >= 0; got "
                              f"{self.token_rescore}, {self.exact_tail}, {self.dense_tail}")

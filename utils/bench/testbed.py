@@ -175,13 +175,14 @@ def score_selection(truth: dict, selection, needle: tuple[int, int] | None = Non
 
 def dhsa_flop_ratio(length: int, head_dim: int, config: SparseAttentionConfig) -> float:
     """FLOPs of DHSA's selection + attention over those of dense causal attention (per head, prefill of
-    `length`, GQA aside): chunk scores of the visible chunks (half of L/chunk_size per query), token rescoring
+    `length`, GQA aside): chunk scores of the visible chunks (half of L/chunk_size per query; twice the head dim
+    for chunk_score "bound"), token rescoring
     (token_rescore x N_b dot products per query, or per rescoring query), attention on N_b keys (QK and PV), the tails on every key, and
     the ranking of tail_columns (the tail's QK over every key once more)."""
     L, D = length, head_dim
     N = config.resolve_budget(L)
     dense = 2 * L * L * D  # QK + PV, causal: L^2 / 2 pairs, 2 x 2 FLOPs each per dimension
-    chunks = L * (config.num_chunks(L) / 2) * 2 * D
+    chunks = L * (config.num_chunks(L) / 2) * 2 * D * (2 if config.chunk_score == "bound" else 1)  # bound: 2D wide
     rescore = L * config.token_rescore * N * 2 * D if config.token_rescore else 0.0
     if config.rescore_queries and config.rescore_queries < config.query_chunk:  # a sample of each tile rescores
         rescore *= config.rescore_queries / config.query_chunk

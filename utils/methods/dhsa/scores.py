@@ -31,6 +31,30 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
     return sums * weight[None, :, None]
 
 
+def bound_chunk_keys(k: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per-chunk key bounds for chunk_score "bound": k [H, L, D], ends [Nc] -> [H, Nc, 2D] fp32, the elementwise
+    max then min of each chunk's keys. With bound_queries(q) = [q+, -q-], their dot product is
+    sum_d max(q_d kmax_d, q_d kmin_d): the largest q . k that any key inside the chunk's box could give (Quest)."""
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1))
+    keys = k.transpose(0, 1).float().contiguous()  # [L, H, D]: segment_reduce runs along the first dim
+    high = torch.segment_reduce(keys, "max", lengths=lengths, axis=0)
+    low = torch.segment_reduce(keys, "min", lengths=lengths, axis=0)
+    return torch.cat([high, low], dim=-1).transpose(0, 1).contiguous()
+
+
+def bound_queries(q: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., 2D] fp32: [max(q, 0), min(q, 0)], the query side of the chunk bound (bound_chunk_keys)."""
+    q = q.float()
+    return torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)
+
+
+def bound_centring(k: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor):
+    """centring for the bound scores: the bound on keys centred on the tile's causal mean key m_t is the bound
+    minus q . m_t; [q+, q-] . [m_t, m_t] = q . m_t. Returns (key_mean [H, n_tiles, 2D], weight [Nc] = 1)."""
+    key_mean, weight = tile_key_means(chunk_vectors(k, ends, robust=False), ends, tile_end, robust=False)
+    return torch.cat([key_mean, key_mean], dim=-1), weight
+
+
 def prefix_sums(k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """fp32 prefix sums P[p] = k_0 + ... + k_{p-1} of k [H, L, D] at ascending `positions` -> [H, n, D].
 

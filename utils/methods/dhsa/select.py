@@ -118,7 +118,7 @@ def try_fused_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundarie
     summed GQA groups (head_pooling "mean"), has no exact tail (`_select` adds it on the PyTorch path), holds at most
     MAX_CHUNKS chunk scores per tile and, rescoring tokens, at most MAX_CANDIDATES candidates of a head dim the
     kernels take."""
-    if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail:
+    if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail or options.chunk_score != "mean":
         return None
     from utils.methods.dhsa.fused import MAX_CHUNKS, dhsa_select_fused  # imports Triton
     from utils.methods.dhsa.fused_rescore import MAX_CANDIDATES
@@ -200,7 +200,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         ends = boundaries[b]
         keys = k[b].float().mean(0, keepdim=True) if share_heads else k[b]
         kept = None
-        if decode_cache is not None and Lq == 1 and not share_heads and not k.is_cuda:
+        bound = options.chunk_score == "bound"
+        if decode_cache is not None and Lq == 1 and not share_heads and not k.is_cuda and not bound:
             entry = decode_cache["chunks"].get(b)
             if entry is None or not entry.fits(keys, robust, expand):
                 entry = DecodeChunks(keys, decode_cache["prompt_ends"][b], decode_cache["prompt_len"], robust, expand)
@@ -208,6 +209,13 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             kept = entry.step(keys, ends, options.center_keys)
         if kept is not None:  # the chunk vectors kept from the last step, extended by the new keys
             chunk_k, centring = kept
+        elif bound:  # per-chunk key max / min, scored by [q+, q-] (dhsa_scores.bound_chunk_keys)
+            chunk_k = dhsa_scores.bound_chunk_keys(keys, ends)  # [heads, Nc, 2D]
+            centring = dhsa_scores.bound_centring(keys, ends, tile_end) if options.center_keys else None
+            if expand > 1:
+                chunk_k = chunk_k.repeat_interleave(expand, 0)
+                if centring is not None:
+                    centring = (centring[0].repeat_interleave(expand, 0), centring[1])
         else:
             chunk_k = chunk_vectors(keys, ends, robust)  # [heads, Nc, D]
             if expand > 1:  # the same numbers as chunk vectors of repeated keys, for 1/expand of the prefix sums
@@ -216,6 +224,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         # token rescoring reads the keys of selecting head h at keys[h // expand] (no copy per query head)
         if query_pooling == "mean":
             vec = q_vec[b] if head_pooling == "max" else q_vec[b][:, None]  # [heads, G or 1, n_tiles, D]
+            if bound:
+                vec = dhsa_scores.bound_queries(vec)
             chunk_scores = torch.einsum("hgtd,hcd->hgtc", vec, chunk_k)
             if centring is not None:
                 shift = (vec * centring[0][:, None]).sum(-1)  # [heads, G or 1, n_tiles]
@@ -223,7 +233,8 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             chunk_scores = chunk_scores.amax(1)  # S_c: [heads, n_tiles, Nc]
         else:
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-            chunk_scores = max_pooled_chunk_scores(q[b], chunk_k, T, head_pooling, centring, starts, tile_end)
+            q_b = dhsa_scores.bound_queries(q[b]) if bound else q[b]
+            chunk_scores = max_pooled_chunk_scores(q_b, chunk_k, T, head_pooling, centring, starts, tile_end)
         chunk_of_key = None
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             width = Lk if t0 >= first_exact else width_other
