@@ -381,3 +381,38 @@ def test_bound_scores_keep_budget_causality_and_full_budget(shape):
     assert step.sum(-1).le(24).all()
     with pytest.raises(ValueError, match="chunk_score"):
         DHSAOptions(chunk_score="max")
+
+
+@pytest.mark.parametrize("head_pooling", ["mean", "max"])
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_softmax_pooled_chunk_scores_brute_force(head_pooling, pool):
+    """query_pooling "softmax_max" / "softmax_mean": per query, log p over the chunks it sees (mean key / sqrt(D)
+    + log len, softmax), then the tile's best query or the log of its mean p; against a direct computation."""
+    g = torch.Generator().manual_seed(2)
+    L, T, D = 150, 32, 8
+    q, k = torch.randn(4, L, D, generator=g), torch.randn(2, L, D, generator=g)
+    ends = torch.tensor([1, 5, 40, 41, 90, 150])
+    got = dhsa_math.softmax_pooled_chunk_scores(q, k, ends, T, pool, head_pooling)
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1))
+    mu = torch.stack([k[:, s:e].mean(1) for s, e in zip((ends - lengths).tolist(), ends.tolist())], 1)
+    qq = q.view(2, 2, L, D)
+    if head_pooling == "mean":
+        qq = qq.sum(1, keepdim=True)
+    logits = torch.einsum("hgld,hcd->hglc", qq, mu) / math.sqrt(D) + lengths.float().log()
+    logits = logits.masked_fill((ends - lengths)[None, :] > torch.arange(L)[:, None], float("-inf"))
+    logp = logits.log_softmax(-1)
+    for t in range(math.ceil(L / T)):
+        rows = logp[:, :, t * T:(t + 1) * T]
+        ref = (rows.amax(2) if pool == "max" else rows.exp().mean(2).log()).amax(1)
+        torch.testing.assert_close(got[:, t], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["softmax_max", "softmax_mean"])
+def test_softmax_pooling_keeps_budget_causality_and_full_budget(pooling):
+    q, k, v = rand_qkv(2, 4, 2, 130, 8, seed=6)
+    ref = dense_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    out = dhsa_attention(q, k, v, budget=130, query_chunk=16, query_pooling=pooling)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    read = keys_read(q, k, budget=24, query_chunk=16, query_pooling=pooling, dense_tail=0,
+                     boundaries=[1, 2, 3, 10, 11, 40, 129, 130]) > 0
+    assert torch.triu(read, diagonal=1).sum() == 0 and read.sum(-1).le(24).all()

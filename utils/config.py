@@ -50,6 +50,7 @@ class SparseAttentionConfig:
     share_boundaries: bool = True          # one boundary set per forward, from the first sparse layer (App. D)
     share_heads: bool = False              # one selection for all heads (authors' code) instead of per KV head
     query_pooling: str = "max"             # a query chunk scores key chunks by its best query ("max") or mean query
+                                           # ("mean"); "softmax_max" / "softmax_mean": per-query chunk probabilities
     center_keys: bool = True               # centre keys on their causal mean before chunk scoring (see README)
     chunk_score: str = "mean"              # a chunk's score: its chunk vector (eq. 4, "mean") or the bound on its best
                                            # key from per-chunk key max / min ("bound", as Quest's pages)
@@ -109,8 +110,9 @@ class SparseAttentionConfig:
             raise ValueError("min_budget, sink_tokens and local_tokens must be >= 0")
         if not 0.0 <= self.sink_fraction <= 1.0:
             raise ValueError(f"sink_fraction must be in [0, 1], got {self.sink_fraction}")
-        if self.query_pooling not in ("max", "mean"):
-            raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.query_pooling not in ("max", "mean", "softmax_max", "softmax_mean"):
+            raise ValueError(f"query_pooling must be max, mean, softmax_max or softmax_mean, got "
+                             f"{self.query_pooling!r}")
         if self.decode not in ("dense", "sparse"):
             raise ValueError(f"decode must be dense or sparse, got {self.decode!r}; e.g. --decode sparse")
         if self.method == "quest":  # Quest acts only at decode (prefill stays dense): its decode is always sparse
@@ -199,8 +201,9 @@ class DHSAOptions:
         if self.query_chunk < 1 or self.sink_tokens < 0 or self.local_tokens < 0:
             raise ValueError(f"query_chunk must be >= 1, sink_tokens and local_tokens >= 0; got {self.query_chunk}, "
                              f"{self.sink_tokens}, {self.local_tokens}")
-        if self.query_pooling not in ("max", "mean"):
-            raise ValueError(f"query_pooling must be max or mean, got {self.query_pooling!r}")
+        if self.query_pooling not in ("max", "mean", "softmax_max", "softmax_mean"):
+            raise ValueError(f"query_pooling must be max, mean, softmax_max or softmax_mean, got "
+                             f"{self.query_pooling!r}")
         if self.head_pooling not in ("max", "mean", "none"):
             raise ValueError(f"head_pooling must be max, mean or none, got {self.head_pooling!r}")
         if self.chunk_score not in ("mean", "bound"):

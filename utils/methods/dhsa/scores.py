@@ -31,6 +31,55 @@ def chunk_vectors(k: torch.Tensor, ends: torch.Tensor, robust: bool = True) -> t
     return sums * weight[None, :, None]
 
 
+def softmax_pooled_chunk_scores(q: torch.Tensor, k: torch.Tensor, ends: torch.Tensor, query_chunk: int,
+                                pool: str, head_pooling: str = "mean", q_offset: int = 0) -> torch.Tensor:
+    """S_c from per-query chunk probabilities (query_pooling "softmax_max" / "softmax_mean").
+
+    Every query q scores each chunk it can see (start <= its position) by log p_qc = q . mu_c / sqrt(D) + log len_c
+    - lse over those chunks (mu_c: the chunk's mean key; len_c similar keys get len_c times one key's weight), the
+    chunk-level softmax weight that token rescoring takes key by key. A tile then pools its queries: pool "max" keeps
+    the best query's log p, "mean" the log of the mean p (the tile's estimated attention mass on the chunk).
+    q: [Hq, Lq, D], k: [H, Lk, D] (one sequence), ends [Nc]. head_pooling as max_pooled_chunk_scores. Returns
+    [H, n_tiles, Nc] fp32; chunks a tile cannot see score -inf. A per-query shift of the keys (center_keys) cancels.
+    """
+    Hq, Lq, D = q.shape
+    H = k.shape[0]
+    T, G = query_chunk, Hq // H
+    n_tiles = math.ceil(Lq / T)
+    lengths = torch.diff(ends, prepend=ends.new_zeros(1))
+    mu = chunk_vectors(k, ends, robust=False) * D ** -0.5  # [H, Nc, D]
+    log_len = lengths.to(torch.float32).log()
+    starts = ends - lengths
+    Nc = ends.numel()
+    out = torch.full((H, n_tiles, Nc), float("-inf"), dtype=torch.float32, device=q.device)
+    step = max(1, SCORE_ELEMENTS // max(1, T * H * Nc * (G if head_pooling == "max" else 1)))
+    for t0 in range(0, n_tiles, step):
+        t1 = min(n_tiles, t0 + step)
+        rows = q[:, t0 * T: min(Lq, t1 * T)].float()
+        n = rows.shape[1]
+        per_head = rows.reshape(H, G, n, D)
+        if head_pooling == "mean" and G > 1:
+            per_head = per_head.sum(1, keepdim=True)
+        logits = torch.einsum("hgrd,hcd->hgrc", per_head, mu) + log_len
+        pos = q_offset + t0 * T + torch.arange(n, device=q.device)
+        logits = logits.masked_fill(starts[None, :] > pos[:, None], float("-inf"))  # chunks after the query
+        logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        tile = torch.arange(n, device=q.device) // T  # tile of each row within the slice
+        g = t1 - t0
+        pooled = torch.full(logp.shape[:2] + (g, Nc), float("-inf"), dtype=torch.float32, device=q.device)
+        index = tile[None, None, :, None].expand_as(logp)
+        if pool == "max":
+            pooled = pooled.scatter_reduce(2, index, logp, "amax")
+        else:  # log of the mean probability over the tile's rows
+            count = torch.bincount(tile, minlength=g).to(torch.float32)
+            top = pooled.scatter_reduce(2, index, logp, "amax").clamp(min=-1e30)  # stable log-mean-exp
+            mean = torch.zeros_like(pooled).scatter_add_(2, index, (logp - top.gather(2, index)).exp())
+            pooled = top + (mean / count[None, None, :, None]).log()
+            pooled = pooled.masked_fill(mean == 0, float("-inf"))
+        out[:, t0:t1] = pooled.amax(1)  # head_pooling "max": the best head of the group
+    return out
+
+
 def bound_chunk_keys(k: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Per-chunk key bounds for chunk_score "bound": k [H, L, D], ends [Nc] -> [H, Nc, 2D] fp32, the elementwise
     max then min of each chunk's keys. With bound_queries(q) = [q+, -q-], their dot product is

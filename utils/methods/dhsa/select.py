@@ -115,10 +115,12 @@ def try_fused_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundarie
                      options: DHSAOptions) -> KernelSelection | None:
     """The fused GPU selection (utils/methods/dhsa/fused.py) for `dhsa_select` (same arguments, K one per query
     head), or None where it does not apply: it runs on CUDA tensors with the kernels on (`kernels.usable`), scores
-    summed GQA groups (head_pooling "mean"), has no exact tail (`_select` adds it on the PyTorch path), holds at most
+    summed GQA groups (head_pooling "mean") by their chunk vectors (chunk_score "mean", query_pooling "max" or
+    "mean"), has no exact tail (`_select` adds it on the PyTorch path), holds at most
     MAX_CHUNKS chunk scores per tile and, rescoring tokens, at most MAX_CANDIDATES candidates of a head dim the
     kernels take."""
-    if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail or options.chunk_score != "mean":
+    if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail or options.chunk_score != "mean" \
+            or options.query_pooling not in ("max", "mean"):
         return None
     from utils.methods.dhsa.fused import MAX_CHUNKS, dhsa_select_fused  # imports Triton
     from utils.methods.dhsa.fused_rescore import MAX_CANDIDATES
@@ -231,6 +233,10 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 shift = (vec * centring[0][:, None]).sum(-1)  # [heads, G or 1, n_tiles]
                 chunk_scores = chunk_scores - shift[..., None] * centring[1]
             chunk_scores = chunk_scores.amax(1)  # S_c: [heads, n_tiles, Nc]
+        elif query_pooling.startswith("softmax_"):  # per-query chunk probabilities, pooled over the tile
+            chunk_scores = dhsa_scores.softmax_pooled_chunk_scores(
+                q[b], keys.repeat_interleave(expand, 0) if expand > 1 else keys, ends, T,
+                query_pooling.removeprefix("softmax_"), head_pooling, q_offset)
         else:
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
             q_b = dhsa_scores.bound_queries(q[b]) if bound else q[b]
