@@ -213,10 +213,18 @@ def max_pooled_chunk_scores(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk:
             # the max over a tile's rows reads contiguous memory); with centring q.c is added by the GEMM (beta =
             # 1) onto -(weight * shift): the same numbers as the product minus the shift, one pass less
             Gs = per_head.shape[1]  # the heads of a group side by side as columns: one GEMM per selecting head
-            rows_t = per_head.permute(0, 3, 1, 2).reshape(H, D, Gs * n)
-            if shift is None:
+            if Gs * n < 16 and chunk_k.stride(1) == 1:
+                # a decode step's few rows against chunk vectors kept transposed (DecodeChunks): rows x D times
+                # D x chunks, the layout the GEMM runs well with one row
+                scores_t = torch.bmm(per_head.reshape(H, Gs * n, D), chunk_k.transpose(1, 2)[:, :, :nc])
+                scores_t = scores_t.transpose(1, 2)
+                if shift is not None:
+                    scores_t = scores_t - weight[:nc, None] * shift.reshape(H, 1, Gs * n)
+            elif shift is None:
+                rows_t = per_head.permute(0, 3, 1, 2).reshape(H, D, Gs * n)
                 scores_t = torch.bmm(chunk_k[:, :nc], rows_t)
             else:
+                rows_t = per_head.permute(0, 3, 1, 2).reshape(H, D, Gs * n)
                 scores_t = torch.mul(-weight[:nc, None], shift.reshape(H, 1, Gs * n))
                 scores_t.baddbmm_(chunk_k[:, :nc], rows_t)
             scores_t = scores_t.view(H, nc, Gs, n)
