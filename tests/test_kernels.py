@@ -797,12 +797,14 @@ def launches_of(monkeypatch, limit: int) -> list[tuple]:
     """(kernel, args, kwargs) of the Triton launches that the kernels' wrappers make under a shared-memory limit,
     for the layer shapes of the latency tables (head dims 64/128/256, token and block mode, bf16, fp32 scoring)."""
     from utils.methods.dhsa import fused as select_module
+    from utils.methods.dhsa import fused_rescore as rescore_module
     from utils.kernels import sparse_prefill as prefill_module
     from utils.kernels.shared_memory import shared_memory_limit
 
     recorders = {}
     for module, name in ((prefill_module, "_sparse_prefill_kernel"), (select_module, "_max_pooled_scores_kernel"),
-                         (select_module, "_dhsa_pick_kernel")):
+                         (select_module, "_dhsa_pick_kernel"), (rescore_module, "_rescore_weights_kernel"),
+                         (rescore_module, "_keep_best_kernel")):
         kernel = getattr(module, name)
         recorders[name] = _LaunchRecorder(kernel.kernel if isinstance(kernel, _LaunchRecorder) else kernel)
         monkeypatch.setattr(module, name, recorders[name])
@@ -815,6 +817,9 @@ def launches_of(monkeypatch, limit: int) -> list[tuple]:
             prefill_module.sparse_prefill(q, k, k, idx, query_chunk=64, softcap=50.0)
             for dtype in (torch.bfloat16, torch.float32):
                 select_module.max_pooled_chunk_scores_gpu(q[0].to(dtype), torch.zeros(Hkv, 40, D), 64)
+                rescore_module.rescore_candidates(q[0].to(dtype), k[0].to(dtype), torch.zeros(Hkv, 4, 128, dtype=torch.long),
+                                                  budget=64, query_chunk=64, q_offset=0, sink_tokens=16, local_tokens=16,
+                                                  rescore_queries=4)
         for chunks in (2000, 8000, 32768):  # chunk scores of a tile: 32K to 512K keys at 16 keys per chunk
             select_module.pick_keys(torch.zeros(1, 1, chunks), torch.arange(1, chunks + 1), num_queries=1,
                                     q_offset=chunks - 1, budget=64, query_chunk=64, sink_tokens=16, local_tokens=16,
@@ -831,7 +836,7 @@ def test_rtx3090_configs_compile_within_its_shared_memory(monkeypatch):
     from utils.kernels.shared_memory import H100, RTX_3090
 
     small = launches_of(monkeypatch, RTX_3090)
-    assert len(small) == 4 * 5 + 3
+    assert len(small) == 4 * 5 + 3 + 4 * 2 * 2  # + token rescoring: 2 kernels x 2 dtypes per shape
     for kernel, args, kwargs in small:
         used = shared_memory_on_sm86(kernel, args, kwargs)
         assert used <= RTX_3090, (kernel.fn.__name__, {n: v for n, v in kwargs.items() if not n.isupper()}, used)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from utils.kernels.head_dims import HEAD_DIMS
+from utils.kernels.shared_memory import shared_memory_per_block
 
 MAX_CANDIDATES = 32768  # one tile's weights live in registers while keep_best ranks them
 
@@ -149,13 +150,26 @@ def _keep_best_kernel(
     tl.store(Counts + h * stride_nh + tile, count)
 
 
-def rescore_config(head_dim: int) -> dict:
-    """Query rows per slice, candidates per step and warps of rescore_weights, per head dim: 64 rows x 64 keys up to
-    head dim 128 (the sampled rows of a GQA group, G x R = 28 for 14 / 2 heads and R = 4, fit in one slice of 32),
-    32 x 32 at 256, so that the queries and one key block fit in shared memory on every GPU."""
+def rescore_config(head_dim: int, element_size: int = 2, shared_memory: int | None = None) -> dict:
+    """Query rows per slice, candidates per step, warps and pipeline depth of rescore_weights, per head dim: 64 rows
+    x 64 keys up to head dim 128 (the sampled rows of a GQA group, G x R = 28 for 14 / 2 heads and R = 4, fit in one
+    slice of 32), 32 x 32 at 256. shared_memory (bytes per block, default: the current GPU's, or the one forced by
+    utils/kernels/shared_memory.py) shrinks the pipeline, then the keys per step, then the rows, until the query
+    rows plus num_stages key blocks of element_size bytes fit (an RTX 3090 at head dim 256 in fp32: 2 stages)."""
     if head_dim <= 128:
-        return dict(rows=64, block_w=64, num_warps=4)
-    return dict(rows=32, block_w=32, num_warps=4)
+        cfg = dict(rows=64, block_w=64, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(rows=32, block_w=32, num_warps=4, num_stages=3)
+    if shared_memory is None:
+        shared_memory = shared_memory_per_block()
+    need = lambda c: element_size * head_dim * (c["rows"] + c["num_stages"] * c["block_w"])  # noqa: E731
+    while need(cfg) > shared_memory and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > shared_memory and cfg["block_w"] > 16:
+        cfg["block_w"] //= 2
+    while need(cfg) > shared_memory and cfg["rows"] > 16:
+        cfg["rows"] //= 2
+    return cfg
 
 
 def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, *, budget: int, query_chunk: int,
@@ -166,7 +180,9 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
     q: [Hq, Lq, D] fp16/bf16/fp32; keys: [H, Lk, D] (H heads select; G = Hq / H query heads share a selection);
     cand: [H, n_tiles, W] int64 ascending candidate keys per tile, -1 after (pick_keys at budget W).
     rescore_queries: R queries per tile rescore (0 or >= query_chunk: all). Returns key_index [H, n_tiles,
-    min(budget, W)] int64 (ascending, -1 after) and counts [H, n_tiles] int32. config: rows, block_w, num_warps.
+    min(budget, W)] int64 (ascending, -1 after) and counts [H, n_tiles] int32. config: rows, block_w, num_warps,
+    num_stages. Memory: the W candidates (int64, from pick_keys) and their weights (fp32) of every (head, tile): at 128K
+    keys, 6.25% and 14 selecting heads, 3.8 + 1.9 GB.
     """
     Hq, Lq, D = q.shape
     H, Lk, Dk = keys.shape
@@ -180,7 +196,7 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         raise ValueError(f"{W} candidates exceed the fused rescoring's limit of {MAX_CANDIDATES}")
     G = Hq // H
     R = rescore_queries if 0 < rescore_queries < T else T
-    cfg = dict(rescore_config(D), **(config or {}))
+    cfg = dict(rescore_config(D, 4 if q.dtype == torch.float32 else 2), **(config or {}))
     rows = max(16, min(cfg["rows"], triton.next_power_of_2(G * R)))
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -194,7 +210,7 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         cand.stride(1), weight.stride(0), weight.stride(1), Lq, q_offset, budget, sink_tokens, local_tokens, W, G, T,
         R, max(1, T // R), D ** -0.5,
         ROWS=rows, HEAD_DIM=D, BLOCK_W=cfg["block_w"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3))
+        num_stages=cfg["num_stages"])
     K = min(budget, W)
     key_index = torch.empty(H, n_tiles, K, dtype=torch.long, device=q.device)
     counts = torch.empty(H, n_tiles, dtype=torch.int32, device=q.device)
