@@ -80,7 +80,7 @@ def settings_key(args, length: int) -> str:
 
 # Config fields added after rows of testbed.jsonl were written, with the value those rows ran: at that value a field
 # stays out of the fingerprint, so the rows stay valid.
-ADDED_LATER = {"tail_columns": 0.0, "rescore_queries": 0, "chunk_score": "mean"}
+ADDED_LATER = {"tail_columns": 0.0, "rescore_queries": 0, "chunk_score": "mean", "rescore_window": 0}
 
 
 LEARNED_BOUNDARY_METHODS = ("dhsa", "dhsa_no_robust_repr")  # the DHSA variants that read a boundary source

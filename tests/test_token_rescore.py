@@ -174,3 +174,47 @@ def test_budget_causality_and_full_budget_with_sampled_rescoring(R):
 def test_bad_rescore_queries():
     with pytest.raises(ValueError, match="rescore_queries"):
         SparseAttentionConfig(rescore_queries=-1).dhsa_options()
+
+
+def test_rescore_window_keeps_the_chunk_top_and_rescores_the_margin():
+    """rescore_window = C: a tile keeps its best N_b - C keys by chunk score (sinks and local window included) as
+    the plain selection ranks them, and fills the last C slots with the best of the next token_rescore x C
+    candidates by their softmax weight over those candidates (brute force on one tile)."""
+    q, k = rand_qk(L=200, seed=9)
+    L, T, budget, C = 200, 16, 48, 16
+    ends = [fixed_size_ends(L, 8)]
+    options = OPTIONS.replace(token_rescore=3.0, rescore_window=C, dense_tail=0)
+    got = dhsa_select(q, k, budget=budget, boundaries=ends, options=options)
+    plain_keep = dhsa_select(q, k, budget=budget - C, boundaries=ends,
+                             options=OPTIONS.replace(dense_tail=0, sink_tokens=4, local_tokens=8))
+    wide = dhsa_select(q, k, budget=budget - C + 3 * C, boundaries=ends, options=OPTIONS.replace(dense_tail=0))
+    tile = 11
+    first, last = tile * T, (tile + 1) * T - 1
+    for head in range(4):
+        keep = kept(plain_keep, head, tile)
+        assert keep <= kept(got, head, tile), "a key of the chunk ranking's top was dropped"
+        others = sorted(kept(wide, head, tile) - keep)
+        logits = q[0, head, first:last + 1] @ k[0, head // 2, others].T * 16 ** -0.5
+        logits = logits.masked_fill(torch.tensor(others)[None] > torch.arange(first, last + 1)[:, None], float("-inf"))
+        weight = torch.log_softmax(logits, dim=-1).amax(0)
+        best = {others[i] for i in torch.topk(weight, C).indices.tolist()}
+        assert kept(got, head, tile) == keep | best
+
+
+@pytest.mark.parametrize("C", [8, 16, 1000])
+def test_rescore_window_budget_causality_and_full_budget(C):
+    q, k = rand_qk(L=130, seed=C)
+    options = OPTIONS.replace(token_rescore=2.0, rescore_queries=4, rescore_window=C)
+    idx = dhsa_select(q, k, budget=40, boundaries=[fixed_size_ends(130, 8)], options=options).key_index
+    tile_last = torch.clamp(torch.arange(1, idx.shape[2] + 1) * 16, max=130) - 1
+    counts = (idx >= 0).sum(-1)
+    assert (counts <= 40).all() and (counts == torch.clamp(tile_last + 1, max=40)).all()
+    assert not ((idx >= 0) & (idx > tile_last[None, None, :, None])).any()
+    assert ((idx[..., 1:] > idx[..., :-1]) | (idx[..., 1:] < 0)).all()
+    v = torch.randn_like(k)
+    out = dhsa_attention(q, k, v, budget=130, query_chunk=16, token_rescore=2.0, rescore_window=C,
+                         sink_tokens=4, local_tokens=8)
+    ref = dense_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="rescore_window"):
+        SparseAttentionConfig(rescore_window=-1)

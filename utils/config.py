@@ -60,6 +60,8 @@ class SparseAttentionConfig:
                                            # them, are rescored key by key by the tile's queries; 0: chunk scores only
     rescore_queries: int = 0               # queries of a tile that do the token rescoring (evenly spaced, its last
                                            # query included); 0: all of them
+    rescore_window: int = 0                # token rescoring decides only the last rescore_window slots (among the
+                                           # next token_rescore x rescore_window keys by chunk score); 0: all slots
     exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
                                            # the first answer token) rescore every visible key; 0: off
     dense_tail: int = 128                  # prefill: the tiles holding the last dense_tail queries (the question, the
@@ -193,6 +195,7 @@ class DHSAOptions:
     chunk_score: str = SparseAttentionConfig.chunk_score
     token_rescore: float = SparseAttentionConfig.token_rescore
     rescore_queries: int = SparseAttentionConfig.rescore_queries
+    rescore_window: int = SparseAttentionConfig.rescore_window
     exact_tail: int = SparseAttentionConfig.exact_tail
     dense_tail: int = SparseAttentionConfig.dense_tail
     tail_columns: float = SparseAttentionConfig.tail_columns
@@ -211,6 +214,9 @@ class DHSAOptions:
         if self.token_rescore != 0 and self.token_rescore < 1 or self.exact_tail < 0 or self.dense_tail < 0:
             raise ValueError(f"token_rescore must be 0 or >= 1, exact_tail and dense_tail >= 0; got "
                              f"{self.token_rescore}, {self.exact_tail}, {self.dense_tail}")
+        if self.rescore_window < 0:
+            raise ValueError(f"rescore_window must be >= 0 (0: every slot), got {self.rescore_window}; "
+                             "e.g. --rescore-window 512")
         if self.rescore_queries < 0:
             raise ValueError(f"rescore_queries must be >= 0 (0: every query of a tile), got {self.rescore_queries}; "
                              "e.g. --rescore-queries 16")

@@ -183,7 +183,8 @@ def dhsa_flop_ratio(length: int, head_dim: int, config: SparseAttentionConfig) -
     N = config.resolve_budget(L)
     dense = 2 * L * L * D  # QK + PV, causal: L^2 / 2 pairs, 2 x 2 FLOPs each per dimension
     chunks = L * (config.num_chunks(L) / 2) * 2 * D * (2 if config.chunk_score == "bound" else 1)  # bound: 2D wide
-    rescore = L * config.token_rescore * N * 2 * D if config.token_rescore else 0.0
+    rescored = min(config.rescore_window, N) if config.rescore_window else N  # slots token rescoring decides
+    rescore = L * config.token_rescore * rescored * 2 * D if config.token_rescore else 0.0
     if config.rescore_queries and config.rescore_queries < config.query_chunk:  # a sample of each tile rescores
         rescore *= config.rescore_queries / config.query_chunk
     attend = L * N * 4 * D

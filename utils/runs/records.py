@@ -30,7 +30,7 @@ from pathlib import Path
 
 # What a run did before a field existed: a results record written then lacks the field, and only a run whose value
 # equals this one may resume it (check_same_settings below). Add an entry with every new field.
-LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0, "rescore_queries": 0,
+LEGACY_VALUES = {"head_pooling": "mean", "center_keys": False, "decode": "sparse", "token_rescore": 0.0, "rescore_queries": 0, "rescore_window": 0,
                  "chunk_score": "mean",
                  "exact_tail": 0, "dense_tail": 0, "tail_columns": 0.0, "flex_gamma": 0.9, "flex_tau": 0.1, "xattn_threshold": 0.9,
                  "xattn_stride": 8, "peer_budget": "matched", "flex_min_budget": 0, "flex_rule": "paper",

@@ -120,7 +120,7 @@ def try_fused_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundarie
     MAX_CHUNKS chunk scores per tile and, rescoring tokens, at most MAX_CANDIDATES candidates of a head dim the
     kernels take."""
     if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail or options.chunk_score != "mean" \
-            or options.query_pooling not in ("max", "mean"):
+            or options.query_pooling not in ("max", "mean") or options.rescore_window:
         return None
     from utils.methods.dhsa.fused import MAX_CHUNKS, dhsa_select_fused  # imports Triton
     from utils.methods.dhsa.fused_rescore import MAX_CANDIDATES
@@ -196,6 +196,9 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     # first_exact on), token_rescore x N_b for the other tiles (N_b: no rescoring)
     first_exact = max(0, (Lq - options.exact_tail) // T) if options.exact_tail and Lq > 1 else n_tiles
     width_other = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K
+    # rescore_window: only the last C slots are rescored (never the sinks and the local window of the full budget)
+    forced_max = int((sink + local).max()) if n_tiles else 0
+    margin = min(options.rescore_window, K - forced_max) if options.token_rescore and options.rescore_window else 0
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
     group = max(1, min(n_tiles, dhsa_scores.SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
@@ -245,18 +248,18 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
         for t0, t1 in _tile_groups(n_tiles, group, first_exact):
             width = Lk if t0 >= first_exact else width_other
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
-            picked = None
-            if (width == K or width < Lk) and ranked_keys is None and _CHUNK_TOPK:  # top-width over whole chunks
-                picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1],
-                                     torch.clamp(tile_end[t0:t1], max=width), sink[t0:t1], local[t0:t1], width)
-            if picked is not None and width == K:  # plain top-N_b
-                key_index[b, :, t0:t1] = picked
-                continue
-            if picked is not None:  # rescoring's candidates: their chunk scores only mark forced and unused slots
-                forced = (picked >= 0) & ((picked < s) | (picked >= end - l))
-                top = torch.where(forced, float("inf"), 0.0).masked_fill_(picked < 0, float("-inf"))
-                idx = picked
-            else:
+
+            def ranked(width: int):
+                """The tiles' top-`width` keys by chunk score: (top, idx) [heads, g, width], top +inf for forced
+                keys, -inf for slots the tile cannot fill; `plain` if they came sorted from whole chunks."""
+                nonlocal chunk_of_key
+                picked = None
+                if (width == K or width < Lk) and ranked_keys is None and _CHUNK_TOPK:  # top-width over chunks
+                    picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1],
+                                         torch.clamp(tile_end[t0:t1], max=width), sink[t0:t1], local[t0:t1], width)
+                if picked is not None:  # its chunk scores only mark forced and unused slots
+                    forced = (picked >= 0) & ((picked < s) | (picked >= end - l))
+                    return torch.where(forced, float("inf"), 0.0).masked_fill_(picked < 0, float("-inf")), picked, True
                 if chunk_of_key is None:
                     chunk_of_key = torch.searchsorted(ends, key_pos, right=True)  # key j lies in chunk chunk_of_key[j]
                 part = chunk_scores[:, t0:t1]  # upsample to tokens: [heads, g, Lk] (gather: 9x index_select on CPU)
@@ -267,12 +270,46 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                     forced = forced | _first_ranked(ranked_keys[b], end, s, l, extra[t0:t1, None], Lk)  # [heads, g, Lk]
                 scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
                 top, idx = torch.topk(scores, width, dim=-1, sorted=False)
-            if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
-                top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries, expand)
+                return top, idx, False
+
+            if width > K and margin:  # the best keys by chunk score as today, the last `margin` slots rescored
+                keep_width = K - margin
+                keep_top, keep_idx, _ = ranked(keep_width)
+                top, idx, _ = ranked(min(Lk, keep_width + math.ceil(options.token_rescore * margin)))
+                keep_idx = torch.where(keep_top == float("-inf"), -1, keep_idx)
+                top, idx = _rescore_margin(q[b], keys, top, idx, keep_idx, t0, T, q_offset, margin,
+                                           options.rescore_queries, expand)
+            else:
+                top, idx, plain = ranked(width)
+                if plain and width == K:  # plain top-N_b
+                    key_index[b, :, t0:t1] = idx
+                    continue
+                if width > K:  # hierarchical refinement: keep the N_b best of the candidates, key by key
+                    top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries,
+                                               expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
             idx = torch.sort(idx, dim=-1).values
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
+
+
+def _rescore_margin(q, k, top, idx, keep_idx, t0: int, T: int, q_offset: int, margin: int, sample: int,
+                    expand: int):
+    """rescore_window: the tiles keep `keep_idx` (their best keys by chunk score, forced ones included; -1 pads) and
+    fill `margin` more slots with the best of the other candidates (top, idx: the top keys by chunk score), rescored
+    key by key by _rescore_tokens over those candidates alone. Returns (top, idx) [heads, g, keep + margin], +inf
+    for the kept keys, -inf for unused slots."""
+    Lk = k.shape[1]
+    keep_sorted = torch.sort(torch.where(keep_idx < 0, Lk, keep_idx), dim=-1).values
+    where = torch.searchsorted(keep_sorted, idx.clamp(min=0)).clamp(max=keep_sorted.shape[-1] - 1)
+    kept = keep_sorted.gather(-1, where) == idx
+    other = (top > float("-inf")) & ~kept & (idx >= 0)
+    rest = torch.sort(torch.where(other, idx, Lk), dim=-1).values[..., : idx.shape[-1] - keep_idx.shape[-1]]
+    rest_top = torch.where(rest < Lk, 0.0, float("-inf"))
+    best, best_idx = _rescore_tokens(q, k, rest_top, torch.where(rest < Lk, rest, -1), t0, T, q_offset,
+                                     min(margin, rest.shape[-1]), sample, expand)
+    keep_top = torch.where(keep_idx >= 0, float("inf"), float("-inf"))
+    return torch.cat([keep_top, best], dim=-1), torch.cat([keep_idx.clamp(min=0), best_idx], dim=-1)
 
 
 def _first_ranked(ranked: torch.Tensor, end: torch.Tensor, sink: torch.Tensor, local: torch.Tensor,
