@@ -174,7 +174,8 @@ def check_fused_rescoring(device, dtype, Hq, H, Lq, Lk, D, T, budget, W, R, sink
     assert agree >= (1.0 if dtype == torch.float32 else 0.97), agree
 
 
-def check_fused_selection_with_rescoring(device, dtype, B, Hq, Hkv, L, D, T, budget, rescore, R, share=False):
+def check_fused_selection_with_rescoring(device, dtype, B, Hq, Hkv, L, D, T, budget, rescore, R, share=False,
+                                         window=0):
     """dhsa_select_fused with token rescoring vs the PyTorch path (kernels off), head_pooling "mean": the same
     kept keys up to rounding of the scores (fp32: 99%), the same counts, ascending lists. Chunks of 8 keys, sinks
     and window of 8, W - 16 a multiple of 8: the candidates are whole chunks, so no tie-break inside a partly
@@ -185,7 +186,7 @@ def check_fused_selection_with_rescoring(device, dtype, B, Hq, Hkv, L, D, T, bud
                                                                         seed=14)
     ends = as_boundary_list(fixed_size_ends(L, 8, device=device), B, L, device=device)
     options = DHSAOptions(query_chunk=T, sink_tokens=8, local_tokens=8, head_pooling="mean", token_rescore=rescore,
-                          rescore_queries=R, share_heads=share, dense_tail=0)
+                          rescore_queries=R, share_heads=share, dense_tail=0, rescore_window=window)
     with kernels.disabled():
         ref = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends, options=options)
     got = dhsa_select_fused(q, k, budget=budget, boundaries=ends, options=options)
@@ -450,13 +451,38 @@ def test_interp_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, 
 
 
 @interpreter_only
-@pytest.mark.parametrize("B, Hq, Hkv, L, T, budget, rescore, R, share", [
-    (1, 4, 2, 150, 16, 40, 2.0, 4, False),
-    (2, 2, 2, 120, 32, 32, 1.5, 0, False),
-    (1, 4, 2, 100, 16, 40, 2.0, 4, True),
+@pytest.mark.parametrize("B, Hq, Hkv, L, T, budget, rescore, R, share, window", [
+    (1, 4, 2, 150, 16, 40, 2.0, 4, False, 0),
+    (2, 2, 2, 120, 32, 32, 1.5, 0, False, 0),
+    (1, 4, 2, 100, 16, 40, 2.0, 4, True, 0),
+    (1, 4, 2, 150, 16, 40, 2.0, 4, False, 16),    # rescore_window: keep 24 by chunk score, rescore 16 of 32 more
+    (2, 2, 2, 200, 16, 48, 3.0, 0, False, 8),     # window 8, x3: 24 band candidates
 ])
-def test_interp_fused_selection_rescores_tokens(B, Hq, Hkv, L, T, budget, rescore, R, share):
-    check_fused_selection_with_rescoring("cpu", torch.float32, B, Hq, Hkv, L, 16, T, budget, rescore, R, share)
+def test_interp_fused_selection_rescores_tokens(B, Hq, Hkv, L, T, budget, rescore, R, share, window):
+    check_fused_selection_with_rescoring("cpu", torch.float32, B, Hq, Hkv, L, 16, T, budget, rescore, R, share,
+                                         window)
+
+
+@interpreter_only
+def test_interp_pick_keys_band_is_what_the_wider_pick_adds():
+    """pick_keys with band_budget: the band lists exactly the keys the top-band_budget adds to the top-budget (the
+    same two lists pick_keys gives alone), ascending."""
+    from utils.methods.dhsa.fused import pick_keys
+
+    g = torch.Generator().manual_seed(3)
+    ends = torch.tensor([5, 16, 17, 40, 64, 80, 100, 130, 150, 200])
+    scores = torch.randn(2, 4, ends.numel(), generator=g)
+    args = dict(num_queries=200, q_offset=0, query_chunk=50, sink_tokens=4, local_tokens=8)
+    keep, counts, band, band_counts = pick_keys(scores, ends, budget=40, num_slots=40, band_budget=90,
+                                                forced_budget=60, **args)
+    wide, wide_counts = pick_keys(scores, ends, budget=90, num_slots=90, forced_budget=60, **args)
+    alone, _ = pick_keys(scores, ends, budget=40, num_slots=40, forced_budget=60, **args)
+    assert torch.equal(keep, alone)
+    assert torch.equal(band_counts + counts, wide_counts)
+    for h in range(2):
+        for t in range(4):
+            a, b, w = (x[h, t][x[h, t] >= 0].tolist() for x in (keep, band, wide))
+            assert b == sorted(b) and set(a) | set(b) == set(w) and not set(a) & set(b)
 
 
 @interpreter_only
@@ -675,6 +701,7 @@ def test_cuda_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, bu
 def test_cuda_fused_selection_rescores_tokens(dtype):
     check_fused_selection_with_rescoring("cuda", dtype, 1, 12, 2, 4096, 128, 64, 512, 2.0, 4)
     check_fused_selection_with_rescoring("cuda", dtype, 2, 14, 2, 2000, 64, 64, 256, 2.0, 4, share=True)
+    check_fused_selection_with_rescoring("cuda", dtype, 1, 14, 2, 8192, 64, 64, 1024, 3.0, 4, window=512)
 
 
 @cuda_only

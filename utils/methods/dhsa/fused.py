@@ -28,7 +28,8 @@ from utils.config import DHSAOptions
 from utils.kernels.head_dims import HEAD_DIMS
 from utils.kernels.shared_memory import shared_memory_per_block
 from utils.methods.dhsa.fused_rescore import forced_counts, rescore_candidates
-from utils.methods.dhsa.scores import chunk_vectors, max_pooled_chunk_scores, query_tile_vectors, tile_key_means
+from utils.methods.dhsa.scores import (chunk_vectors, forced_key_counts, max_pooled_chunk_scores, query_tile_vectors,
+                                       tile_key_means)
 from utils.selection import KernelSelection
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
@@ -40,11 +41,55 @@ def _max2(a, b):
 
 
 @triton.jit
+def _take(key, length, wanted):
+    """Keys taken from each chunk by the top-`wanted` over chunk scores: tau, the largest threshold with
+    (candidate keys of chunks scoring >= tau) >= wanted, built bit by bit from the top (32 steps of 32-bit compares
+    and one sum each); chunks above tau give all their keys, those at tau share the rest in position order."""
+    tau = tl.zeros([], dtype=tl.uint32)
+    for i in tl.static_range(32):
+        trial = tau | tl.full([], 1 << (31 - i), tl.uint32)
+        enough = tl.sum(tl.where(key >= trial, length, 0)) >= wanted
+        tau = tl.where(enough, trial, tau)
+    full = key > tau
+    rest = wanted - tl.sum(tl.where(full, length, 0))
+    tied = tl.where(key == tau, length, 0)
+    take = tl.minimum(tl.maximum(rest - (tl.cumsum(tied, 0) - tied), 0), tied)
+    keep = tl.where(full, length, take)
+    return tl.where(wanted > 0, keep, 0)
+
+
+@triton.jit
+def _write_intervals(out, first, keep, num_slots, count, head, tail_start, tail_len, FILL: tl.constexpr):
+    """Write the ascending list [0, head) + the interval [first[c], first[c] + keep[c]) of each chunk c + [tail_start,
+    tail_start + tail_len) into out[0 .. count), -1 up to num_slots. Slot s holds s + delta(s), with delta a step
+    function (0 over the head slots, first - offset over each interval, tail_start - offset over the tail) that
+    never decreases: every slot gets -1, each interval's delta is written at its first slot, and a running max over
+    the slots, from 0, fills in the rest. All passes but the marker one are contiguous stores."""
+    fill = tl.arange(0, FILL)
+    offset = head + tl.cumsum(keep, 0) - keep
+    used = tl.sum(keep)
+    for s0 in range(0, num_slots, FILL):
+        slot = s0 + fill
+        tl.store(out + slot, tl.full([FILL], -1, tl.int64), mask=slot < num_slots)
+    tl.debug_barrier()
+    tl.store(out + offset, (first - offset).to(tl.int64), mask=keep > 0)
+    if tail_len > 0:
+        tl.store(out + head + used, (tail_start - head - used).to(tl.int64))
+    tl.debug_barrier()
+    carry = tl.zeros([], tl.int64)
+    for s0 in range(0, count, FILL):
+        slot = s0 + fill
+        delta = tl.maximum(tl.associative_scan(tl.load(out + slot, mask=slot < count, other=-1), 0, _max2), carry)
+        carry = tl.max(delta)
+        tl.store(out + slot, slot + delta, mask=slot < count)
+
+
+@triton.jit
 def _dhsa_pick_kernel(
-    Scores, Ends, KeyIdx, Counts,
-    stride_sh, stride_st, stride_ih, stride_it, stride_ch,
-    num_chunks, Lq, q_offset, budget, forced_budget, sink_tokens, local_tokens, num_slots,
-    T: tl.constexpr, NC_P2: tl.constexpr, FILL: tl.constexpr,
+    Scores, Ends, KeyIdx, Counts, BandIdx, BandCounts,
+    stride_sh, stride_st, stride_ih, stride_it, stride_ch, stride_bh, stride_bt,
+    num_chunks, Lq, q_offset, budget, forced_budget, band_budget, sink_tokens, local_tokens, num_slots, band_slots,
+    T: tl.constexpr, NC_P2: tl.constexpr, FILL: tl.constexpr, BAND: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -62,61 +107,35 @@ def _dhsa_pick_kernel(
     lo = tl.maximum(c_start, sink)
     length = tl.where(in_range, tl.maximum(tl.minimum(c_end, free_hi) - lo, 0), 0)
     score = tl.load(Scores + head * stride_sh + tile * stride_st + c, mask=in_range, other=0.0)
-    # Scores as unsigned integers in the same order as the floats: flip all bits of negatives, the sign bit
-    # of the rest. Then tau, the largest threshold with (candidate keys of chunks scoring >= tau) >= wanted,
-    # is built bit by bit from the top: 32 steps of 32-bit compares and one sum each.
+    # scores as unsigned integers in the same order as the floats: flip all bits of negatives, the sign bit of the rest
     bits = score.to(tl.uint32, bitcast=True)
-    negative = (bits >> 31) == 1
-    key = tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    tau = tl.zeros([], dtype=tl.uint32)
-    for i in tl.static_range(32):
-        trial = tau | tl.full([], 1 << (31 - i), tl.uint32)
-        enough = tl.sum(tl.where(key >= trial, length, 0)) >= wanted
-        tau = tl.where(enough, trial, tau)
-    full = key > tau
-    rest = wanted - tl.sum(tl.where(full, length, 0))
-    tied = tl.where(key == tau, length, 0)
-    take = tl.minimum(tl.maximum(rest - (tl.cumsum(tied, 0) - tied), 0), tied)
-    keep = tl.where(full, length, take)
-    keep = tl.where(wanted > 0, keep, 0)
-    offset = sink + tl.cumsum(keep, 0) - keep
-    used = tl.sum(keep)
-    count = sink + used + local
-
-    # Write the ascending list, slot by slot: slot s holds s + delta(s), with delta a step function (0 over the
-    # sink slots, lo - offset over each kept interval, free_hi - sink - used over the local slots) that never
-    # decreases. So: every slot gets -1, each interval's and the local delta is written at its first slot, and
-    # a running max over the slots, starting from the sink's 0, fills in the rest. All passes but the marker
-    # one are contiguous stores.
-    out = KeyIdx + head * stride_ih + tile * stride_it
-    fill = tl.arange(0, FILL)
-    for s0 in range(0, num_slots, FILL):
-        slot = s0 + fill
-        tl.store(out + slot, tl.full([FILL], -1, tl.int64), mask=slot < num_slots)
-    tl.debug_barrier()
-    tl.store(out + offset, (lo - offset).to(tl.int64), mask=keep > 0)
-    if local > 0:
-        tl.store(out + sink + used, (free_hi - sink - used).to(tl.int64))
-    tl.debug_barrier()
-    carry = tl.zeros([], tl.int64)
-    for s0 in range(0, count, FILL):
-        slot = s0 + fill
-        delta = tl.maximum(tl.associative_scan(tl.load(out + slot, mask=slot < count, other=-1), 0, _max2), carry)
-        carry = tl.max(delta)
-        tl.store(out + slot, slot + delta, mask=slot < count)
+    key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    keep = _take(key, length, wanted)
+    count = sink + tl.sum(keep) + local
+    _write_intervals(KeyIdx + head * stride_ih + tile * stride_it, lo, keep, num_slots, count, sink, free_hi, local,
+                     FILL)
     tl.store(Counts + head * stride_ch + tile, count)
+    if BAND:  # the keys the top-band_budget adds to the top-budget: per chunk the interval after its kept keys
+        wider = _take(key, length, tl.minimum(end, band_budget) - sink - local)
+        extra = tl.maximum(wider - keep, 0)  # a prefix of the chunk's interval either way, so the band follows it
+        band_count = tl.sum(extra)
+        _write_intervals(BandIdx + head * stride_bh + tile * stride_bt, lo + keep, extra, band_slots, band_count, 0,
+                         0, 0, FILL)
+        tl.store(BandCounts + head * stride_ch + tile, band_count)
 
 
 def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_offset: int, budget: int,
               query_chunk: int, sink_tokens: int, local_tokens: int, num_slots: int, num_warps: int | None = None,
-              forced_budget: int | None = None):
+              forced_budget: int | None = None, band_budget: int | None = None):
     """Top-`budget` keys per query tile from chunk scores, for one sequence.
 
     scores: [H, n_tiles, Nc] fp32 (S_c); ends: [Nc] ascending chunk ends (last = number of keys).
     Returns key_index [H, n_tiles, num_slots] int64 (ascending, -1 after the kept keys) and counts [H, n_tiles]
     int32. Units are tokens, or blocks when the caller passes block scores and block ends. forced_budget (default
     `budget`): the budget whose sink and local counts are kept first; token rescoring picks `budget` = W candidates
-    around the sinks and window of the final budget N_b, as the PyTorch path does.
+    around the sinks and window of the final budget N_b, as the PyTorch path does. band_budget (> budget): also
+    returns the keys that the top-band_budget adds to these (the margin candidates of rescore_window), as a third
+    and fourth value: band [H, n_tiles, band_budget - budget] ascending, -1 after, and its counts.
     """
     H, n_tiles, Nc = scores.shape
     if Nc > MAX_CHUNKS:
@@ -125,14 +144,22 @@ def pick_keys(scores: torch.Tensor, ends: torch.Tensor, *, num_queries: int, q_o
     ends = ends.to(torch.int32).contiguous()  # the kernel reads chunk ends as int32: half the bytes
     key_index = torch.empty(H, n_tiles, num_slots, dtype=torch.long, device=scores.device)
     counts = torch.empty(H, n_tiles, dtype=torch.int32, device=scores.device)
+    band = band_budget is not None
+    band_slots = max(1, band_budget - budget) if band else 1
+    band_index = torch.empty(H, n_tiles, band_slots, dtype=torch.long, device=scores.device) if band else key_index
+    band_counts = torch.empty(H, n_tiles, dtype=torch.int32, device=scores.device) if band else counts
     nc_p2 = max(16, triton.next_power_of_2(Nc))
     warps = num_warps or (4 if nc_p2 <= 2048 else 8 if nc_p2 <= 8192 else 16)
     _dhsa_pick_kernel[(n_tiles, H)](
-        scores, ends, key_index, counts,
+        scores, ends, key_index, counts, band_index, band_counts,
         scores.stride(0), scores.stride(1), key_index.stride(0), key_index.stride(1), counts.stride(0),
-        Nc, num_queries, q_offset, budget, budget if forced_budget is None else forced_budget, sink_tokens,
-        local_tokens, num_slots, T=query_chunk, NC_P2=nc_p2, FILL=1024, num_warps=warps,
+        band_index.stride(0), band_index.stride(1),
+        Nc, num_queries, q_offset, budget, budget if forced_budget is None else forced_budget,
+        band_budget if band else budget, sink_tokens, local_tokens, num_slots, band_slots,
+        T=query_chunk, NC_P2=nc_p2, FILL=1024, BAND=band, num_warps=warps,
     )
+    if band:
+        return key_index, counts, band_index, band_counts
     return key_index, counts
 
 
@@ -385,6 +412,8 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     n_tiles = math.ceil(Lq / T)
     K = min(budget, Lk)
     W = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K  # candidates per tile
+    margin = rescore_margin(options, K, Lq, Lk) if W > K else 0  # rescore_window: the slots rescoring decides
+    band_width = min(Lk, K - margin + math.ceil(options.token_rescore * margin))
     if options.query_pooling == "mean":
         q_vec = _tile_vectors(q, Hkv, T, robust)
         if share_heads:
@@ -404,7 +433,15 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
         else:
             scores = _max_pooled_scores(q[b], chunk_k, T, boundaries[b], Lk - Lq, centring)
         forced = dict(sink_tokens=options.sink_tokens, local_tokens=options.local_tokens)
-        if W > K:  # the W best keys by chunk scores, then the N_b best of those key by key
+        if W > K and margin:  # the best K - C keys by chunk score, the last C slots rescored among the next ones
+            keep, keep_counts, band, _ = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq,
+                                                   budget=K - margin, query_chunk=T, num_slots=K - margin,
+                                                   forced_budget=budget, band_budget=band_width, **forced)
+            chosen, chosen_counts = rescore_candidates(q[b], keys, band, budget=margin, query_chunk=T,
+                                                       q_offset=Lk - Lq, rescore_queries=options.rescore_queries,
+                                                       sink_tokens=0, local_tokens=0)
+            key_index[b], counts[b] = merge_sorted(keep, chosen, Lk), keep_counts + chosen_counts
+        elif W > K:  # the W best keys by chunk scores, then the N_b best of those key by key
             cand, _ = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=W, query_chunk=T,
                                 num_slots=W, forced_budget=budget, **forced)
             key_index[b], counts[b] = rescore_candidates(q[b], keys, cand, budget=budget, query_chunk=T,
@@ -416,6 +453,30 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
     if share_heads:
         key_index, counts = key_index.expand(B, Hkv, n_tiles, K), counts.expand(B, Hkv, n_tiles)
     return KernelSelection(key_index, T, Lk - Lq, counts=counts)
+
+
+def rescore_margin(options: DHSAOptions, budget: int, num_queries: int, num_keys: int) -> int:
+    """The slots that rescoring decides with rescore_window (0: all, the plain rescoring): at most the window, never
+    a tile's sinks or local keys (as utils.methods.dhsa.select._select_on_pytorch)."""
+    if not options.rescore_window:
+        return 0
+    T = options.query_chunk
+    n_tiles = math.ceil(num_queries / T)
+    tile_end = (num_keys - num_queries) + torch.clamp(torch.arange(1, n_tiles + 1) * T, max=num_queries)
+    sink, local = forced_key_counts(torch.clamp(tile_end, max=budget), options.sink_tokens, options.local_tokens)
+    return max(0, min(options.rescore_window, budget - int((sink + local).max())))
+
+
+def merge_sorted(a: torch.Tensor, b: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Two ascending key lists per row ([..., n], [..., m]; -1 after the keys, no key in both) merged into one
+    ascending list [..., n + m], -1 after: each entry goes to its index plus the number of the other list's
+    entries before it."""
+    big = num_keys + 1  # unused slots sort last
+    a_s, b_s = torch.where(a < 0, big, a), torch.where(b < 0, big, b)
+    out = torch.empty(a.shape[:-1] + (a.shape[-1] + b.shape[-1],), dtype=a.dtype, device=a.device)
+    out.scatter_(-1, torch.arange(a.shape[-1], device=a.device) + torch.searchsorted(b_s, a_s), a_s)
+    out.scatter_(-1, torch.arange(b.shape[-1], device=a.device) + torch.searchsorted(a_s, b_s, right=True), b_s)
+    return torch.where(out == big, -1, out)
 
 
 def snap_to_blocks(ends: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:

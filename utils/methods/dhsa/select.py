@@ -120,7 +120,7 @@ def try_fused_select(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundarie
     MAX_CHUNKS chunk scores per tile and, rescoring tokens, at most MAX_CANDIDATES candidates of a head dim the
     kernels take."""
     if not kernels.usable(q) or options.head_pooling != "mean" or options.exact_tail or options.chunk_score != "mean" \
-            or options.query_pooling not in ("max", "mean") or options.rescore_window:
+            or options.query_pooling not in ("max", "mean"):
         return None
     from utils.methods.dhsa.fused import MAX_CHUNKS, dhsa_select_fused  # imports Triton
     from utils.methods.dhsa.fused_rescore import MAX_CANDIDATES
