@@ -897,3 +897,25 @@ def test_cuda_rtx3090_configs(monkeypatch):
         test_cuda_dispatch_equals_reference_path()  # selection + attention through the dispatch, Llama heads
         check_block_path("cuda", torch.bfloat16, 1, 32, 8, 2048, 128, 128, 512)
         check_peer_baselines("cuda", torch.bfloat16, 1, 12, 2, 3000, 3000, 128, 128, 384)
+
+
+@interpreter_only
+def test_interp_merge_sorted_lists():
+    """merge_sorted: two ascending lists per row with counts (-1 after, disjoint) -> one ascending list, -1 after."""
+    from utils.methods.dhsa.fused import merge_sorted
+
+    g = torch.Generator().manual_seed(4)
+    H, n, Na, Nb = 2, 3, 20, 7
+    a = torch.full((H, n, Na), -1, dtype=torch.long)
+    b = torch.full((H, n, Nb), -1, dtype=torch.long)
+    ca, cb = torch.randint(0, Na + 1, (H, n), generator=g), torch.randint(0, Nb + 1, (H, n), generator=g)
+    for h in range(H):
+        for t in range(n):
+            keys = torch.randperm(100, generator=g)[: int(ca[h, t] + cb[h, t])]
+            a[h, t, : ca[h, t]] = keys[: ca[h, t]].sort().values
+            b[h, t, : cb[h, t]] = keys[ca[h, t]:].sort().values
+    got = merge_sorted(a, ca, b, cb)
+    for h in range(H):
+        for t in range(n):
+            want = sorted(a[h, t][a[h, t] >= 0].tolist() + b[h, t][b[h, t] >= 0].tolist())
+            assert got[h, t].tolist() == want + [-1] * (Na + Nb - len(want))

@@ -440,7 +440,7 @@ def dhsa_select_fused(q: torch.Tensor, k: torch.Tensor, *, budget: int, boundari
             chosen, chosen_counts = rescore_candidates(q[b], keys, band, budget=margin, query_chunk=T,
                                                        q_offset=Lk - Lq, rescore_queries=options.rescore_queries,
                                                        sink_tokens=0, local_tokens=0)
-            key_index[b], counts[b] = merge_sorted(keep, chosen, Lk), keep_counts + chosen_counts
+            key_index[b], counts[b] = merge_sorted(keep, keep_counts, chosen, chosen_counts), keep_counts + chosen_counts
         elif W > K:  # the W best keys by chunk scores, then the N_b best of those key by key
             cand, _ = pick_keys(scores, boundaries[b], num_queries=Lq, q_offset=Lk - Lq, budget=W, query_chunk=T,
                                 num_slots=W, forced_budget=budget, **forced)
@@ -467,16 +467,60 @@ def rescore_margin(options: DHSAOptions, budget: int, num_queries: int, num_keys
     return max(0, min(options.rescore_window, budget - int((sink + local).max())))
 
 
-def merge_sorted(a: torch.Tensor, b: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Two ascending key lists per row ([..., n], [..., m]; -1 after the keys, no key in both) merged into one
-    ascending list [..., n + m], -1 after: each entry goes to its index plus the number of the other list's
-    entries before it."""
-    big = num_keys + 1  # unused slots sort last
-    a_s, b_s = torch.where(a < 0, big, a), torch.where(b < 0, big, b)
-    out = torch.empty(a.shape[:-1] + (a.shape[-1] + b.shape[-1],), dtype=a.dtype, device=a.device)
-    out.scatter_(-1, torch.arange(a.shape[-1], device=a.device) + torch.searchsorted(b_s, a_s), a_s)
-    out.scatter_(-1, torch.arange(b.shape[-1], device=a.device) + torch.searchsorted(a_s, b_s, right=True), b_s)
-    return torch.where(out == big, -1, out)
+@triton.jit
+def _rank_in(row, count, x, valid, STEPS: tl.constexpr):
+    """For each x (a vector), the number of entries of the ascending row[0 .. count) below x (binary search)."""
+    lo = tl.zeros_like(x).to(tl.int32)
+    hi = tl.zeros_like(lo) + count
+    for _ in tl.static_range(STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(row + mid, mask=valid & open_, other=0)
+        right = open_ & (v < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(open_ & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _merge_kernel(A, CountA, B, CountB, Out, stride_ah, stride_at, stride_bh, stride_bt, stride_oh, stride_ot,
+                  stride_ch, n_a, n_b, STEPS_A: tl.constexpr, STEPS_B: tl.constexpr, B_P2: tl.constexpr,
+                  FILL: tl.constexpr):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    a = A + head.to(tl.int64) * stride_ah + tile.to(tl.int64) * stride_at
+    b = B + head.to(tl.int64) * stride_bh + tile.to(tl.int64) * stride_bt
+    out = Out + head.to(tl.int64) * stride_oh + tile.to(tl.int64) * stride_ot
+    ca = tl.load(CountA + head * stride_ch + tile)
+    cb = tl.load(CountB + head * stride_ch + tile)
+    j = tl.arange(0, B_P2)  # every entry of b goes to its index plus the entries of a below it
+    ok = j < cb
+    x = tl.load(b + j, mask=ok, other=0)
+    tl.store(out + j + _rank_in(a, ca, x, ok, STEPS_A), x, mask=ok)
+    for i0 in range(0, n_a, FILL):  # and every entry of a to its index plus the entries of b below it
+        i = i0 + tl.arange(0, FILL)
+        ok = i < ca
+        y = tl.load(a + i, mask=ok, other=0)
+        tl.store(out + i + _rank_in(b, cb, y, ok, STEPS_B), y, mask=ok)
+    for s0 in range(0, n_a + n_b, FILL):
+        slot = s0 + tl.arange(0, FILL)
+        tl.store(out + slot, tl.full([FILL], -1, tl.int64), mask=(slot >= ca + cb) & (slot < n_a + n_b))
+
+
+def merge_sorted(a: torch.Tensor, count_a: torch.Tensor, b: torch.Tensor, count_b: torch.Tensor) -> torch.Tensor:
+    """Two ascending key lists per (head, tile) merged into one: a [H, n, Na] and b [H, n, Nb] with count_a /
+    count_b [H, n] entries each (-1 after; no key in both) -> [H, n, Na + Nb] ascending, -1 after. One program per
+    row: each entry goes to its index plus the number of the other list's entries below it (binary search)."""
+    H, n, Na = a.shape
+    Nb = b.shape[-1]
+    out = torch.empty(H, n, Na + Nb, dtype=torch.long, device=a.device)
+    a, b = a.contiguous(), b.contiguous()
+    count_a, count_b = count_a.to(torch.int32).contiguous(), count_b.to(torch.int32).contiguous()
+    _merge_kernel[(n, H)](a, count_a, b, count_b, out, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                          out.stride(0), out.stride(1), count_a.stride(0), Na, Nb,
+                          STEPS_A=max(1, Na.bit_length()), STEPS_B=max(1, Nb.bit_length()),
+                          B_P2=max(16, triton.next_power_of_2(Nb)), FILL=1024, num_warps=4)
+    return out
 
 
 def snap_to_blocks(ends: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
