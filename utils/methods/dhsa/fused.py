@@ -499,9 +499,9 @@ def _merge_kernel(A, CountA, B, CountB, Out, stride_ah, stride_at, stride_bh, st
     tl.store(out + j + _rank_in(a, ca, x, ok, STEPS_A), x, mask=ok)
     for i0 in range(0, n_a, FILL):  # and every entry of a to its index plus the entries of b below it
         i = i0 + tl.arange(0, FILL)
-        ok = i < ca
-        y = tl.load(a + i, mask=ok, other=0)
-        tl.store(out + i + _rank_in(b, cb, y, ok, STEPS_B), y, mask=ok)
+        listed = i < ca
+        y = tl.load(a + i, mask=listed, other=0)
+        tl.store(out + i + _rank_in(b, cb, y, listed, STEPS_B), y, mask=listed)
     for s0 in range(0, n_a + n_b, FILL):
         slot = s0 + tl.arange(0, FILL)
         tl.store(out + slot, tl.full([FILL], -1, tl.int64), mask=(slot >= ca + cb) & (slot < n_a + n_b))
