@@ -57,4 +57,16 @@ def shared_memory_limit(nbytes: int):
         _forced.pop()
 
 
-__all__ = ["shared_memory_per_block", "shared_memory_limit", "RTX_3090", "H100"]
+def shrink_to_fit(cfg: dict, need, shared_memory: int | None, steps) -> dict:
+    """cfg with its tile sizes reduced until need(cfg) bytes fit in shared_memory (default: shared_memory_per_block):
+    steps is [(key, floor), ...] in order; "num_stages" goes down by one, every other key halves, none below its
+    floor. The kernels' config functions share this so that every one shrinks the same way."""
+    if shared_memory is None:
+        shared_memory = shared_memory_per_block()
+    for key, floor in steps:
+        while need(cfg) > shared_memory and cfg[key] > floor:
+            cfg[key] = cfg[key] - 1 if key == "num_stages" else cfg[key] // 2
+    return cfg
+
+
+__all__ = ["shared_memory_per_block", "shared_memory_limit", "shrink_to_fit", "RTX_3090", "H100"]

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from utils.config import DHSAOptions
 from utils.kernels.head_dims import HEAD_DIMS
-from utils.kernels.shared_memory import shared_memory_per_block
+from utils.kernels.shared_memory import shrink_to_fit
 from utils.methods.dhsa.fused_rescore import forced_counts, rescore_candidates
 from utils.methods.dhsa.scores import (chunk_vectors, forced_key_counts, max_pooled_chunk_scores, query_tile_vectors,
                                        tile_key_means)
@@ -306,16 +306,8 @@ def max_pooled_config(head_dim: int, element_size: int = 2, shared_memory: int |
         cfg = dict(rows=128, block_c=64, num_warps=4, num_stages=4)
     else:
         cfg = dict(rows=64, block_c=64, num_warps=8, num_stages=3)
-    if shared_memory is None:
-        shared_memory = shared_memory_per_block()
     need = lambda c: element_size * head_dim * (c["rows"] + c["num_stages"] * c["block_c"])  # noqa: E731
-    while need(cfg) > shared_memory and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while need(cfg) > shared_memory and cfg["block_c"] > 32:
-        cfg["block_c"] //= 2
-    while need(cfg) > shared_memory and cfg["rows"] > 32:
-        cfg["rows"] //= 2
-    return cfg
+    return shrink_to_fit(cfg, need, shared_memory, [("num_stages", 2), ("block_c", 32), ("rows", 32)])
 
 
 def max_pooled_chunk_scores_gpu(q: torch.Tensor, chunk_k: torch.Tensor, query_chunk: int, *,

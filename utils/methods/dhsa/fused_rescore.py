@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from utils.kernels.head_dims import HEAD_DIMS
-from utils.kernels.shared_memory import shared_memory_per_block
+from utils.kernels.shared_memory import shrink_to_fit
 
 MAX_CANDIDATES = 32768  # one tile's weights live in registers while keep_best ranks them
 
@@ -37,6 +37,20 @@ def forced_counts(tile_budget, sink_tokens, local_tokens):
     if sink_tokens > 0:
         sink = tl.maximum(sink, tl.minimum(tile_budget - local, 1))
     return local, sink
+
+
+@triton.jit
+def _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale, IEEE: tl.constexpr):
+    """One block of candidates: their keys gathered, the rows' scaled logits, and which (row, candidate) pairs are
+    causal and real. Returns (idx [BLOCK_W], logits [ROWS, BLOCK_W], seen [ROWS, BLOCK_W])."""
+    idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
+    k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
+    return idx, s, seen
 
 
 @triton.jit
@@ -73,14 +87,7 @@ def _rescore_weights_kernel(
         acc = tl.zeros([ROWS], tl.float32)
         for w0 in range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
-            idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
-            k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
-                        other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
+            idx, s, seen = _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale, IEEE)
             s = tl.where(seen, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -93,14 +100,7 @@ def _rescore_weights_kernel(
         tl.debug_barrier()  # the previous slice's weights are written before this one reads them
         for w0 in range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
-            idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
-            k = tl.load(keys + tl.maximum(idx, 0)[:, None] * stride_kl + dims[None, :], mask=(idx >= 0)[:, None],
-                        other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            seen = row_ok[:, None] & (idx[None, :] >= 0) & (idx[None, :] <= q_pos[:, None])
+            idx, s, seen = _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale, IEEE)
             best = tl.max(tl.where(seen, s - lse[:, None], float("-inf")), 0)
             if r0 > 0:
                 best = tl.maximum(best, tl.load(out_row + cols, mask=cols < W, other=float("-inf")))
@@ -160,16 +160,8 @@ def rescore_config(head_dim: int, element_size: int = 2, shared_memory: int | No
         cfg = dict(rows=64, block_w=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(rows=32, block_w=32, num_warps=4, num_stages=3)
-    if shared_memory is None:
-        shared_memory = shared_memory_per_block()
     need = lambda c: element_size * head_dim * (c["rows"] + c["num_stages"] * c["block_w"])  # noqa: E731
-    while need(cfg) > shared_memory and cfg["num_stages"] > 2:
-        cfg["num_stages"] -= 1
-    while need(cfg) > shared_memory and cfg["block_w"] > 16:
-        cfg["block_w"] //= 2
-    while need(cfg) > shared_memory and cfg["rows"] > 16:
-        cfg["rows"] //= 2
-    return cfg
+    return shrink_to_fit(cfg, need, shared_memory, [("num_stages", 2), ("block_w", 16), ("rows", 16)])
 
 
 def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, *, budget: int, query_chunk: int,
