@@ -166,6 +166,36 @@ def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq,
     assert torch.equal(fast, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
 
 
+MARGIN_CASES = [  # L, Hq, Hkv, Lq, extra options: rescore_window with whole chunks at both cuts
+    (4096, 4, 2, 4096, dict(min_budget=1024, token_rescore=3, rescore_queries=4, rescore_window=512)),
+    (3072, 4, 2, 1024, dict(min_budget=1024, token_rescore=3, rescore_queries=4, rescore_window=256)),
+    (4096, 4, 2, 4096, dict(min_budget=1024, token_rescore=2, rescore_window=512, head_pooling="max")),
+    (2048, 4, 2, 2048, dict(min_budget=1536, token_rescore=3, rescore_queries=4, rescore_window=512)),  # band > rest
+]
+
+
+@pytest.mark.parametrize("L,Hq,Hkv,Lq,extra", MARGIN_CASES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_rescore_window_ranks_the_chunks_once(monkeypatch, L, Hq, Hkv, Lq, extra, tie):
+    """rescore_window on whole chunks: one chunk ranking cut twice (select._whole_chunk_split) gives the kept keys
+    and the band of two token-level rankings, so the same selection; with every chunk tied it declines and the
+    token path decides."""
+    g = torch.Generator().manual_seed(L + Lq)
+    q, k = torch.randn(1, Hq, Lq, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
+    if tie:  # every chunk after the sinks a copy of one chunk: all their scores tie
+        k[:, :, 64:] = k[:, :, 64:80].repeat(1, 1, (L - 64) // 16, 1)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
+    ends = torch.arange(16, L + 16, 16)
+    budget, options = config.resolve_budget(L), config.dhsa_options()
+    calls = []
+    split = dhsa._whole_chunk_split
+    monkeypatch.setattr(dhsa, "_whole_chunk_split", lambda *a: calls.append(split(*a)) or calls[-1])
+    got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert calls and (all(c is None for c in calls) if tie else all(c is not None for c in calls))
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+
+
 @pytest.mark.parametrize("case", ["learned", "odd_budget", "tie"])
 def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case):
     """Learned boundaries, a budget that ends inside a chunk, or two chunks tied at the cut: the token-level top-k

@@ -697,6 +697,14 @@ def test_cuda_fused_rescoring_keeps_the_same_keys(dtype, Hq, H, Lq, Lk, D, T, bu
 
 
 @cuda_only
+def test_cuda_fused_rescoring_without_kept_logits(monkeypatch):
+    """Pass 2 gathering the keys again (the logits buffer over its limit) keeps the same keys as reading them."""
+    from utils.methods.dhsa import fused_rescore
+    monkeypatch.setattr(fused_rescore, "LOGITS_BYTES", 0)
+    check_fused_rescoring("cuda", torch.bfloat16, 12, 2, 3000, 3000, 128, 64, 512, 1024, 4, 64, 128)
+
+
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_selection_rescores_tokens(dtype):
     check_fused_selection_with_rescoring("cuda", dtype, 1, 12, 2, 4096, 128, 64, 512, 2.0, 4)

@@ -50,12 +50,32 @@ def _take(key, length, wanted):
         trial = tau | tl.full([], 1 << (31 - i), tl.uint32)
         enough = tl.sum(tl.where(key >= trial, length, 0)) >= wanted
         tau = tl.where(enough, trial, tau)
+    return _taken_at(tau, key, length, wanted)
+
+
+@triton.jit
+def _taken_at(tau, key, length, wanted):
+    """_take's last step: the keys each chunk gives at threshold tau."""
     full = key > tau
     rest = wanted - tl.sum(tl.where(full, length, 0))
     tied = tl.where(key == tau, length, 0)
     take = tl.minimum(tl.maximum(rest - (tl.cumsum(tied, 0) - tied), 0), tied)
     keep = tl.where(full, length, take)
     return tl.where(wanted > 0, keep, 0)
+
+
+@triton.jit
+def _take_two(key, length, wanted, wider):
+    """_take for two budgets at once (wanted <= wider): one bisection loop, two counts per step."""
+    tau = tl.zeros([], dtype=tl.uint32)
+    tau_w = tl.zeros([], dtype=tl.uint32)
+    for i in tl.static_range(32):
+        bit = tl.full([], 1 << (31 - i), tl.uint32)
+        trial, trial_w = tau | bit, tau_w | bit
+        n, n_w = tl.sum(tl.where(key >= trial, length, 0)), tl.sum(tl.where(key >= trial_w, length, 0))
+        tau = tl.where(n >= wanted, trial, tau)
+        tau_w = tl.where(n_w >= wider, trial_w, tau_w)
+    return _taken_at(tau, key, length, wanted), _taken_at(tau_w, key, length, wider)
 
 
 @triton.jit
@@ -110,13 +130,15 @@ def _dhsa_pick_kernel(
     # scores as unsigned integers in the same order as the floats: flip all bits of negatives, the sign bit of the rest
     bits = score.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    keep = _take(key, length, wanted)
+    if BAND:  # the kept keys and the wider pick's in one bisection (a few % faster than two, H200)
+        keep, wider = _take_two(key, length, wanted, tl.minimum(end, band_budget) - sink - local)
+    else:
+        keep = _take(key, length, wanted)
     count = sink + tl.sum(keep) + local
     _write_intervals(KeyIdx + head * stride_ih + tile * stride_it, lo, keep, num_slots, count, sink, free_hi, local,
                      FILL)
     tl.store(Counts + head * stride_ch + tile, count)
     if BAND:  # the keys the top-band_budget adds to the top-budget: per chunk the interval after its kept keys
-        wider = _take(key, length, tl.minimum(end, band_budget) - sink - local)
         extra = tl.maximum(wider - keep, 0)  # a prefix of the chunk's interval either way, so the band follows it
         band_count = tl.sum(extra)
         _write_intervals(BandIdx + head * stride_bh + tile * stride_bt, lo + keep, extra, band_slots, band_count, 0,

@@ -9,6 +9,7 @@ by weight, N_b keys in all, written in ascending order with -1 after.
 
     rescore_weights   pass 1: each row's log-sum-exp over the candidates (online, as flash attention);
                       pass 2: weight = max over rows of (logit - lse), +inf forced, -inf invisible -> [H, n, W]
+                      (the logits gathered and multiplied again, or read back from pass 1 where that is faster)
     keep_best         per tile: the weight threshold by bisection on its bits (as pick_keys), ties in key
                       order, the kept candidates compacted in place -> key_index [H, n, N_b], counts
 
@@ -27,6 +28,7 @@ from utils.kernels.head_dims import HEAD_DIMS
 from utils.kernels.shared_memory import shrink_to_fit
 
 MAX_CANDIDATES = 32768  # one tile's weights live in registers while keep_best ranks them
+LOGITS_BYTES = 1 << 30  # rescore_weights keeps pass 1's logits for pass 2 when they fit in this (a layer's worth)
 
 
 @triton.jit
@@ -55,10 +57,10 @@ def _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W
 
 @triton.jit
 def _rescore_weights_kernel(
-    Q, K, Cand, Weight,
-    stride_qh, stride_ql, stride_kh, stride_kl, stride_ch, stride_ct, stride_wh, stride_wt,
+    Q, K, Cand, Weight, Logits,
+    stride_qh, stride_ql, stride_kh, stride_kl, stride_ch, stride_ct, stride_wh, stride_wt, stride_lh, stride_lt,
     Lq, q_offset, budget, sink_tokens, local_tokens, W, G, T, R, step, scale,
-    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, IEEE: tl.constexpr, KEEP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -70,6 +72,7 @@ def _rescore_weights_kernel(
     cand_row = Cand + h.to(tl.int64) * stride_ch + tile.to(tl.int64) * stride_ct
     out_row = Weight + h.to(tl.int64) * stride_wh + tile.to(tl.int64) * stride_wt
     keys = K + h.to(tl.int64) * stride_kh
+    kept = Logits + h.to(tl.int64) * stride_lh + tile.to(tl.int64) * stride_lt  # [ROWS, W] when KEEP
     dims = tl.arange(0, HEAD_DIM)
     # rows: query head g of the group x sampled query j (j = 0 is the tile's last query), ROWS at a time; a later
     # slice of rows keeps the best of its weights and those the earlier slices wrote
@@ -83,12 +86,17 @@ def _rescore_weights_kernel(
         q_pos = q_offset + pos
 
         # pass 1: log-sum-exp of each row over the candidates it sees
+        if KEEP:
+            tl.debug_barrier()  # the previous slice's pass 2 has read the logits this one overwrites
         m = tl.full([ROWS], float("-inf"), tl.float32)
         acc = tl.zeros([ROWS], tl.float32)
         for w0 in range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
             idx, s, seen = _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale, IEEE)
             s = tl.where(seen, s, float("-inf"))
+            if KEEP:  # pass 2 reads these back instead of gathering the keys again
+                lane = tl.arange(0, ROWS)
+                tl.store(kept + lane[:, None] * W + cols[None, :], s, mask=row_ok[:, None] & (cols < W)[None, :])
             m_new = tl.maximum(m, tl.max(s, 1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
@@ -100,8 +108,16 @@ def _rescore_weights_kernel(
         tl.debug_barrier()  # the previous slice's weights are written before this one reads them
         for w0 in range(0, W, BLOCK_W):
             cols = w0 + tl.arange(0, BLOCK_W)
-            idx, s, seen = _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale, IEEE)
-            best = tl.max(tl.where(seen, s - lse[:, None], float("-inf")), 0)
+            if KEEP:
+                lane = tl.arange(0, ROWS)
+                idx = tl.load(cand_row + cols, mask=cols < W, other=-1)
+                s = tl.load(kept + lane[:, None] * W + cols[None, :], mask=row_ok[:, None] & (cols < W)[None, :],
+                            other=float("-inf"))
+                best = tl.max(s - lse[:, None], 0)
+            else:
+                idx, s, seen = _candidate_logits(q, q_pos, row_ok, cand_row, keys, stride_kl, dims, cols, W, scale,
+                                                 IEEE)
+                best = tl.max(tl.where(seen, s - lse[:, None], float("-inf")), 0)
             if r0 > 0:
                 best = tl.maximum(best, tl.load(out_row + cols, mask=cols < W, other=float("-inf")))
             forced = (idx >= 0) & ((idx < sink) | (idx >= end - local))
@@ -197,12 +213,19 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         keys = keys.contiguous()
     cand = cand.contiguous()
     weight = torch.empty(H, n_tiles, W, dtype=torch.float32, device=q.device)
+    # pass 1 writes its logits (fp32) for pass 2 when they are fewer bytes than a key, the keys are wide and the
+    # buffer stays small; otherwise pass 2 gathers the keys again. H200, bf16, one selection per query head, R = 4,
+    # 1536 candidates (notes/cpu_testbed/gpu_rescore/ab_round12.py): head dim 128 1.10 vs 1.33 ms at 32K, but head
+    # dim 64 1.45 vs 1.14 ms (the stores cost more than gathering 128-byte keys again)
+    lanes = min(rows, G * R)  # rows of one slice that are real
+    keep = D >= 128 and lanes * 4 <= D * q.element_size() and H * n_tiles * lanes * W * 4 <= LOGITS_BYTES
+    logits = torch.empty(H, n_tiles, lanes, W, dtype=torch.float32, device=q.device) if keep else weight
     _rescore_weights_kernel[(n_tiles, H)](
-        q, keys, cand, weight, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), cand.stride(0),
-        cand.stride(1), weight.stride(0), weight.stride(1), Lq, q_offset, budget, sink_tokens, local_tokens, W, G, T,
-        R, max(1, T // R), D ** -0.5,
-        ROWS=rows, HEAD_DIM=D, BLOCK_W=cfg["block_w"], IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        q, keys, cand, weight, logits, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), cand.stride(0),
+        cand.stride(1), weight.stride(0), weight.stride(1), logits.stride(0), logits.stride(1), Lq, q_offset, budget,
+        sink_tokens, local_tokens, W, G, T, R, max(1, T // R), D ** -0.5,
+        ROWS=rows, HEAD_DIM=D, BLOCK_W=cfg["block_w"], IEEE=q.dtype == torch.float32, KEEP=keep,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     K = min(budget, W)
     key_index = torch.empty(H, n_tiles, K, dtype=torch.long, device=q.device)
     counts = torch.empty(H, n_tiles, dtype=torch.int32, device=q.device)

@@ -274,11 +274,21 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
 
             if width > K and margin:  # the best keys by chunk score as today, the last `margin` slots rescored
                 keep_width = K - margin
-                keep_top, keep_idx, _ = ranked(keep_width)
-                top, idx, _ = ranked(min(Lk, keep_width + math.ceil(options.token_rescore * margin)))
-                keep_idx = torch.where(keep_top == float("-inf"), -1, keep_idx)
-                top, idx = _rescore_margin(q[b], keys, top, idx, keep_idx, t0, T, q_offset, margin,
-                                           options.rescore_queries, expand)
+                band_width = min(Lk, keep_width + math.ceil(options.token_rescore * margin))
+                split = None
+                if ranked_keys is None and _CHUNK_TOPK:  # one ranking of whole chunks, cut twice
+                    split = _whole_chunk_split(chunk_scores[:, t0:t1], ends, tile_end[t0:t1], sink[t0:t1],
+                                               local[t0:t1], keep_width, band_width)
+                if split is not None:
+                    keep_idx, band = split
+                    top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin,
+                                             options.rescore_queries, expand)
+                else:  # two rankings at the token level, the band their difference
+                    keep_top, keep_idx, _ = ranked(keep_width)
+                    top, idx, _ = ranked(band_width)
+                    keep_idx = torch.where(keep_top == float("-inf"), -1, keep_idx)
+                    top, idx = _rescore_margin(q[b], keys, top, idx, keep_idx, t0, T, q_offset, margin,
+                                               options.rescore_queries, expand)
             else:
                 top, idx, plain = ranked(width)
                 if plain and width == K:  # plain top-N_b
@@ -305,9 +315,15 @@ def _rescore_margin(q, k, top, idx, keep_idx, t0: int, T: int, q_offset: int, ma
     kept = keep_sorted.gather(-1, where) == idx
     other = (top > float("-inf")) & ~kept & (idx >= 0)
     rest = torch.sort(torch.where(other, idx, Lk), dim=-1).values[..., : idx.shape[-1] - keep_idx.shape[-1]]
-    rest_top = torch.where(rest < Lk, 0.0, float("-inf"))
-    best, best_idx = _rescore_tokens(q, k, rest_top, torch.where(rest < Lk, rest, -1), t0, T, q_offset,
-                                     min(margin, rest.shape[-1]), sample, expand)
+    return _rescore_band(q, k, keep_idx, torch.where(rest < Lk, rest, -1), t0, T, q_offset, margin, sample, expand)
+
+
+def _rescore_band(q, k, keep_idx, band, t0: int, T: int, q_offset: int, margin: int, sample: int, expand: int):
+    """rescore_window: the tiles keep `keep_idx` and the best `margin` keys of `band` ([heads, g, W] ascending, -1
+    pads), rescored by _rescore_tokens over the band alone. Returns (top, idx) as _rescore_margin."""
+    band_top = torch.where(band >= 0, 0.0, float("-inf"))
+    best, best_idx = _rescore_tokens(q, k, band_top, band, t0, T, q_offset, min(margin, band.shape[-1]), sample,
+                                     expand)
     keep_top = torch.where(keep_idx >= 0, float("inf"), float("-inf"))
     return torch.cat([keep_top, best], dim=-1), torch.cat([keep_idx.clamp(min=0), best_idx], dim=-1)
 
@@ -503,6 +519,60 @@ def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: i
     window = end[:, None] - l + torch.arange(l, device=scores.device)[None, :]  # [r, l]
     out[:, rows] = torch.cat([sinks.expand(H, r, sinks.numel()), keys, window.expand(H, -1, -1)], dim=-1)
     return out
+
+
+def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, sink: torch.Tensor,
+                       local: torch.Tensor, keep: int, wide: int):
+    """rescore_window's two rankings from one: per tile the top-`keep` keys by chunk score (as _chunk_topk at
+    budget `keep`) and the band, the keys the top-`wide` adds to them, in ascending key order with -1 pads
+    ([H, g, keep], [H, g, wide - keep]). Only where every chunk between the sinks and the window is whole there
+    (one size) and both cuts fall between whole chunks that score strictly apart, so that both sets are the unique
+    token-level top-k; otherwise None (the caller ranks twice). sink, local: [g], of the final budget."""
+    H, g, Nc = chunk_scores.shape
+    device = chunk_scores.device
+    slot = torch.arange(keep, device=device)
+    keep_out = torch.where(slot[None, :] < tile_end[:, None], slot[None, :], -1).expand(H, g, keep).clone()
+    band_out = torch.full((H, g, wide - keep), -1, dtype=torch.long, device=device)
+    rows = (tile_end > keep).nonzero()[:, 0]  # tiles that choose their kept keys; the others keep all, no band
+    if rows.numel() == 0:
+        return keep_out, band_out
+    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
+    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+        return None
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    lo = torch.clamp(starts, min=s).expand(rows.numel(), Nc)
+    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)  # [r, Nc] keys in between
+    size = int(count.max())
+    need_keep, need_wide = keep - s - l, wide - s - l
+    if size == 0 or need_keep <= 0 or need_keep % size or need_wide % size \
+            or not bool(((count == 0) | (count == size)).all()):
+        return None
+    n_keep, n_wide = need_keep // size, min(Nc, need_wide // size)
+    scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
+    top, top_chunk = torch.topk(scores, min(Nc, n_wide + 1), dim=-1, sorted=True)  # [H, r, n_wide + 1], best first
+    if bool(torch.isnan(top).any()) or top.shape[-1] <= n_keep:
+        return None
+    if not bool((top[..., n_keep - 1] > top[..., n_keep]).all()):  # a tie at the kept keys' cut
+        return None
+    if n_wide < top.shape[-1]:  # a tie at the band's cut matters only if the chunk after it is visible
+        after = top[..., n_wide]
+        if not bool(((top[..., n_wide - 1] > after) | (after == float("-inf"))).all()):
+            return None
+    lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
+
+    def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
+        chosen = taken.sort(-1).values
+        first = lo_pad.gather(-1, chosen)
+        keys = (first[..., None] + torch.arange(size, device=device)).flatten(-2)
+        return torch.where((chosen < Nc).repeat_interleave(size, -1), keys, -1)
+
+    window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
+    keep_out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys_of(top_chunk[..., :n_keep]),
+                                   window.expand(H, -1, -1)], dim=-1)
+    band_chunks = top_chunk[..., n_keep:n_wide]
+    band_chunks = torch.where(top[..., n_keep:n_wide] > float("-inf"), band_chunks, Nc)
+    band_out[:, rows, : band_chunks.shape[-1] * size] = keys_of(band_chunks)
+    return keep_out, band_out
 
 
 def _tile_groups(n_tiles: int, size: int, split: int):
