@@ -1,5 +1,5 @@
 """A/B of round 12's GPU rescoring configs in one process (scratch driver): pass 1's logits kept or the keys
-gathered again (LOGITS_BYTES), and tile configs, for one selection per query head (G = 1, R = 4).
+gathered again (KEEP_LOGITS_HEAD_DIM), and tile configs, for one selection per query head (G = 1, R = 4).
     PYTHONPATH=. python notes/cpu_testbed/gpu_rescore/ab_round12.py"""
 import math
 import sys
@@ -29,8 +29,8 @@ for shape, L in [("14x2x64", 32768), ("14x2x64", 131072), ("12x2x128", 32768)]:
                      forced_budget=K, budget=keep_w, num_slots=keep_w, band_budget=band_w)[2]
     res, ref = {}, None
     for rnd in range(2):
-        for lb in (1 << 30, 0):
-            fused_rescore.LOGITS_BYTES = lb
+        for lb in (1, 0):
+            fused_rescore.KEEP_LOGITS_HEAD_DIM = 0 if lb else 1 << 20
             for i, cfg in enumerate(CONFIGS):
                 r = lambda: rescore_candidates(q, k, band, budget=C, query_chunk=T, q_offset=0, sink_tokens=0,  # noqa
                                                local_tokens=0, rescore_queries=4, config=cfg)

@@ -29,6 +29,7 @@ from utils.kernels.shared_memory import shrink_to_fit
 
 MAX_CANDIDATES = 32768  # one tile's weights live in registers while keep_best ranks them
 LOGITS_BYTES = 1 << 30  # rescore_weights keeps pass 1's logits for pass 2 when they fit in this (a layer's worth)
+KEEP_LOGITS_HEAD_DIM = 128  # ... and the head dim is at least this (rescore_candidates says why)
 
 
 @triton.jit
@@ -166,13 +167,19 @@ def _keep_best_kernel(
     tl.store(Counts + h * stride_nh + tile, count)
 
 
-def rescore_config(head_dim: int, element_size: int = 2, shared_memory: int | None = None) -> dict:
+def rescore_config(head_dim: int, element_size: int = 2, shared_memory: int | None = None,
+                   rows_needed: int = 64) -> dict:
     """Query rows per slice, candidates per step, warps and pipeline depth of rescore_weights, per head dim: 64 rows
     x 64 keys up to head dim 128 (the sampled rows of a GQA group, G x R = 28 for 14 / 2 heads and R = 4, fit in one
     slice of 32), 32 x 32 at 256. shared_memory (bytes per block, default: the current GPU's, or the one forced by
     utils/kernels/shared_memory.py) shrinks the pipeline, then the keys per step, then the rows, until the query
-    rows plus num_stages key blocks of element_size bytes fit (an RTX 3090 at head dim 256 in fp32: 2 stages)."""
-    if head_dim <= 128:
+    rows plus num_stages key blocks of element_size bytes fit (an RTX 3090 at head dim 256 in fp32: 2 stages).
+    rows_needed (G x R) <= 16, one selection per query head: 2 warps and 4 stages (H200, bf16, R = 4, 1536
+    candidates: 0.92 vs 1.14 ms at 32K, 3.5 vs 4.4 ms at 128K for 14 heads of dim 64; 0.93 vs 1.10 ms for 12 of 128;
+    notes/cpu_testbed/gpu_rescore/ab_round12.py)."""
+    if head_dim <= 128 and rows_needed <= 16:
+        cfg = dict(rows=16, block_w=64, num_warps=2, num_stages=4)
+    elif head_dim <= 128:
         cfg = dict(rows=64, block_w=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(rows=32, block_w=32, num_warps=4, num_stages=3)
@@ -204,7 +211,7 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
         raise ValueError(f"{W} candidates exceed the fused rescoring's limit of {MAX_CANDIDATES}")
     G = Hq // H
     R = rescore_queries if 0 < rescore_queries < T else T
-    cfg = dict(rescore_config(D, 4 if q.dtype == torch.float32 else 2), **(config or {}))
+    cfg = dict(rescore_config(D, 4 if q.dtype == torch.float32 else 2, rows_needed=G * R), **(config or {}))
     rows = max(16, min(cfg["rows"], triton.next_power_of_2(G * R)))
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -215,10 +222,11 @@ def rescore_candidates(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, 
     weight = torch.empty(H, n_tiles, W, dtype=torch.float32, device=q.device)
     # pass 1 writes its logits (fp32) for pass 2 when they are fewer bytes than a key, the keys are wide and the
     # buffer stays small; otherwise pass 2 gathers the keys again. H200, bf16, one selection per query head, R = 4,
-    # 1536 candidates (notes/cpu_testbed/gpu_rescore/ab_round12.py): head dim 128 1.10 vs 1.33 ms at 32K, but head
-    # dim 64 1.45 vs 1.14 ms (the stores cost more than gathering 128-byte keys again)
+    # 1536 candidates, rescore_config's 2-warp tiles (notes/cpu_testbed/gpu_rescore/ab_round12.py): head dim 128
+    # 0.93 vs 1.10 ms at 32K, but head dim 64 0.95 vs 0.92 ms (gathering 128-byte keys again is as cheap)
     lanes = min(rows, G * R)  # rows of one slice that are real
-    keep = D >= 128 and lanes * 4 <= D * q.element_size() and H * n_tiles * lanes * W * 4 <= LOGITS_BYTES
+    keep = D >= KEEP_LOGITS_HEAD_DIM and lanes * 4 <= D * q.element_size() \
+        and H * n_tiles * lanes * W * 4 <= LOGITS_BYTES
     logits = torch.empty(H, n_tiles, lanes, W, dtype=torch.float32, device=q.device) if keep else weight
     _rescore_weights_kernel[(n_tiles, H)](
         q, keys, cand, weight, logits, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), cand.stride(0),
