@@ -236,7 +236,7 @@ def test_dhsa_without_dynamic_chunks_and_robust_repr_is_block_sparse(shape, budg
     dhsa = METHODS["dhsa_no_robust_repr"].select(
         q, k, SparseAttentionConfig(method="dhsa_no_robust_repr", budget=budget, chunk_size=128, query_chunk=128,
                                   query_pooling="mean", head_pooling="mean", sink_tokens=128, local_tokens=128,
-                                  dense_tail=0),
+                                  dense_tail=0, token_rescore=0),
         LayerContext())  # no boundary source in the context: uniform chunks of chunk_size
     block = METHODS["block_sparse"].select(
         q, k, SparseAttentionConfig(method="block_sparse", budget=budget, block_size=128), LayerContext())

@@ -136,6 +136,7 @@ def test_shared_mask_executor_equals_masked_attention(monkeypatch, head_pooling)
     assert any(used) and not all(used)  # the full tiles shared one mask, the first ones did not
 
 
+PLAIN = dict(token_rescore=0, rescore_queries=0, rescore_window=0)  # chunk scores alone, unless a case says
 CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the chunk-level top-k applies
     (2048, 8, 2, 2048, {}),
     (4096, 6, 2, 4096, dict(head_pooling="max")),
@@ -154,7 +155,7 @@ def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq,
     does run (uniform chunks, budget, sinks and window in whole chunks)."""
     g = torch.Generator().manual_seed(L + Lq)
     q, k = torch.randn(1, Hq, Lq, 64, generator=g), torch.randn(1, Hkv, L, 64, generator=g)
-    config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, **{**PLAIN, **extra})
     ends = torch.arange(16, L + 16, 16)
     budget, options = config.resolve_budget(L), config.dhsa_options()
     calls = []

@@ -265,7 +265,7 @@ def test_max_pooling_keeps_what_one_query_needs():
     q[0, 0, 95, 0] = 4.0                # the last query alone asks for direction 0 ...
     k[0, 0, 8:16, 0] = 1.0              # ... held by the distant chunk [8, 16)
     ends = [torch.tensor([8, 16, 64, 80, 96])]
-    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0)
+    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0, token_rescore=0)  # the chunk scores' own choice
     kept = {pooling: dhsa_select(q, k, budget=8, boundaries=ends, options=options.replace(query_pooling=pooling))
             .key_index[0, 0, -1].tolist() for pooling in ("max", "mean")}
     assert kept["max"] == list(range(8, 16))
@@ -286,7 +286,7 @@ def test_head_max_pooling_keeps_what_one_gqa_head_needs(query_pooling, tile):
     q[0, 0, :, 0] = 10.0                    # head 0 (retrieval head) asks for the needle
     q[0, 1, :, 0] = -9.0                    # head 1 points away from it ...
     q[0, 1, :, 1] = 2.0                     # ... and weakly at the distractor
-    options = DHSAOptions(query_chunk=tile, sink_tokens=0, local_tokens=0, query_pooling=query_pooling)
+    options = DHSAOptions(query_chunk=tile, sink_tokens=0, local_tokens=0, query_pooling=query_pooling, token_rescore=0)  # the chunk scores' own choice
     kept = {pooling: dhsa_select(q, k, budget=4, boundaries=[torch.tensor([4, 8, 12, 16])],
                                  options=options.replace(head_pooling=pooling)).key_index[0, 0, -1].tolist()
             for pooling in ("max", "mean")}
@@ -357,7 +357,7 @@ def test_bound_keeps_a_single_strong_key_that_the_chunk_mean_misses():
     q = torch.zeros(1, 1, L, D)
     q[0, 0, :, 0], q[0, 0, :, 1] = 1.0, 1.0
     ends = [torch.arange(16, L + 1, 16)]
-    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0, center_keys=False, dense_tail=0)
+    options = DHSAOptions(query_chunk=32, sink_tokens=0, local_tokens=0, center_keys=False, dense_tail=0, token_rescore=0)  # the chunk scores' own choice
     kept = {score: dhsa_select(q, k, budget=16, boundaries=ends, options=options.replace(chunk_score=score))
             .key_index[0, 0, -1].tolist() for score in ("mean", "bound")}
     assert 20 in kept["bound"] and kept["bound"] == list(range(16, 32))

@@ -96,7 +96,7 @@ def check_kernel_matches_executor(device, dtype, B, Hq, Hkv, L, D, T, budget, so
     with kernels.disabled():
         sel = dhsa_select(q.float(), k.float(), budget=budget, boundaries=ends,  # one list per KV head (GQA group)
                           options=DHSAOptions(query_chunk=T, sink_tokens=4, local_tokens=8, head_pooling="mean",
-                                              dense_tail=0))  # the kernel is called on the lists alone
+                                              dense_tail=0, token_rescore=0))  # the kernel is called on the lists alone
         if per_query_head:  # one list per query head (e.g. baselines that select per head)
             sel = Selection(sel.key_index.repeat_interleave(Hq // Hkv, 1), T, sel.q_offset)
         ref = sparse_attention(q.float(), k.float(), v.float(), sel, softcap=softcap)
@@ -114,7 +114,7 @@ def check_fused_selection(device, B, Hq, Hkv, L, T, budget, bounds, sink, local,
     q, k = rand(B, Hq, L, 16, device=device, seed=1), rand(B, Hkv, L, 16, device=device, seed=2)
     ends = as_boundary_list(bounds or fixed_size_ends(L, 7, device=device), B, L, device=device)
     options = DHSAOptions(query_chunk=T, sink_tokens=sink, local_tokens=local, share_heads=share_heads,
-                          head_pooling="mean")  # the fused kernel scores summed GQA queries
+                          head_pooling="mean", token_rescore=0)  # the fused kernel scores summed GQA queries
     with kernels.disabled():
         ref = dhsa_select(q, k, budget=budget, boundaries=ends, options=options)
     got = dhsa_select_fused(q, k, budget=budget, boundaries=ends, options=options)
@@ -537,7 +537,7 @@ def test_interp_queries_after_a_prefix(Lq):
     q, k, v = rand(1, 4, Lq, 16), rand(1, 2, 120, 16, seed=1), rand(1, 2, 120, 16, seed=2)
     ends = [decode_boundaries(fixed_size_ends(110, 8), 110, 120)] if Lq == 1 else [fixed_size_ends(120, 8)]
     opts = dict(budget=30, boundaries=ends, options=DHSAOptions(query_chunk=16, sink_tokens=4, local_tokens=4,
-                                                                 head_pooling="mean"))
+                                                                 head_pooling="mean", token_rescore=0))
     ref, got = dhsa_select(q, k, **opts), dhsa_select_fused(q, k, **opts)
     assert torch.equal(per_chunk_counts(got.key_index[0], ends[0]), per_chunk_counts(ref.key_index[0], ends[0]))
     out = sparse_prefill(q, k, v, got.key_index, got.counts, query_chunk=16, q_offset=got.q_offset, sorted_keys=True,
@@ -722,7 +722,7 @@ def test_cuda_exact_tail_on_the_fused_path():
     q = torch.randn(1, 12, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 2, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     ends = [torch.arange(16, L + 16, 16, device="cuda").clamp(max=L).unique()]
-    options = DHSAOptions(exact_tail=128)
+    options = DHSAOptions(exact_tail=128, token_rescore=0)
     fused = dhsa_select(q, k, budget=256, boundaries=ends, options=options)
     with kernels.disabled():
         reference = dhsa_select(q, k, budget=256, boundaries=ends, options=options)

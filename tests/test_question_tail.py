@@ -170,8 +170,9 @@ def test_score_selection_counts_the_dense_tail_and_the_needle():
 def test_flop_ratio_of_the_defaults_is_far_below_dense():
     config = SparseAttentionConfig(method="dhsa", density=0.0625)
     ratio = dhsa_flop_ratio(32768, 64, config)
-    assert 0.1 < ratio < 0.25  # chunk scores L/32 + attention 2 N_b per query, against L per query dense
-    assert dhsa_flop_ratio(32768, 64, config.replace(token_rescore=2.0)) > ratio
+    assert 0.1 < ratio < 0.25  # chunk scores L/32 + attention 2 N_b per query + the margin's rescoring, vs L dense
+    plain = dhsa_flop_ratio(32768, 64, config.replace(token_rescore=0))
+    assert plain < ratio < dhsa_flop_ratio(32768, 64, config.replace(rescore_window=0))  # rescoring every slot
 
 
 def test_testbed_runner_end_to_end_and_resume(tmp_path, monkeypatch):

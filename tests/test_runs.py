@@ -157,7 +157,7 @@ def test_stop_at_newline_only_after_the_answer_started(tiny):
 def test_records_older_than_a_config_field_resume_only_with_its_legacy_value(tmp_path):
     """A record written before `token_rescore` existed lacks it: it behaved like token_rescore=0 (LEGACY_VALUES), so a
     run with 0 resumes it and a run with 4 is refused; committed results stay resumable when fields are added."""
-    current = config_dict(SparseAttentionConfig(method="dhsa", density=0.0625))
+    current = config_dict(SparseAttentionConfig(method="dhsa", density=0.0625, token_rescore=0))
     old = {k: v for k, v in current.items() if k not in ("token_rescore", "exact_tail", "center_keys")}
     old_record = [{"model": "m", "config": {**old, "center_keys": True}}]
     check_same_settings(tmp_path / "r.jsonl", old_record, {"model": "m", "config": current})

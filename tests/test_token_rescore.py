@@ -13,7 +13,8 @@ from utils.methods.dhsa.boundaries import fixed_size_ends
 from utils.config import DHSAOptions, SparseAttentionConfig
 from utils.methods.dhsa.select import dhsa_attention, dhsa_select
 
-OPTIONS = DHSAOptions(query_chunk=16, sink_tokens=4, local_tokens=8)
+OPTIONS = DHSAOptions(query_chunk=16, sink_tokens=4, local_tokens=8, token_rescore=0, rescore_queries=0,
+                      rescore_window=0)  # chunk scores alone; each test turns rescoring on
 
 
 def rand_qk(Hq=4, Hkv=2, L=200, D=16, seed=0):

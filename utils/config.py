@@ -56,11 +56,12 @@ class SparseAttentionConfig:
                                            # key from per-chunk key max / min ("bound", as Quest's pages)
     head_pooling: str = "none"             # "none": every query head selects its own keys; "mean" / "max": the heads
                                            # of a GQA group share one selection (summed queries / best head)
-    token_rescore: float = 0.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
-                                           # them, are rescored key by key by the tile's queries; 0: chunk scores only
-    rescore_queries: int = 0               # queries of a tile that do the token rescoring (evenly spaced, its last
+    token_rescore: float = 3.0             # hierarchical refinement: the best chunks' keys, token_rescore x N_b of
+                                           # them (x rescore_window with a window), are rescored key by key by the
+                                           # tile's queries; 0: chunk scores only (testbed round 12, README)
+    rescore_queries: int = 4               # queries of a tile that do the token rescoring (evenly spaced, its last
                                            # query included); 0: all of them
-    rescore_window: int = 0                # token rescoring decides only the last rescore_window slots (among the
+    rescore_window: int = 512              # token rescoring decides only the last rescore_window slots (among the
                                            # next token_rescore x rescore_window keys by chunk score); 0: all slots
     exact_tail: int = 0                    # prefill: the tiles holding the last exact_tail queries (the question,
                                            # the first answer token) rescore every visible key; 0: off

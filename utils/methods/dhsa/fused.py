@@ -478,7 +478,8 @@ def rescore_margin(options: DHSAOptions, budget: int, num_queries: int, num_keys
     n_tiles = math.ceil(num_queries / T)
     tile_end = (num_keys - num_queries) + torch.clamp(torch.arange(1, n_tiles + 1) * T, max=num_queries)
     sink, local = forced_key_counts(torch.clamp(tile_end, max=budget), options.sink_tokens, options.local_tokens)
-    return max(0, min(options.rescore_window, budget - int((sink + local).max())))
+    margin = max(0, min(options.rescore_window, budget - int((sink + local).max())))
+    return 0 if margin >= budget else margin  # every slot rescored: the plain refinement
 
 
 @triton.jit

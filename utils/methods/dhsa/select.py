@@ -198,7 +198,11 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     width_other = min(Lk, math.ceil(options.token_rescore * K)) if options.token_rescore else K
     # rescore_window: only the last C slots are rescored (never the sinks and the local window of the full budget)
     forced_max = int((sink + local).max()) if n_tiles else 0
+    if ranked_keys is not None and n_tiles:  # the ranked keys a tile keeps unscored are forced as well
+        forced_max = int((sink + local + extra).max())
     margin = min(options.rescore_window, K - forced_max) if options.token_rescore and options.rescore_window else 0
+    if margin >= K:  # no sinks or window and N_b <= C: every slot rescored, the plain refinement
+        margin = 0
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
     group = max(1, min(n_tiles, dhsa_scores.SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
