@@ -149,6 +149,19 @@ CHUNK_CASES = [  # L, Hq, Hkv, Lq, extra options: uniform chunks in which the ch
 ]
 
 
+def record_results(monkeypatch, name: str) -> list:
+    """What each call of select.<name> returns, in a list that fills as the selection runs."""
+    calls, fn = [], getattr(dhsa, name)
+    monkeypatch.setattr(dhsa, name, lambda *a: calls.append(fn(*a)) or calls[-1])
+    return calls
+
+
+def token_path_selection(monkeypatch, q, k, budget, ends, options):
+    """The same selection with the chunk-level paths switched off (every tile on the token-level top-k)."""
+    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
+    return dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+
+
 @pytest.mark.parametrize("L,Hq,Hkv,Lq,extra", CHUNK_CASES)
 def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq, extra):
     """Top-N_b over whole chunks (utils.methods.dhsa.select._chunk_topk) keeps exactly the keys of the token-level top-k, and it
@@ -158,13 +171,10 @@ def test_chunk_level_topk_keeps_the_token_topk_keys(monkeypatch, L, Hq, Hkv, Lq,
     config = SparseAttentionConfig(method="dhsa", density=0.0625, **{**PLAIN, **extra})
     ends = torch.arange(16, L + 16, 16)
     budget, options = config.resolve_budget(L), config.dhsa_options()
-    calls = []
-    chunk_topk = dhsa._chunk_topk
-    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    calls = record_results(monkeypatch, "_chunk_topk")
     fast = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
     assert calls and all(c is not None for c in calls)
-    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
-    assert torch.equal(fast, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+    assert torch.equal(fast, token_path_selection(monkeypatch, q, k, budget, ends, options))
 
 
 MARGIN_CASES = [  # L, Hq, Hkv, Lq, extra options: rescore_window with whole chunks at both cuts
@@ -188,13 +198,10 @@ def test_rescore_window_ranks_the_chunks_once(monkeypatch, L, Hq, Hkv, Lq, extra
     config = SparseAttentionConfig(method="dhsa", density=0.0625, **extra)
     ends = torch.arange(16, L + 16, 16)
     budget, options = config.resolve_budget(L), config.dhsa_options()
-    calls = []
-    split = dhsa._whole_chunk_split
-    monkeypatch.setattr(dhsa, "_whole_chunk_split", lambda *a: calls.append(split(*a)) or calls[-1])
+    calls = record_results(monkeypatch, "_whole_chunk_split")
     got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
     assert calls and (all(c is None for c in calls) if tie else all(c is not None for c in calls))
-    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
-    assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+    assert torch.equal(got, token_path_selection(monkeypatch, q, k, budget, ends, options))
 
 
 @pytest.mark.parametrize("case", ["learned", "odd_budget", "tie"])
@@ -209,13 +216,10 @@ def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case)
     if case == "tie":  # every chunk after the sinks a copy of one chunk: all their scores tie
         k[:, :, 64:] = k[:, :, 64:80].repeat(1, 1, (L - 64) // 16, 1)
     options = SparseAttentionConfig(method="dhsa", budget=budget).dhsa_options()
-    calls = []
-    chunk_topk = dhsa._chunk_topk
-    monkeypatch.setattr(dhsa, "_chunk_topk", lambda *a: calls.append(chunk_topk(*a)) or calls[-1])
+    calls = record_results(monkeypatch, "_chunk_topk")
     got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
     assert calls and any(c is None for c in calls)
-    monkeypatch.setattr(dhsa, "_CHUNK_TOPK", False)
-    assert torch.equal(got, dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index)
+    assert torch.equal(got, token_path_selection(monkeypatch, q, k, budget, ends, options))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -29,7 +29,7 @@ from utils.kernels.head_dims import HEAD_DIMS
 from utils.kernels.shared_memory import shrink_to_fit
 from utils.methods.dhsa.fused_rescore import forced_counts, rescore_candidates
 from utils.methods.dhsa.scores import (chunk_vectors, forced_key_counts, max_pooled_chunk_scores, query_tile_vectors,
-                                       tile_key_means)
+                                       rescored_slots, tile_key_means)
 from utils.selection import KernelSelection
 
 MAX_CHUNKS = 32768  # chunk scores of one tile live in registers; longer lists use the reference path
@@ -478,8 +478,7 @@ def rescore_margin(options: DHSAOptions, budget: int, num_queries: int, num_keys
     n_tiles = math.ceil(num_queries / T)
     tile_end = (num_keys - num_queries) + torch.clamp(torch.arange(1, n_tiles + 1) * T, max=num_queries)
     sink, local = forced_key_counts(torch.clamp(tile_end, max=budget), options.sink_tokens, options.local_tokens)
-    margin = max(0, min(options.rescore_window, budget - int((sink + local).max())))
-    return 0 if margin >= budget else margin  # every slot rescored: the plain refinement
+    return rescored_slots(options.rescore_window, budget, int((sink + local).max()))
 
 
 @triton.jit

@@ -268,6 +268,14 @@ def forced_key_counts(budget_per_tile: torch.Tensor, sink_tokens: int, local_tok
     return sink, local
 
 
+def rescored_slots(window: int, budget: int, forced: int) -> int:
+    """rescore_window: the slots of a budget that token rescoring decides, at most `window` and never the `forced`
+    (sink, local, ranked) keys; 0 = every slot (the plain refinement), also when nothing is forced and the budget
+    fits in the window."""
+    slots = max(0, min(window, budget - forced)) if window else 0
+    return 0 if slots >= budget else slots
+
+
 def decode_boundaries(prompt_ends: torch.Tensor, prompt_len: int, num_keys: int) -> torch.Tensor:
     """Algorithm 2: the prompt's chunks, then [prompt_len, L'-1) (generated so far) and [L'-1, L')."""
     kept = prompt_ends[prompt_ends <= min(prompt_len, num_keys - 1)]
@@ -276,5 +284,5 @@ def decode_boundaries(prompt_ends: torch.Tensor, prompt_len: int, num_keys: int)
     return torch.cat([kept, torch.tensor(tail, dtype=torch.long, device=prompt_ends.device)])
 
 
-__all__ = ["chunk_vectors", "prefix_sums", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts",
+__all__ = ["chunk_vectors", "prefix_sums", "query_tile_vectors", "tile_key_means", "max_pooled_chunk_scores", "forced_key_counts", "rescored_slots",
            "decode_boundaries", "SCORE_ELEMENTS"]

@@ -200,9 +200,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
     forced_max = int((sink + local).max()) if n_tiles else 0
     if ranked_keys is not None and n_tiles:  # the ranked keys a tile keeps unscored are forced as well
         forced_max = int((sink + local + extra).max())
-    margin = min(options.rescore_window, K - forced_max) if options.token_rescore and options.rescore_window else 0
-    if margin >= K:  # no sinks or window and N_b <= C: every slot rescored, the plain refinement
-        margin = 0
+    margin = dhsa_scores.rescored_slots(options.rescore_window, K, forced_max) if options.token_rescore else 0
     key_index = torch.empty(B, Hkv, n_tiles, K, dtype=torch.long, device=device)
     group = max(1, min(n_tiles, dhsa_scores.SCORE_ELEMENTS // max(1, heads * Lk)))
     for b in range(B):
@@ -465,14 +463,11 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
     part = tile_end > tile_budget  # tiles that choose; their budget is K, so sinks, window and need are shared
     if not bool(part.any()):
         return out
-    rows = part.nonzero()[:, 0]
-    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
-    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+    between = _keys_between_forced(part, ends, tile_end, sink, local)
+    if between is None:
         return None
+    rows, end, s, l, lo, count = between
     need = K - s - l  # keys chosen by the chunk scores, between the sinks and the local window
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    lo = torch.clamp(starts, min=s).expand(rows.numel(), Nc)
-    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)  # [r, Nc] keys in between
     biggest = int(count.max())
     if need <= 0 or biggest == 0:
         return None
@@ -505,6 +500,28 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
     return out
 
 
+def _keys_between_forced(choose: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, sink: torch.Tensor,
+                         local: torch.Tensor):
+    """The tiles that choose (bool [g]) and, per chunk, its keys between their sinks and local window: (rows, end,
+    s, l, lo, count), lo / count [r, Nc] the first such key and their number; None if the tiles' sink or local
+    counts differ (the chunk-level paths need one of each)."""
+    rows = choose.nonzero()[:, 0]
+    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
+    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+        return None
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    lo = torch.clamp(starts, min=s).expand(rows.numel(), ends.numel())
+    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)
+    return rows, end, s, l, lo, count
+
+
+def _chunk_keys(lo: torch.Tensor, chosen: torch.Tensor, size: int) -> torch.Tensor:
+    """The keys of whole chunks: lo [H, r, >= Nc] first counted key per chunk, chosen [H, r, n] chunk ids ->
+    [H, r, n * size], chunk by chunk."""
+    first = lo.gather(-1, chosen)
+    return (first[..., None] + torch.arange(size, device=lo.device)).flatten(-2)
+
+
 def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: int):
     """_chunk_topk when every chunk between the sinks and the window has `size` keys there (or none) and n whole
     chunks fill the budget: the n best chunks by an unsorted top-(n+1), exact iff the one left out scores strictly
@@ -518,8 +535,7 @@ def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: i
         return None
     keep = torch.ones_like(top, dtype=torch.bool).scatter_(-1, low_at, False)
     chosen = top_chunk[keep].view(H, r, n).sort(-1).values  # in key order
-    first = lo[None].expand(H, -1, -1).gather(-1, chosen)  # [H, r, n] first counted key of each chosen chunk
-    keys = (first[..., None] + torch.arange(size, device=scores.device)).view(H, r, n * size)
+    keys = _chunk_keys(lo[None].expand(H, -1, -1), chosen, size)
     window = end[:, None] - l + torch.arange(l, device=scores.device)[None, :]  # [r, l]
     out[:, rows] = torch.cat([sinks.expand(H, r, sinks.numel()), keys, window.expand(H, -1, -1)], dim=-1)
     return out
@@ -537,15 +553,13 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
     slot = torch.arange(keep, device=device)
     keep_out = torch.where(slot[None, :] < tile_end[:, None], slot[None, :], -1).expand(H, g, keep).clone()
     band_out = torch.full((H, g, wide - keep), -1, dtype=torch.long, device=device)
-    rows = (tile_end > keep).nonzero()[:, 0]  # tiles that choose their kept keys; the others keep all, no band
-    if rows.numel() == 0:
+    choose = tile_end > keep  # tiles that choose their kept keys; the others keep all, no band
+    if not bool(choose.any()):
         return keep_out, band_out
-    end, s, l = tile_end[rows], int(sink[rows].max()), int(local[rows].max())
-    if bool((sink[rows] != s).any()) or bool((local[rows] != l).any()):
+    between = _keys_between_forced(choose, ends, tile_end, sink, local)
+    if between is None:
         return None
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    lo = torch.clamp(starts, min=s).expand(rows.numel(), Nc)
-    count = torch.clamp(torch.minimum(ends[None, :], end[:, None] - l) - lo, min=0)  # [r, Nc] keys in between
+    rows, end, s, l, lo, count = between
     size = int(count.max())
     need_keep, need_wide = keep - s - l, wide - s - l
     if size == 0 or need_keep <= 0 or need_keep % size or need_wide % size \
@@ -566,9 +580,7 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
 
     def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
         chosen = taken.sort(-1).values
-        first = lo_pad.gather(-1, chosen)
-        keys = (first[..., None] + torch.arange(size, device=device)).flatten(-2)
-        return torch.where((chosen < Nc).repeat_interleave(size, -1), keys, -1)
+        return torch.where((chosen < Nc).repeat_interleave(size, -1), _chunk_keys(lo_pad, chosen, size), -1)
 
     window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
     keep_out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys_of(top_chunk[..., :n_keep]),
