@@ -94,28 +94,81 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
     return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
-def _attend_shared_mask(q, k, v, k_pos, q_start, T, scale):
-    """CPU attention over gathered keys when every row of the group sees its keys in the same pattern, or None.
+def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> torch.Tensor:
+    """sparse_attention on the CPU for sorted key lists, through SDPA's CPU flash kernel. q: [B, Hq, Lq, D];
+    k, v: [B, Hkv, Lk, D]; idx: [B, Hs, n_tiles, K] (ascending per tile, -1 pads after every query). Returns
+    [B, Hq, Lq, D].
 
-    q: [N, M, D] (row m is query m % T of its tile), k: [N, K, D], v: [N, K, Dv]; k_pos: [N, K] key positions
-    (unused slots after every query); q_start: [N] position of the tile's first query. Which rows see which slot
-    depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every row), 0 .. T-1 (inside it: causal),
-    T (after it, or unused: no row). DHSA's sorted lists of full tiles share one pattern (the sinks and chunks
-    before the tile, then the tile's own keys), so one [M, K] additive mask, broadcast over the N rows, makes the
-    whole group one call of SDPA's CPU flash kernel: no per-tile mask and no split into two calls.
+    Which rows of a tile see which slot depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every
+    row), 0 .. T-1 (inside it: causal), T (after it, or unused: no row). Where every head of a tile has the same
+    pattern (DHSA's lists: sinks and chunks before the tile, then the tile's own keys), one [G*T, K] additive mask
+    broadcast over the heads makes the tile one flash call; consecutive tiles with one pattern share a call. K and
+    V are gathered into one buffer reused by every call (together, [K | V] rows, in a prefill): a fresh
+    allocation of this size is a fresh mmap, and its page faults cost more than the copy. Tiles whose heads
+    differ run on _attend_split (or fully masked). Everything per tile (indices, patterns) is computed once for
+    all tiles, so the loop is a gather and a flash call.
     """
-    rel = (k_pos - q_start[:, None]).clamp(-1, T)
-    pattern = rel[0]
-    if not bool((rel == pattern).all()) or not bool((pattern <= 0).any()):
-        return None  # rows differ (early tiles, unused slots), or row 0 of a tile would read nothing
-    M = q.shape[1]
-    if bool((pattern < 0).all()):
-        return _flash_with_lse(q[:, None], k[:, None], v[:, None], scale=scale)[0][:, 0]
-    row = torch.arange(M, device=q.device) % T
-    visible = pattern[None, :] <= row[:, None]  # [M, K]
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    _, Hs, n_tiles, K = idx.shape
+    G = Hq // Hs
+    pad = n_tiles * T - Lq
+    qt = F.pad(q, (0, 0, 0, pad)) if pad else q  # tiles as [n_tiles, B * Hs, G * T, D]: a run of tiles is one slice
+    qt = qt.view(B, Hs, G, n_tiles, T, D).permute(3, 0, 1, 2, 4, 5).reshape(n_tiles, B * Hs, G * T, D).contiguous()
+    # K and V gathered by one index_select of [K | V] rows where the tiles read more rows than the cache holds
+    # (a prefill; the concatenation is then a small extra pass); a decode step gathers them apart (no copy of the cache)
+    together = n_tiles * Hs * K >= 2 * Hkv * Lk
+    kv = torch.cat([k, v], dim=-1).reshape(B * Hkv * Lk, 2 * D) if together else None
+    k_flat, v_flat = k.reshape(B * Hkv * Lk, D), v.reshape(B * Hkv * Lk, D)
+    kv_head = torch.arange(Hs, device=q.device) // (Hs // Hkv)  # selection head -> kv head
+    base = ((torch.arange(B, device=q.device)[:, None] * Hkv + kv_head[None, :]) * Lk)[None, :, :, None]
+    idx_t = idx.permute(2, 0, 1, 3)  # [n_tiles, B, Hs, K]
+    flat = (idx_t.clamp(min=0) + base).reshape(n_tiles, B * Hs * K)
+    after = q_offset + n_tiles * T  # an unused slot's position: after every query
+    k_pos = torch.where(idx_t >= 0, idx_t, after).reshape(n_tiles, B * Hs, K)
+    q_start = q_offset + torch.arange(n_tiles, device=q.device) * T
+    rel = (k_pos - q_start[:, None, None]).clamp_(-1, T)
+    pattern = rel[:, 0]  # [n_tiles, K]
+    shared = ((rel == pattern[:, None]).flatten(1).all(1) & (pattern <= 0).any(-1)).tolist()
+    same = [False] + (pattern[1:] == pattern[:-1]).all(-1).tolist()  # tile t has tile t-1's pattern
+    row = torch.arange(G * T, device=q.device) % T  # row r of a stacked tile is query r % T of the tile
     zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
-    bias = torch.where(visible, zero, minus_inf)[None, None]  # [1, 1, M, K], broadcast over the rows
-    return _flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[0][:, 0]
+    group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * 2 * D)))
+    buffer = k.new_empty(group * B * Hs * K, 2 * D)
+    out = torch.empty(n_tiles, B * Hs, G * T, D, dtype=q.dtype, device=q.device)
+    bias, t0 = None, 0
+    while t0 < n_tiles:
+        t1 = t0 + 1
+        if shared[t0]:
+            while t1 < n_tiles and t1 - t0 < group and shared[t1] and same[t1]:
+                t1 += 1
+        N = (t1 - t0) * B * Hs
+        rows = flat[t0:t1].reshape(-1)
+        if together:
+            gathered = torch.index_select(kv, 0, rows, out=buffer[: N * K]).view(N, 1, K, 2 * D)
+            kk, vv = gathered[..., :D], gathered[..., D:]
+        else:
+            halves = buffer[: N * K].view(2, N * K, D)
+            kk = torch.index_select(k_flat, 0, rows, out=halves[0]).view(N, 1, K, D)
+            vv = torch.index_select(v_flat, 0, rows, out=halves[1]).view(N, 1, K, D)
+        qq = qt[t0:t1].view(N, 1, G * T, D)
+        if shared[t0]:
+            if not (t0 and same[t0] and shared[t0 - 1]):  # a new pattern: its [G*T, K] mask, or none
+                before = bool((pattern[t0] < 0).all())
+                visible = pattern[t0][None, :] <= row[:, None]  # [G*T, K]
+                bias = None if before else torch.where(visible, zero, minus_inf)[None, None]
+            o = _flash_with_lse(qq, kk, vv, attn_mask=bias, scale=scale)[0][:, 0]
+        else:
+            k_rows = k_pos[t0:t1].reshape(N, K)
+            q_pos = (q_start[t0:t1, None] + row[None, :]).repeat_interleave(B * Hs, 0)  # [N, G*T]
+            o = _attend_split(qq[:, 0], kk[:, 0], vv[:, 0], k_rows, q_pos, scale)
+            if o is None:
+                o = _attend(qq[:, 0], kk[:, 0], vv[:, 0], k_rows[:, None, :] <= q_pos[:, :, None], scale, None)
+            bias = None
+        out[t0:t1] = o.view(t1 - t0, B * Hs, G * T, D)
+        t0 = t1
+    out = out.view(n_tiles, B, Hs, G, T, D).permute(1, 2, 3, 0, 4, 5).reshape(B, Hq, n_tiles * T, D)
+    return out[:, :, :Lq]
 
 
 def sparse_attention(
@@ -161,6 +214,9 @@ def sparse_attention(
         T = Lq  # one tile (a decode step): its Lq queries, not T rows padded with zero queries
     scale = D ** -0.5 if scale is None else scale
     Hkv = k.shape[1]
+    if not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
+            and _flash_with_lse is not None and v.shape[-1] == D:  # the flash kernel wants one head size for q, k, v
+        return _sparse_attention_cpu(q, k, v, idx, selection.q_offset, T, scale)
 
     # Queries as [B, Hs, n_tiles, G*T, D]: the G query heads that share a key list are stacked per tile.
     pad = n_tiles * T - Lq
@@ -177,16 +233,8 @@ def sparse_attention(
 
     out = torch.empty(B, Hs, n_tiles, G * T, Dv, dtype=q.dtype, device=q.device)
     per_tile = B * Hs * K * (G * T + D + Dv)
-    # CPU groups: cache-sized for the shared-mask executor (its few ops per group are large kernels); large for the
-    # masked executor (its many small ops cost 3x wall time in small groups on a loaded 2-core box)
-    split = not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
-        and _flash_with_lse is not None and v.shape[-1] == D  # the flash kernel wants one head size for q, k, v
-    if q.is_cuda:
-        group = max(1, min(n_tiles, _GROUP_ELEMENTS // max(1, per_tile)))
-    elif split:  # small groups: the gathered K/V stay in cache, and no mask of [tile, K] is built per tile
-        group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * (D + Dv))))
-    else:
-        group = max(1, min(n_tiles, _CPU_GROUP_ELEMENTS // max(1, per_tile)))
+    # CPU groups (masked executor): large; its many small ops cost 3x wall time in small groups on a loaded 2-core box
+    group = max(1, min(n_tiles, (_GROUP_ELEMENTS if q.is_cuda else _CPU_GROUP_ELEMENTS) // max(1, per_tile)))
     buffers = None
     for t0 in range(0, n_tiles, group):
         t1 = min(n_tiles, t0 + group)
@@ -205,17 +253,6 @@ def sparse_attention(
         q_pos = selection.q_offset + (torch.arange(t0, t1, device=q.device)[:, None] * T + row_pos[None, :])  # [g, GT]
         # An unused slot gets a position after every query, so one comparison gives causality and validity.
         k_pos = torch.where(valid, tile_idx, Lq + selection.q_offset)[:, :, :, None, :]  # [B, Hs, g, 1, K]
-        if split:
-            o = _attend_shared_mask(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D),
-                                    vv.reshape(-1, K, Dv), k_pos.reshape(-1, K),
-                                    (selection.q_offset + torch.arange(t0, t1, device=q.device) * T
-                                     ).expand(B, Hs, g).reshape(-1), T, scale)
-            if o is None:
-                o = _attend_split(qt[:, :, t0:t1].reshape(-1, G * T, D), kk.reshape(-1, K, D), vv.reshape(-1, K, Dv),
-                                  k_pos.reshape(-1, K), q_pos.expand(B, Hs, g, G * T).reshape(-1, G * T), scale)
-            if o is not None:
-                out[:, :, t0:t1] = o.view(B, Hs, g, G * T, Dv)
-                continue
         mask = k_pos <= q_pos[None, None, :, :, None]
         has_key = None
         if selection.keep is None and selection.window is None:

@@ -597,7 +597,7 @@ def _tile_groups(n_tiles: int, size: int, split: int):
     return [(t0, min(hi, t0 + size)) for lo, hi in zip(cuts, cuts[1:]) for t0 in range(lo, hi, size)]
 
 
-_CPU_GATHER_ELEMENTS = 1 << 22  # CPU token rescoring: candidate keys gathered per slice of tiles (16 MB fp32)
+_CPU_GATHER_ELEMENTS = 1 << 20  # CPU token rescoring: candidate keys gathered per slice of tiles (4 MB fp32: in cache)
 
 
 def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: torch.Tensor, t0: int, T: int,
@@ -643,7 +643,8 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
             rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
             rows = rows.view(H, G, n, T, D)
             query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
-        rows = rows.transpose(1, 2).reshape(H * n, G * R, D).float()  # the rows of one (head, tile) together
+        # the rows of one (head, tile) together, scaled here (G*R rows) rather than their logits (G*R*W)
+        rows = rows.transpose(1, 2).reshape(H * n, G * R, D).float() * D ** -0.5
         cand = idx[:, s0:s1]  # [H, n, W]
         # the candidates' keys: rows of the flattened keys (index_select copies whole rows; gather with an index
         # expanded over D is several times slower on the CPU)
@@ -651,15 +652,17 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
         keys = torch.index_select(key_rows, 0, flat, out=key_buf[: flat.numel() * D].view(-1, D))
         keys = keys.view(H * n, W, D).float()
         logits = torch.bmm(rows, keys.transpose(1, 2), out=logit_buf[: H * n * G * R * W].view(H * n, G * R, W))
-        logits = logits.view(H, n, G, R, W).mul_(D ** -0.5)
-        blocked = (cand[:, :, None, None, :] > query_pos[None, :, None, :, None]) \
-            | (top[:, s0:s1] == float("-inf"))[:, :, None, None, :]
-        if R == T:
-            blocked |= (query_pos >= q_offset + Lq)[None, :, None, :, None]  # padded rows
-        logits.masked_fill_(blocked, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # a row that sees no candidate keeps -inf logits
-        weight = logits.sub_(lse).amax(dim=(2, 3))  # [H, n, W]: log of the best softmax weight
+        logits = logits.view(H, n, G, R, W)
+        unused = top[:, s0:s1] == float("-inf")  # [H, n, W]
+        if R == T or bool(cand.amax() >= query_pos.amin()):  # padded rows, or a candidate at or after a query
+            blocked = (cand[:, :, None, None, :] > query_pos[None, :, None, :, None]) | unused[:, :, None, None, :]
+            if R == T:
+                blocked |= (query_pos >= q_offset + Lq)[None, :, None, :, None]  # padded rows
+            logits.masked_fill_(blocked, float("-inf"))
+        elif bool(unused.any()):  # every candidate precedes every query (a margin's band): only unused slots
+            logits.masked_fill_(unused[:, :, None, None, :], float("-inf"))
+        # log of the best softmax weight, [H, n, W]; a row that sees no candidate (NaN) gives none
+        weight = torch.log_softmax(logits, dim=-1).nan_to_num_(nan=float("-inf")).amax(dim=(2, 3))
         weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)  # forced and invisible keys
         best[:, s0:s1], pick = torch.topk(weight, K, dim=-1, sorted=False)
         best_idx[:, s0:s1] = torch.gather(cand, -1, pick)
