@@ -179,6 +179,7 @@ MARGIN_CASES = [  # L, Hq, Hkv, Lq, extra options: rescore_window with whole chu
     (3072, 4, 2, 1024, dict(min_budget=1024, token_rescore=3, rescore_queries=4, rescore_window=256)),
     (4096, 4, 2, 4096, dict(min_budget=1024, token_rescore=2, rescore_window=512, head_pooling="max")),
     (2048, 4, 2, 2048, dict(min_budget=1536, token_rescore=3, rescore_queries=4, rescore_window=512)),  # band > rest
+    (4096, 4, 2, 4096, dict(min_budget=512, token_rescore=3, rescore_queries=4, rescore_window=512)),  # keep = forced
 ]
 
 

@@ -562,15 +562,15 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
     rows, end, s, l, lo, count = between
     size = int(count.max())
     need_keep, need_wide = keep - s - l, wide - s - l
-    if size == 0 or need_keep <= 0 or need_keep % size or need_wide % size \
+    if size == 0 or need_keep < 0 or need_wide <= 0 or need_keep % size or need_wide % size \
             or not bool(((count == 0) | (count == size)).all()):
-        return None
+        return None  # (need_keep == 0: the forced keys fill all but the margin, as at 8K with the defaults)
     n_keep, n_wide = need_keep // size, min(Nc, need_wide // size)
     scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
     top, top_chunk = torch.topk(scores, min(Nc, n_wide + 1), dim=-1, sorted=True)  # [H, r, n_wide + 1], best first
     if bool(torch.isnan(top).any()) or top.shape[-1] <= n_keep:
         return None
-    if not bool((top[..., n_keep - 1] > top[..., n_keep]).all()):  # a tie at the kept keys' cut
+    if n_keep and not bool((top[..., n_keep - 1] > top[..., n_keep]).all()):  # a tie at the kept keys' cut
         return None
     if n_wide < top.shape[-1]:  # a tie at the band's cut matters only if the chunk after it is visible
         after = top[..., n_wide]
