@@ -213,7 +213,7 @@ def test_chunk_level_topk_falls_back_where_it_cannot_be_exact(monkeypatch, case)
     budget = 250 if case == "odd_budget" else 256
     if case == "tie":  # every chunk after the sinks a copy of one chunk: all their scores tie
         k[:, :, 64:] = k[:, :, 64:80].repeat(1, 1, (L - 64) // 16, 1)
-    options = SparseAttentionConfig(method="dhsa", budget=budget).dhsa_options()
+    options = SparseAttentionConfig(method="dhsa", budget=budget, **PLAIN).dhsa_options()  # _chunk_topk decides
     calls = record_results(monkeypatch, "_chunk_topk")
     got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
     assert calls and any(c is None for c in calls)

@@ -180,15 +180,15 @@ def test_bad_rescore_queries():
 def test_rescore_window_keeps_the_chunk_top_and_rescores_the_margin():
     """rescore_window = C: a tile keeps its best N_b - C keys by chunk score (sinks and local window included) as
     the plain selection ranks them, and fills the last C slots with the best of the next token_rescore x C
-    candidates by their softmax weight over those candidates (brute force on one tile)."""
+    candidates by their softmax weight over those candidates (brute force on one tile). Sinks, window and both cuts
+    fall between whole chunks, so that no tie among a chunk's keys decides what is kept."""
     q, k = rand_qk(L=200, seed=9)
     L, T, budget, C = 200, 16, 48, 16
     ends = [fixed_size_ends(L, 8)]
-    options = OPTIONS.replace(token_rescore=3.0, rescore_window=C, dense_tail=0)
-    got = dhsa_select(q, k, budget=budget, boundaries=ends, options=options)
-    plain_keep = dhsa_select(q, k, budget=budget - C, boundaries=ends,
-                             options=OPTIONS.replace(dense_tail=0, sink_tokens=4, local_tokens=8))
-    wide = dhsa_select(q, k, budget=budget - C + 3 * C, boundaries=ends, options=OPTIONS.replace(dense_tail=0))
+    base = OPTIONS.replace(dense_tail=0, sink_tokens=8, local_tokens=8)
+    got = dhsa_select(q, k, budget=budget, boundaries=ends, options=base.replace(token_rescore=3.0, rescore_window=C))
+    plain_keep = dhsa_select(q, k, budget=budget - C, boundaries=ends, options=base)
+    wide = dhsa_select(q, k, budget=budget - C + 3 * C, boundaries=ends, options=base)
     tile = 11
     first, last = tile * T, (tile + 1) * T - 1
     for head in range(4):

@@ -251,12 +251,13 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             width = Lk if t0 >= first_exact else width_other
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
 
-            def ranked(width: int):
+            def ranked(width: int, best_first: bool = False):
                 """The tiles' top-`width` keys by chunk score: (top, idx) [heads, g, width], top +inf for forced
-                keys, -inf for slots the tile cannot fill; `plain` if they came sorted from whole chunks."""
+                keys, -inf for slots the tile cannot fill; `plain` if they came sorted from whole chunks.
+                best_first: at the token level, best first (so that every prefix is a top-k too)."""
                 nonlocal chunk_of_key
                 picked = None
-                if (width == K or width < Lk) and ranked_keys is None and _CHUNK_TOPK:  # top-width over chunks
+                if (width == K or width < Lk) and ranked_keys is None and _CHUNK_TOPK and not best_first:
                     picked = _chunk_topk(chunk_scores[:, t0:t1], ends, tile_end[t0:t1],
                                          torch.clamp(tile_end[t0:t1], max=width), sink[t0:t1], local[t0:t1], width)
                 if picked is not None:  # its chunk scores only mark forced and unused slots
@@ -271,7 +272,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 if ranked_keys is not None:
                     forced = forced | _first_ranked(ranked_keys[b], end, s, l, extra[t0:t1, None], Lk)  # [heads, g, Lk]
                 scores = scores.masked_fill_(forced, float("inf")).masked_fill_(~visible, float("-inf"))
-                top, idx = torch.topk(scores, width, dim=-1, sorted=False)
+                top, idx = torch.topk(scores, width, dim=-1, sorted=best_first)
                 return top, idx, False
 
             if width > K and margin:  # the best keys by chunk score as today, the last `margin` slots rescored
@@ -285,12 +286,12 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                     keep_idx, band = split
                     top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin,
                                              options.rescore_queries, expand)
-                else:  # two rankings at the token level, the band their difference
-                    keep_top, keep_idx, _ = ranked(keep_width)
-                    top, idx, _ = ranked(band_width)
-                    keep_idx = torch.where(keep_top == float("-inf"), -1, keep_idx)
-                    top, idx = _rescore_margin(q[b], keys, top, idx, keep_idx, t0, T, q_offset, margin,
-                                               options.rescore_queries, expand)
+                else:  # one token-level ranking, best first: its first keep_width keys kept, the rest the band
+                    top, idx, _ = ranked(band_width, best_first=True)
+                    keep_idx = torch.where(top[..., :keep_width] == float("-inf"), -1, idx[..., :keep_width])
+                    band = torch.where(top[..., keep_width:] > float("-inf"), idx[..., keep_width:], -1)
+                    top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin,
+                                             options.rescore_queries, expand)
             else:
                 top, idx, plain = ranked(width)
                 if plain and width == K:  # plain top-N_b
@@ -300,29 +301,28 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                     top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries,
                                                expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
-            idx = torch.sort(idx, dim=-1).values
+            idx = _ascending(idx, Lk)
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
 
 
-def _rescore_margin(q, k, top, idx, keep_idx, t0: int, T: int, q_offset: int, margin: int, sample: int,
-                    expand: int):
-    """rescore_window: the tiles keep `keep_idx` (their best keys by chunk score, forced ones included; -1 pads) and
-    fill `margin` more slots with the best of the other candidates (top, idx: the top keys by chunk score), rescored
-    key by key by _rescore_tokens over those candidates alone. Returns (top, idx) [heads, g, keep + margin], +inf
-    for the kept keys, -inf for unused slots."""
-    Lk = k.shape[1]
-    keep_sorted = torch.sort(torch.where(keep_idx < 0, Lk, keep_idx), dim=-1).values
-    where = torch.searchsorted(keep_sorted, idx.clamp(min=0)).clamp(max=keep_sorted.shape[-1] - 1)
-    kept = keep_sorted.gather(-1, where) == idx
-    other = (top > float("-inf")) & ~kept & (idx >= 0)
-    rest = torch.sort(torch.where(other, idx, Lk), dim=-1).values[..., : idx.shape[-1] - keep_idx.shape[-1]]
-    return _rescore_band(q, k, keep_idx, torch.where(rest < Lk, rest, -1), t0, T, q_offset, margin, sample, expand)
+def _ascending(idx: torch.Tensor, Lk: int) -> torch.Tensor:
+    """idx [..., K] (distinct keys per row, Lk = unused) sorted per row. One row per head (a decode step) on the CPU:
+    as the nonzero positions of a [rows, Lk] key map, which costs half of torch.sort there; otherwise torch.sort."""
+    rows = idx.reshape(-1, idx.shape[-1])
+    if not idx.is_cuda and rows.shape[0] * Lk <= 1 << 20 and bool((rows < Lk).all()):
+        present = torch.zeros(rows.shape[0], Lk, dtype=torch.bool, device=idx.device).scatter_(-1, rows, True)
+        keys = present.nonzero()[:, 1]
+        if keys.numel() == rows.numel():  # every row's keys distinct: the map holds them all
+            return keys.view(idx.shape)
+    return torch.sort(idx, dim=-1).values
 
 
 def _rescore_band(q, k, keep_idx, band, t0: int, T: int, q_offset: int, margin: int, sample: int, expand: int):
-    """rescore_window: the tiles keep `keep_idx` and the best `margin` keys of `band` ([heads, g, W] ascending, -1
-    pads), rescored by _rescore_tokens over the band alone. Returns (top, idx) as _rescore_margin."""
+    """rescore_window: the tiles keep `keep_idx` (their best keys by chunk score, forced ones included; -1 pads) and
+    fill `margin` more slots with the best keys of `band` ([heads, g, W], the next keys by chunk score; -1 pads),
+    rescored key by key by _rescore_tokens over the band alone. Returns (top, idx) [heads, g, keep + margin], +inf
+    for the kept keys, -inf for unused slots."""
     band_top = torch.where(band >= 0, 0.0, float("-inf"))
     best, best_idx = _rescore_tokens(q, k, band_top, band, t0, T, q_offset, min(margin, band.shape[-1]), sample,
                                      expand)
@@ -622,6 +622,8 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     best_idx = torch.empty(H, g, K, dtype=idx.dtype, device=idx.device)
     elements = dhsa_scores.SCORE_ELEMENTS * (4 if q.is_cuda else 1)  # logits held at once (GPUs have room)
     R = sample if 0 < sample < T else T  # rescoring queries per tile
+    if Lq == 1 and R < T:  # a decode step: its one query, not R copies of it (the same maximum)
+        R = 1
     step = max(1, elements // max(1, Hq * R * W))  # tiles per slice
     if not q.is_cuda:  # the CPU gathers a few MB of keys at a time: they stay in cache until the product reads them
         step = max(1, min(step, _CPU_GATHER_ELEMENTS // max(1, H * W * D)))
