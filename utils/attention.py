@@ -25,8 +25,8 @@ from utils.selection import Selection, block_selection_to_tokens
 # Upper bound on the elements of the temporaries of one tile group (mask + gathered K/V); bounds peak memory.
 _GROUP_ELEMENTS = 1 << 25
 _CPU_GROUP_ELEMENTS = 1 << 25  # CPU, masked executor: large groups; on a busy 2-core box every extra op waits
-_CPU_GATHER_ELEMENTS = 1 << 21  # CPU, shared-mask executor: gathered K + V of one group (8 MB fp32) stay in cache
-                                # and below glibc's mmap threshold (larger temporaries page-fault on every group)
+_CPU_GATHER_ELEMENTS = 1 << 21  # CPU, flash executor (_sparse_attention_cpu): gathered K + V of one call (8 MB fp32)
+                                # stay in cache and below glibc's mmap threshold (larger ones page-fault every call)
 
 # SDPA's CPU flash kernel with its log-sum-exp (a private ATen op since torch 2.2); None where it is missing.
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

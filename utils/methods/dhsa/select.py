@@ -34,8 +34,9 @@ Memory. Chunk sums are prefix sums taken in slices (fp32); token scores exist fo
 time; the selection is [B, H, L/T, N_b] indices. Nothing of size L x L is ever built.
 
 CPU speed-ups that keep the same keys (tests/test_cpu_fast_paths.py): the top-N_b is taken over whole chunks where
-that is provably the token-level top-k (`_chunk_topk`: uniform chunks, no tie at the cut; else the token path), and
-a decode step takes the prompt's chunk vectors from the layer state (`DecodeChunks`) instead of the whole cache.
+that is provably the token-level top-k (`_chunk_topk`: uniform chunks, no tie at the cut; else the token path), with
+rescore_window one ranking of whole chunks gives both the kept keys and the band (`_whole_chunk_split`), and a
+decode step takes the prompt's chunk vectors from the layer state (`DecodeChunks`) instead of the whole cache.
 
 Where the parts live (utils/methods/dhsa/): the chunk and score arithmetic in scores.py (shared with the fused GPU
 selection, fused.py), the options in utils/config.py (DHSAOptions), the per-layer plumbing of a patched model
