@@ -105,8 +105,8 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     broadcast over the heads makes the tile one flash call; consecutive tiles with one pattern share a call. K and
     V are gathered into one buffer reused by every call (together, [K | V] rows, in a prefill): a fresh
     allocation of this size is a fresh mmap, and its page faults cost more than the copy. Tiles whose heads
-    differ run on _attend_split (or fully masked). Everything per tile (indices, patterns) is computed once for
-    all tiles, so the loop is a gather and a flash call.
+    differ run, a few at a time, on _attend_split (or fully masked). Everything per tile (indices, patterns) is
+    computed once for all tiles, so the loop is a gather and a flash call.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -138,10 +138,9 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     out = torch.empty(n_tiles, B * Hs, G * T, D, dtype=q.dtype, device=q.device)
     bias, t0 = None, 0
     while t0 < n_tiles:
-        t1 = t0 + 1
-        if shared[t0]:
-            while t1 < n_tiles and t1 - t0 < group and shared[t1] and same[t1]:
-                t1 += 1
+        t1 = t0 + 1  # a run: tiles of one shared pattern, or tiles whose heads differ (each row its own mask)
+        while t1 < n_tiles and t1 - t0 < group and shared[t1] == shared[t0] and (same[t1] or not shared[t0]):
+            t1 += 1
         N = (t1 - t0) * B * Hs
         rows = flat[t0:t1].reshape(-1)
         if together:

@@ -285,14 +285,12 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                                                local[t0:t1], keep_width, band_width)
                 if split is not None:
                     keep_idx, band = split
-                    top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin,
-                                             options.rescore_queries, expand)
                 else:  # one token-level ranking, best first: its first keep_width keys kept, the rest the band
                     top, idx, _ = ranked(band_width, best_first=True)
                     keep_idx = torch.where(top[..., :keep_width] == float("-inf"), -1, idx[..., :keep_width])
                     band = torch.where(top[..., keep_width:] > float("-inf"), idx[..., keep_width:], -1)
-                    top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin,
-                                             options.rescore_queries, expand)
+                top, idx = _rescore_band(q[b], keys, keep_idx, band, t0, T, q_offset, margin, options.rescore_queries,
+                                         expand)
             else:
                 top, idx, plain = ranked(width)
                 if plain and width == K:  # plain top-N_b
@@ -548,7 +546,7 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
     budget `keep`) and the band, the keys the top-`wide` adds to them, in ascending key order with -1 pads
     ([H, g, keep], [H, g, wide - keep]). Only where every chunk between the sinks and the window is whole there
     (one size) and both cuts fall between whole chunks that score strictly apart, so that both sets are the unique
-    token-level top-k; otherwise None (the caller ranks twice). sink, local: [g], of the final budget."""
+    token-level top-k; otherwise None (the caller ranks the tokens). sink, local: [g], of the final budget."""
     H, g, Nc = chunk_scores.shape
     device = chunk_scores.device
     slot = torch.arange(keep, device=device)
