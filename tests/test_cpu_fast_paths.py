@@ -247,11 +247,18 @@ def test_decode_chunk_vectors_kept_between_steps_are_the_same_numbers(monkeypatc
         entry = state["decode_cache"]["chunks"][0]
         ends = decode_boundaries(state["ends"][0], P, Lk)
         chunk_k, centring = entry.step(k[0], ends, options.center_keys)
-        ref = dhsa.chunk_vectors(k[0], ends, options.robust_chunk_repr).repeat_interleave(expand, 0)
+        ref = dhsa.chunk_vectors(k[0], ends, options.robust_chunk_repr)  # per KV head
         assert torch.equal(chunk_k, ref)
         if options.center_keys:
             ref_mean, ref_weight = dhsa.tile_key_means(ref, ends, torch.tensor([Lk]), options.robust_chunk_repr)
             assert torch.equal(centring[0], ref_mean) and torch.equal(centring[1], ref_weight)
+        if options.query_pooling == "max" and expand > 1:  # the query heads of a KV head scored in one product: the same scores
+            # (up to fp32 rounding: a GEMM of expand rows, not expand products of one row)
+            heads_ref = ref.repeat_interleave(expand, 0)
+            ref_centring = None if centring is None else (centring[0].repeat_interleave(expand, 0), centring[1])
+            starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+            want = max_pooled_chunk_scores(q[0].float(), heads_ref, 64, "mean", ref_centring, starts, torch.tensor([Lk]))
+            torch.testing.assert_close(entry.scores(q[0], chunk_k, centring), want, rtol=1e-5, atol=1e-5)  # fp32 rounding
         opts = options.replace(local_tokens=max(options.local_tokens, Lk - P),
                                head_pooling="mean" if options.head_pooling == "none" else options.head_pooling)
         plain = dhsa._select_on_pytorch(q, k, 96, [ends], opts, expand, state.get("question_keys"))

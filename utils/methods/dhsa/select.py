@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import utils.methods.dhsa.scores as dhsa_scores
-from utils import kernels
+from utils import kernels, sorting
 from utils.attention import sparse_attention
 from utils.config import DHSAOptions, SparseAttentionConfig
 from utils.kernels.head_dims import HEAD_DIMS
@@ -217,6 +217,10 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             kept = entry.step(keys, ends, options.center_keys)
         if kept is not None:  # the chunk vectors kept from the last step, extended by the new keys
             chunk_k, centring = kept
+            if query_pooling != "max" and expand > 1:  # the other poolings score chunk vectors per query head
+                chunk_k = chunk_k.repeat_interleave(expand, 0)
+                if centring is not None:
+                    centring = (centring[0].repeat_interleave(expand, 0), centring[1])
         elif bound:  # per-chunk key max / min, scored by [q+, q-] (dhsa_scores.bound_chunk_keys)
             chunk_k = dhsa_scores.bound_chunk_keys(keys, ends)  # [heads, Nc, 2D]
             centring = dhsa_scores.bound_centring(keys, ends, tile_end) if options.center_keys else None
@@ -243,6 +247,9 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             chunk_scores = dhsa_scores.softmax_pooled_chunk_scores(
                 q[b], keys.repeat_interleave(expand, 0) if expand > 1 else keys, ends, T,
                 query_pooling.removeprefix("softmax_"), head_pooling, q_offset)
+        elif kept is not None and Hq == chunk_k.shape[0] * expand:  # a decode step, one selection per query head:
+            # the heads of a KV head scored in one product (DecodeChunks.scores)
+            chunk_scores = entry.scores(q[b], chunk_k, centring)
         else:
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])
             q_b = dhsa_scores.bound_queries(q[b]) if bound else q[b]
@@ -300,21 +307,9 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                     top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries,
                                                expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
-            idx = _ascending(idx, Lk)
+            idx = sorting.sort(idx)
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
-
-
-def _ascending(idx: torch.Tensor, Lk: int) -> torch.Tensor:
-    """idx [..., K] (distinct keys per row, Lk = unused) sorted per row. One row per head (a decode step) on the CPU:
-    as the nonzero positions of a [rows, Lk] key map, which costs half of torch.sort there; otherwise torch.sort."""
-    rows = idx.reshape(-1, idx.shape[-1])
-    if not idx.is_cuda and rows.shape[0] * Lk <= 1 << 20 and bool((rows < Lk).all()):
-        present = torch.zeros(rows.shape[0], Lk, dtype=torch.bool, device=idx.device).scatter_(-1, rows, True)
-        keys = present.nonzero()[:, 1]
-        if keys.numel() == rows.numel():  # every row's keys distinct: the map holds them all
-            return keys.view(idx.shape)
-    return torch.sort(idx, dim=-1).values
 
 
 def _rescore_band(q, k, keep_idx, band, t0: int, T: int, q_offset: int, margin: int, sample: int, expand: int):
@@ -351,7 +346,8 @@ class DecodeChunks:
     _PREFIX_SLICE keys, as the CPU cumsum accumulates, plus the fp32 carry of the slices before), and the centring
     (tile_key_means of the step's one tile) keeps its float64 running sum over the prompt's chunk sums. A step
     then costs O(new keys + chunks), not a pass over the whole cache, and gives the same numbers as recomputing
-    (tests/test_cpu_fast_paths.py), so the same kept keys.
+    (tests/test_cpu_fast_paths.py), so the same kept keys. The vectors are kept once per KV head: `scores` gives
+    the `expand` query heads of a KV head their chunk scores in one product, reading the chunk vectors once.
 
     keys: [H, Lk, D] (KV heads); prompt_ends: the prompt's chunk ends (last = prompt_len); expand: query heads per
     KV head that select alone."""
@@ -366,10 +362,12 @@ class DecodeChunks:
         sums = vec / (lengths.rsqrt() if robust else lengths.reciprocal())[None, :, None]  # as tile_key_means
         self.sum0 = sums[:, 0]
         self.chunk_sum = torch.cumsum(sums.transpose(1, 2).double(), dim=-1)[..., -1]  # float64 [H, D]
-        # stored transposed, [heads, D, chunks]: a step's one query scores it as [1, D] x [D, chunks], which the
-        # CPU's GEMM runs ~6x faster than chunks x D against one column (max_pooled_chunk_scores)
-        self.buffer = torch.empty(H * expand, D, Ncp + 2, dtype=torch.float32, device=keys.device)
-        self.buffer[:, :, :Ncp] = vec.repeat_interleave(expand, 0).transpose(1, 2)
+        # stored transposed, [KV heads, D, chunks]: a step's queries score it as [expand, D] x [D, chunks], which
+        # the CPU's GEMM runs several times faster than chunks x D against one column (max_pooled_chunk_scores)
+        self.buffer = torch.empty(H, D, Ncp + 2, dtype=torch.float32, device=keys.device)
+        self.buffer[:, :, :Ncp] = vec.transpose(1, 2)
+        self.weight = torch.empty(Ncp + 2, dtype=torch.float32, device=keys.device)  # the centring's chunk weights
+        self.weight[:Ncp] = lengths.sqrt() if robust else 1.0
         positions = torch.tensor([0, prompt_len], device=keys.device)
         self.p_prompt = dhsa_scores.prefix_sums(keys[:, :prompt_len], positions)[:, 1]  # P[prompt_len]
         n, size = prompt_len, dhsa_scores._PREFIX_SLICE
@@ -382,7 +380,7 @@ class DecodeChunks:
 
     def fits(self, keys: torch.Tensor, robust: bool, expand: int) -> bool:
         return (robust, expand, keys.dtype, keys.shape[0]) == (self.robust, self.expand, self.dtype,
-                                                              self.buffer.shape[0] // self.expand) \
+                                                              self.buffer.shape[0]) \
             and keys.shape[1] > max(self.n, self.prompt_len)
 
     def _prefix(self, acc, carry, start, n):
@@ -403,7 +401,8 @@ class DecodeChunks:
         return self._prefix(acc, carry, start, n)
 
     def step(self, keys: torch.Tensor, ends: torch.Tensor, center: bool):
-        """(chunk_k [H * expand, Nc, D], centring or None) for a decode step with `ends`; None if ends are not
+        """(chunk_k [H, Nc, D] per KV head, centring (key_mean [H, 1, D], weight [Nc]) or None) for a decode step
+        with `ends`, as chunk_vectors and tile_key_means (before repeating per query head); None if ends are not
         this prompt's decode chunks (the caller then recomputes)."""
         Lk, Ncp = keys.shape[1], self.prompt_ends.numel()
         first = Lk - 1 == self.prompt_len  # the first step: the current token is the only new chunk
@@ -420,8 +419,8 @@ class DecodeChunks:
         weight = lengths.rsqrt() if self.robust else lengths.reciprocal()
         vec = (prefix[:, 1:] - prefix[:, :-1]) * weight[None, :, None]  # [H, 1 or 2, D], as chunk_vectors
         # the new chunks into the buffer's last columns, in place (no copy of the prompt's chunks)
-        self.buffer[:, :, Ncp: Ncp + vec.shape[1]] = vec.repeat_interleave(self.expand, 0).transpose(1, 2)
-        chunk_k = self.buffer[:, :, : Ncp + vec.shape[1]].transpose(1, 2)  # [heads, Nc, D], a transposed view
+        self.buffer[:, :, Ncp: Ncp + vec.shape[1]] = vec.transpose(1, 2)
+        chunk_k = self.buffer[:, :, : Ncp + vec.shape[1]].transpose(1, 2)  # [H, Nc, D], a transposed view
         if not center:
             return chunk_k, None
         sums = vec / weight[None, :, None]  # tile_key_means' key sums of the new chunks
@@ -431,9 +430,20 @@ class DecodeChunks:
         key_sum = acc.float() - self.sum0  # its prefix over every chunk minus chunk 0
         count = torch.tensor(float(Lk - int(ends[0])), device=keys.device)
         key_mean = torch.where(count > 0, key_sum / count.clamp(min=1), 0.0)
-        all_lengths = torch.diff(ends, prepend=ends.new_zeros(1)).to(torch.float32)
-        chunk_weight = all_lengths.sqrt() if self.robust else torch.ones_like(all_lengths)
-        return chunk_k, (key_mean.repeat_interleave(self.expand, 0)[:, None], chunk_weight)
+        self.weight[Ncp: Ncp + vec.shape[1]] = lengths.sqrt() if self.robust else 1.0
+        return chunk_k, (key_mean[:, None], self.weight[: Ncp + vec.shape[1]])
+
+    def scores(self, q: torch.Tensor, chunk_k: torch.Tensor, centring) -> torch.Tensor:
+        """S_c of a decode step's query q [Hq, 1, D] (Hq = H * expand) from `step`'s chunk_k and centring:
+        [Hq, 1, Nc], what max_pooled_chunk_scores gives on the chunk vectors repeated per query head."""
+        H, Nc, D = chunk_k.shape
+        rows = q.reshape(H, self.expand, D).float()
+        scores = torch.bmm(rows, chunk_k.transpose(1, 2))  # [H, expand, Nc]
+        if centring is not None:
+            key_mean, weight = centring
+            shift = (rows * key_mean).sum(-1)  # q . m per query head: [H, expand]
+            scores = scores - weight * shift[..., None]
+        return scores.view(H * self.expand, 1, Nc)
 
 
 _CHUNK_TOPK = True  # False: every tile on the token-level top-k (tests compare the two)
@@ -474,7 +484,7 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
     scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
     if need % biggest == 0 and kc == need // biggest + 1 and bool(((count == 0) | (count == biggest)).all()):
         return _whole_chunk_topk(out, scores, rows, lo, biggest, need // biggest, slot[:s], end, l)
-    top, top_chunk = torch.topk(scores, kc, dim=-1, sorted=True)  # [H, r, kc], best first
+    top, top_chunk = sorting.topk(scores, kc, best_first=True)  # [H, r, kc]
     if bool(torch.isnan(top[..., 0]).any()):  # NaN ranks first in topk; let the token path decide
         return None
     counts = count[None].expand(H, -1, -1).gather(-1, top_chunk)
@@ -486,7 +496,7 @@ def _chunk_topk(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.
     strict = top.gather(-1, cut) > top.gather(-1, cut + 1)
     if not bool((exact & strict).all()):
         return None
-    chosen = torch.where(torch.arange(kc, device=device) <= cut, top_chunk, Nc).sort(-1).values  # in key order
+    chosen = sorting.sort(torch.where(torch.arange(kc, device=device) <= cut, top_chunk, Nc))  # in key order
     count_pad = F.pad(count, (0, 1))[None].expand(H, -1, -1)
     lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
     c = count_pad.gather(-1, chosen)
@@ -526,14 +536,14 @@ def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: i
     chunks fill the budget: the n best chunks by an unsorted top-(n+1), exact iff the one left out scores strictly
     below all n (then they are the unique top n). Returns `out` filled, or None (a tie at the cut, or NaN)."""
     H, r, _ = scores.shape
-    top, top_chunk = torch.topk(scores, n + 1, dim=-1, sorted=False)
+    top, top_chunk = sorting.topk(scores, n + 1)
     if bool(torch.isnan(top).any()):
         return None
     low, low_at = top.min(-1, keepdim=True)
     if not bool(((top == low).sum(-1) == 1).all()):  # the (n+1)-th best ties with one of the n best
         return None
     keep = torch.ones_like(top, dtype=torch.bool).scatter_(-1, low_at, False)
-    chosen = top_chunk[keep].view(H, r, n).sort(-1).values  # in key order
+    chosen = sorting.sort(top_chunk[keep].view(H, r, n))  # in key order
     keys = _chunk_keys(lo[None].expand(H, -1, -1), chosen, size)
     window = end[:, None] - l + torch.arange(l, device=scores.device)[None, :]  # [r, l]
     out[:, rows] = torch.cat([sinks.expand(H, r, sinks.numel()), keys, window.expand(H, -1, -1)], dim=-1)
@@ -566,7 +576,7 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
         return None  # (need_keep == 0: the forced keys fill all but the margin, as at 8K with the defaults)
     n_keep, n_wide = need_keep // size, min(Nc, need_wide // size)
     scores = chunk_scores[:, rows].masked_fill(count[None] == 0, float("-inf"))
-    top, top_chunk = torch.topk(scores, min(Nc, n_wide + 1), dim=-1, sorted=True)  # [H, r, n_wide + 1], best first
+    top, top_chunk = sorting.topk(scores, min(Nc, n_wide + 1), best_first=True)  # [H, r, n_wide + 1]
     if bool(torch.isnan(top).any()) or top.shape[-1] <= n_keep:
         return None
     if n_keep and not bool((top[..., n_keep - 1] > top[..., n_keep]).all()):  # a tie at the kept keys' cut
@@ -578,7 +588,7 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
     lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
 
     def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
-        chosen = taken.sort(-1).values
+        chosen = sorting.sort(taken)
         return torch.where((chosen < Nc).repeat_interleave(size, -1), _chunk_keys(lo_pad, chosen, size), -1)
 
     window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
@@ -665,7 +675,7 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
         # log of the best softmax weight, [H, n, W]; a row that sees no candidate (NaN) gives none
         weight = torch.log_softmax(logits, dim=-1).nan_to_num_(nan=float("-inf")).amax(dim=(2, 3))
         weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)  # forced and invisible keys
-        best[:, s0:s1], pick = torch.topk(weight, K, dim=-1, sorted=False)
+        best[:, s0:s1], pick = sorting.topk(weight, K)
         best_idx[:, s0:s1] = torch.gather(cand, -1, pick)
     return best, best_idx
 
