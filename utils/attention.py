@@ -94,6 +94,20 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
     return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
+def _attend_before(q, k, v, idx, scale: float) -> torch.Tensor:
+    """Attention of q [B, Hq, Lq, D] on the keys idx [B, Hs, K] (every slot used, every key before every query), read
+    from k, v [B, Hkv, Lk, D]: one gather of K and one of V, one unmasked flash call. Returns [B, Hq, Lq, D]."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    Hs, K = idx.shape[1], idx.shape[2]
+    kv_head = torch.arange(Hs, device=q.device) // (Hs // Hkv)  # selection head -> kv head
+    rows = (idx + ((torch.arange(B, device=q.device)[:, None] * Hkv + kv_head[None, :]) * Lk)[:, :, None]).reshape(-1)
+    kk = torch.index_select(k.reshape(B * Hkv * Lk, D), 0, rows).view(B * Hs, 1, K, D)
+    vv = torch.index_select(v.reshape(B * Hkv * Lk, D), 0, rows).view(B * Hs, 1, K, D)
+    qq = q.reshape(B * Hs, 1, (Hq // Hs) * Lq, D)  # the query heads that share a key list, stacked
+    return _flash_with_lse(qq, kk, vv, scale=scale)[0].view(B, Hq, Lq, D)
+
+
 def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> torch.Tensor:
     """sparse_attention on the CPU for sorted key lists, through SDPA's CPU flash kernel. q: [B, Hq, Lq, D];
     k, v: [B, Hkv, Lk, D]; idx: [B, Hs, n_tiles, K] (ascending per tile, -1 pads after every query). Returns
@@ -112,6 +126,9 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     Hkv, Lk = k.shape[1], k.shape[2]
     _, Hs, n_tiles, K = idx.shape
     G = Hq // Hs
+    if n_tiles == 1 and bool((idx >= 0).all()) and int(idx.amax()) <= q_offset:
+        # one tile whose slots are all used and all precede its first query (a decode step): no mask, no patterns
+        return _attend_before(q, k, v, idx[:, :, 0], scale)
     pad = n_tiles * T - Lq
     qt = F.pad(q, (0, 0, 0, pad)) if pad else q  # tiles as [n_tiles, B * Hs, G * T, D]: a run of tiles is one slice
     qt = qt.view(B, Hs, G, n_tiles, T, D).permute(3, 0, 1, 2, 4, 5).reshape(n_tiles, B * Hs, G * T, D).contiguous()
