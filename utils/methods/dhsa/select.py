@@ -606,7 +606,7 @@ def _tile_groups(n_tiles: int, size: int, split: int):
     return [(t0, min(hi, t0 + size)) for lo, hi in zip(cuts, cuts[1:]) for t0 in range(lo, hi, size)]
 
 
-_CPU_GATHER_ELEMENTS = 1 << 20  # CPU token rescoring: candidate keys gathered per slice of tiles (4 MB fp32: in cache)
+_CPU_GATHER_ELEMENTS = 1 << 22  # CPU token rescoring: candidate keys gathered per slice of tiles (16 MB fp32)
 
 
 def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: torch.Tensor, t0: int, T: int,
@@ -640,22 +640,29 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
     # size per slice is a fresh mmap on the CPU, and its page faults cost more than the copy
     key_buf = torch.empty(H * min(step, g) * W * D, dtype=k.dtype, device=k.device)
     logit_buf = torch.empty(H * min(step, g) * G * R * W, dtype=torch.float32, device=k.device)
+    forced = torch.isinf(top)  # +inf forced, -inf unused or invisible: these keep their score
+    unused = top == float("-inf")
+    if R < T:  # every (T // R)-th query back from each tile's last one, within the tile (a short tile repeats)
+        tile_first = (t0 + torch.arange(g, device=q.device)[:, None]) * T
+        tile_last = torch.clamp(tile_first + T, max=Lq) - 1
+        picked = torch.maximum(tile_last - torch.arange(R, device=q.device) * (T // R), tile_first)  # [g, R]
+        # the rows of one (head, tile) together, scaled here (G*R rows) rather than their logits (G*R*W)
+        sampled = q[:, picked.reshape(-1)].view(H, G, g, R, D).transpose(1, 2).float() * D ** -0.5
+        # tiles whose every candidate precedes every rescoring query (a margin's band) need no causal mask
+        before = (idx.amax(-1) < (q_offset + picked).amin(-1)).all(0).tolist()  # [g]
     for s0 in range(0, g, step):
         s1 = min(g, s0 + step)
         n = s1 - s0
-        first, last = (t0 + s0) * T, min(Lq, (t0 + s1) * T)  # query rows of these tiles
-        if R < T:  # every (T // R)-th query back from each tile's last one, within the tile (a short tile repeats)
-            tile_first = first + torch.arange(n, device=q.device)[:, None] * T
-            tile_last = torch.clamp(tile_first + T, max=Lq) - 1
-            picked = torch.maximum(tile_last - torch.arange(R, device=q.device) * (T // R), tile_first)  # [n, R]
-            rows = q[:, picked.reshape(-1)].view(H, G, n, R, D)
-            query_pos = q_offset + picked
+        if R < T:
+            rows = sampled[:, s0:s1].reshape(H * n, G * R, D)
+            query_pos = q_offset + picked[s0:s1]
+            causal = not all(before[s0:s1])
         else:
+            first, last = (t0 + s0) * T, min(Lq, (t0 + s1) * T)  # query rows of these tiles
             rows = F.pad(q[:, first:last], (0, 0, 0, n * T - (last - first)))  # [Hq, n*T, D], padded rows = 0
-            rows = rows.view(H, G, n, T, D)
+            rows = rows.view(H, G, n, T, D).transpose(1, 2).reshape(H * n, G * R, D).float() * D ** -0.5
             query_pos = q_offset + first + torch.arange(n * T, device=q.device).view(n, T)
-        # the rows of one (head, tile) together, scaled here (G*R rows) rather than their logits (G*R*W)
-        rows = rows.transpose(1, 2).reshape(H * n, G * R, D).float() * D ** -0.5
+            causal = True  # (and padded rows)
         cand = idx[:, s0:s1]  # [H, n, W]
         # the candidates' keys: rows of the flattened keys (index_select copies whole rows; gather with an index
         # expanded over D is several times slower on the CPU)
@@ -664,17 +671,17 @@ def _rescore_tokens(q: torch.Tensor, k: torch.Tensor, top: torch.Tensor, idx: to
         keys = keys.view(H * n, W, D).float()
         logits = torch.bmm(rows, keys.transpose(1, 2), out=logit_buf[: H * n * G * R * W].view(H * n, G * R, W))
         logits = logits.view(H, n, G, R, W)
-        unused = top[:, s0:s1] == float("-inf")  # [H, n, W]
-        if R == T or bool(cand.amax() >= query_pos.amin()):  # padded rows, or a candidate at or after a query
-            blocked = (cand[:, :, None, None, :] > query_pos[None, :, None, :, None]) | unused[:, :, None, None, :]
+        if causal:  # a candidate at or after a query of its tile, or padded rows
+            blocked = (cand[:, :, None, None, :] > query_pos[None, :, None, :, None]) \
+                | unused[:, s0:s1, None, None, :]
             if R == T:
                 blocked |= (query_pos >= q_offset + Lq)[None, :, None, :, None]  # padded rows
             logits.masked_fill_(blocked, float("-inf"))
-        elif bool(unused.any()):  # every candidate precedes every query (a margin's band): only unused slots
-            logits.masked_fill_(unused[:, :, None, None, :], float("-inf"))
+        elif bool(unused[:, s0:s1].any()):  # every candidate precedes every query: only the unused slots
+            logits.masked_fill_(unused[:, s0:s1, None, None, :], float("-inf"))
         # log of the best softmax weight, [H, n, W]; a row that sees no candidate (NaN) gives none
         weight = torch.log_softmax(logits, dim=-1).nan_to_num_(nan=float("-inf")).amax(dim=(2, 3))
-        weight = torch.where(torch.isinf(top[:, s0:s1]), top[:, s0:s1], weight)  # forced and invisible keys
+        weight = torch.where(forced[:, s0:s1], top[:, s0:s1], weight)  # forced and invisible keys
         best[:, s0:s1], pick = sorting.topk(weight, K)
         best_idx[:, s0:s1] = torch.gather(cand, -1, pick)
     return best, best_idx
