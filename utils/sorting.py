@@ -42,13 +42,15 @@ def topk(x: torch.Tensor, k: int, best_first: bool = False) -> tuple[torch.Tenso
         raise ValueError(f"topk: k = {k} is outside 0 .. {n}, the length of the last dimension")
     if not _on_numpy(x) or not x.is_floating_point() or k == 0:
         return torch.topk(x, k, dim=-1, sorted=best_first)
-    a = x.detach().numpy()
-    neg = -a  # argpartition puts the smallest first; negating keeps +-inf in order
-    picked = np.argpartition(neg, k - 1, axis=-1)[..., :k] if k < n else np.broadcast_to(np.arange(n), a.shape)
+    x = x.detach()
+    if k < n:  # argpartition puts the smallest first; negating keeps +-inf in order
+        picked = torch.from_numpy(np.argpartition(-x.numpy(), k - 1, axis=-1))[..., :k]
+    else:
+        picked = torch.arange(n).expand(x.shape)
+    values = torch.gather(x, -1, picked)  # (torch's gather: np.take_along_axis took as long as the partition)
     if best_first:
-        picked = np.take_along_axis(picked, np.argsort(np.take_along_axis(neg, picked, -1), axis=-1), -1)
-    picked = np.ascontiguousarray(picked, dtype=np.int64)
-    return torch.from_numpy(np.take_along_axis(a, picked, -1)), torch.from_numpy(picked)
-
+        order = torch.from_numpy(np.argsort(-values.numpy(), axis=-1))
+        picked, values = torch.gather(picked, -1, order), torch.gather(values, -1, order)
+    return values, picked  # (a view of the partition: .contiguous() if you need one)
 
 __all__ = ["sort", "topk"]
