@@ -307,7 +307,7 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                     top, idx = _rescore_tokens(q[b], keys, top, idx, t0, T, q_offset, K, options.rescore_queries,
                                                expand)
             idx = torch.where(top == float("-inf"), Lk, idx)  # slots beyond what the tile can see
-            idx = sorting.sort(idx)
+            idx = sorting.sort(idx.int() if Lk < 2 ** 31 else idx)  # (int32: half the time of an int64 sort)
             key_index[b, :, t0:t1] = torch.where(idx == Lk, -1, idx)  # broadcasts over heads if shared
     return Selection(key_index, T, q_offset)
 
@@ -589,7 +589,8 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
 
     def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
         chosen = sorting.sort(taken)
-        return torch.where((chosen < Nc).repeat_interleave(size, -1), _chunk_keys(lo_pad, chosen, size), -1)
+        first = torch.where(chosen < Nc, lo_pad.gather(-1, chosen), -1 - size)  # "none": keys -1-size .. -2
+        return (first[..., None] + torch.arange(size, device=device)).flatten(-2).clamp_(min=-1)
 
     window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
     keep_out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys_of(top_chunk[..., :n_keep]),
