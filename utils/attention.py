@@ -130,8 +130,12 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
         # one tile whose slots are all used and all precede its first query (a decode step): no mask, no patterns
         return _attend_before(q, k, v, idx[:, :, 0], scale)
     pad = n_tiles * T - Lq
-    qt = F.pad(q, (0, 0, 0, pad)) if pad else q  # tiles as [n_tiles, B * Hs, G * T, D]: a run of tiles is one slice
-    qt = qt.view(B, Hs, G, n_tiles, T, D).permute(3, 0, 1, 2, 4, 5).reshape(n_tiles, B * Hs, G * T, D).contiguous()
+    qt = F.pad(q, (0, 0, 0, pad)) if pad else q
+    # tiles as [n_tiles, B, Hs, G, T, D], a view: each run copies its own tiles (in cache), and the output is
+    # written in its final layout, so neither the queries nor the output make a pass over [n_tiles, ...] copies
+    qt = qt.view(B, Hs, G, n_tiles, T, D).permute(3, 0, 1, 2, 4, 5)
+    out_full = torch.empty(B, Hs, G, n_tiles, T, D, dtype=q.dtype, device=q.device)
+    out = out_full.permute(3, 0, 1, 2, 4, 5)
     # K and V gathered by one index_select of [K | V] rows where the tiles read more rows than the cache holds
     # (a prefill; the concatenation is then a small extra pass); a decode step gathers them apart (no copy of the cache)
     together = n_tiles * Hs * K >= 2 * Hkv * Lk
@@ -139,27 +143,32 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     k_flat, v_flat = k.reshape(B * Hkv * Lk, D), v.reshape(B * Hkv * Lk, D)
     kv_head = torch.arange(Hs, device=q.device) // (Hs // Hkv)  # selection head -> kv head
     base = ((torch.arange(B, device=q.device)[:, None] * Hkv + kv_head[None, :]) * Lk)[None, :, :, None]
-    idx_t = idx.permute(2, 0, 1, 3)  # [n_tiles, B, Hs, K]
-    flat = (idx_t.clamp(min=0) + base).reshape(n_tiles, B * Hs * K)
+    idx_t = idx.permute(2, 0, 1, 3)  # [n_tiles, B, Hs, K], a view
     after = q_offset + n_tiles * T  # an unused slot's position: after every query
-    k_pos = torch.where(idx_t >= 0, idx_t, after).reshape(n_tiles, B * Hs, K)
     q_start = q_offset + torch.arange(n_tiles, device=q.device) * T
-    rel = (k_pos - q_start[:, None, None]).clamp_(-1, T)
-    pattern = rel[:, 0]  # [n_tiles, K]
-    shared = ((rel == pattern[:, None]).flatten(1).all(1) & (pattern <= 0).any(-1)).tolist()
+    # Per tile, its key pattern (of the first head) and whether every head shares it, a cache-sized slab of tiles
+    # at a time: index temporaries over all tiles at once (hundreds of MB at 32K) page-faulted more than they computed
+    group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * 2 * D)))
+    slab = max(1, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K))
+    pattern = idx.new_empty(n_tiles, K)
+    shared = []
+    for a in range(0, n_tiles, slab):
+        z = min(n_tiles, a + slab)
+        rel = torch.where(idx_t[a:z] >= 0, idx_t[a:z], after).reshape(z - a, B * Hs, K)
+        rel = rel.sub_(q_start[a:z, None, None]).clamp_(-1, T)
+        pattern[a:z] = rel[:, 0]
+        shared += ((rel == rel[:, :1]).flatten(1).all(1) & (rel[:, 0] <= 0).any(-1)).tolist()
     same = [False] + (pattern[1:] == pattern[:-1]).all(-1).tolist()  # tile t has tile t-1's pattern
     row = torch.arange(G * T, device=q.device) % T  # row r of a stacked tile is query r % T of the tile
     zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
-    group = max(1, min(n_tiles, _CPU_GATHER_ELEMENTS // max(1, B * Hs * K * 2 * D)))
     buffer = k.new_empty(group * B * Hs * K, 2 * D)
-    out = torch.empty(n_tiles, B * Hs, G * T, D, dtype=q.dtype, device=q.device)
     bias, t0 = None, 0
     while t0 < n_tiles:
         t1 = t0 + 1  # a run: tiles of one shared pattern, or tiles whose heads differ (each row its own mask)
         while t1 < n_tiles and t1 - t0 < group and shared[t1] == shared[t0] and (same[t1] or not shared[t0]):
             t1 += 1
         N = (t1 - t0) * B * Hs
-        rows = flat[t0:t1].reshape(-1)
+        rows = (idx_t[t0:t1].clamp(min=0) + base).reshape(-1)
         if together:
             gathered = torch.index_select(kv, 0, rows, out=buffer[: N * K]).view(N, 1, K, 2 * D)
             kk, vv = gathered[..., :D], gathered[..., D:]
@@ -167,7 +176,7 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
             halves = buffer[: N * K].view(2, N * K, D)
             kk = torch.index_select(k_flat, 0, rows, out=halves[0]).view(N, 1, K, D)
             vv = torch.index_select(v_flat, 0, rows, out=halves[1]).view(N, 1, K, D)
-        qq = qt[t0:t1].view(N, 1, G * T, D)
+        qq = qt[t0:t1].reshape(N, 1, G * T, D)
         if shared[t0]:
             if not (t0 and same[t0] and shared[t0 - 1]):  # a new pattern: its [G*T, K] mask, or none
                 before = bool((pattern[t0] < 0).all())
@@ -175,16 +184,15 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
                 bias = None if before else torch.where(visible, zero, minus_inf)[None, None]
             o = _flash_with_lse(qq, kk, vv, attn_mask=bias, scale=scale)[0][:, 0]
         else:
-            k_rows = k_pos[t0:t1].reshape(N, K)
+            k_rows = torch.where(idx_t[t0:t1] >= 0, idx_t[t0:t1], after).reshape(N, K)
             q_pos = (q_start[t0:t1, None] + row[None, :]).repeat_interleave(B * Hs, 0)  # [N, G*T]
             o = _attend_split(qq[:, 0], kk[:, 0], vv[:, 0], k_rows, q_pos, scale)
             if o is None:
                 o = _attend(qq[:, 0], kk[:, 0], vv[:, 0], k_rows[:, None, :] <= q_pos[:, :, None], scale, None)
             bias = None
-        out[t0:t1] = o.view(t1 - t0, B * Hs, G * T, D)
+        out[t0:t1] = o.view(t1 - t0, B, Hs, G, T, D)
         t0 = t1
-    out = out.view(n_tiles, B, Hs, G, T, D).permute(1, 2, 3, 0, 4, 5).reshape(B, Hq, n_tiles * T, D)
-    return out[:, :, :Lq]
+    return out_full.view(B, Hq, n_tiles * T, D)[:, :, :Lq]
 
 
 def sparse_attention(
