@@ -116,21 +116,39 @@ def test_split_executor_equals_masked_attention(dtype):
 @pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
 @pytest.mark.parametrize("head_pooling", ["none", "mean"])
 def test_shared_mask_executor_equals_masked_attention(monkeypatch, head_pooling):
-    """Runs of full DHSA tiles (one key pattern across heads, Hs = Hq or stacked GQA rows) run as one flash call
-    with a broadcast mask; early tiles (fewer keys than the budget) get their own. Both equal the fully masked
-    attention, and the tiles took fewer flash calls than there are tiles."""
+    """Runs of full DHSA tiles (one key pattern across heads, Hs = Hq or stacked GQA rows) run as one call with a
+    broadcast mask; early tiles (fewer keys than the budget) get their own. Both equal the fully masked attention,
+    and the tiles took fewer calls than there are tiles."""
     g = torch.Generator().manual_seed(2)
     B, Hq, Hkv, L, D = 1, 6, 2, 2048, 64
     q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
     config = SparseAttentionConfig(method="dhsa", budget=320, head_pooling=head_pooling, dense_tail=0)
     ends = torch.arange(16, L + 16, 16).clamp(max=L).unique()
     sel = dhsa_select(q, k, budget=320, boundaries=[ends], options=config.dhsa_options())
-    calls, flash, split = [], attention._flash_with_lse, attention._attend_split
-    monkeypatch.setattr(attention, "_flash_with_lse", lambda *a, **kw: calls.append(a[0].shape[0]) or flash(*a, **kw))
+    calls, tiles = [], attention._attend_tiles
+    monkeypatch.setattr(attention, "_attend_tiles", lambda *a: calls.append(a[0].shape[0]) or tiles(*a))
     monkeypatch.setattr(attention, "_attend_split", lambda *a: pytest.fail("DHSA's tiles share their heads' pattern"))
     torch.testing.assert_close(sparse_attention(q, k, v, sel), masked_attention(q, k, v, sel), atol=1e-5, rtol=1e-5)
     n_tiles, Hs = sel.key_index.shape[2], sel.key_index.shape[1]
     assert sum(calls) == n_tiles * Hs and len(calls) < n_tiles / 2
+
+
+@pytest.mark.skipif(attention._flash_with_lse is None, reason="this torch has no CPU flash kernel with its LSE")
+@pytest.mark.parametrize("masked", [True, False])
+def test_tile_products_equal_the_flash_kernel(masked):
+    """_attend_tiles by products and a softmax (fp32 tiles of <= 128 rows) gives the flash kernel's attention."""
+    g = torch.Generator().manual_seed(5)
+    N, M, K, D = 6, 64, 320, 64
+    q, k, v = torch.randn(N, M, D, generator=g), torch.randn(N, K, D, generator=g), torch.randn(N, K, D, generator=g)
+    slot_pos = torch.cat([torch.full((K - M,), -1), torch.arange(M)])  # keys before the tile, then its own
+    bias = torch.where(slot_pos[None, :] <= torch.arange(M)[:, None], 0.0, float("-inf"))[None, None] if masked \
+        else None
+    assert attention._products_for(q, M) and not attention._products_for(q, 192)
+    assert not attention._products_for(q.double(), M)
+    want = attention._flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=0.125)[0][:, 0]
+    got = attention._attend_tiles(q, k, v, bias, 0.125, torch.empty(N * M * K))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention._attend_tiles(q, k, v, bias, 0.125, None), want, atol=0, rtol=0)
 
 
 PLAIN = dict(token_rescore=0, rescore_queries=0, rescore_window=0)  # chunk scores alone, unless a case says

@@ -94,6 +94,28 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
     return (out_a.float() * w_a + out_b.float() * w_b).to(q.dtype)[:, 0]
 
 
+def _products_for(q: torch.Tensor, rows: int) -> bool:
+    """Whether _attend_tiles computes tiles of `rows` query rows by products and a softmax (fp32, at most 128 rows:
+    there the CPU flash kernel splits a tile into 32-row blocks and ran 10-15% slower; README, Latency, CPU)."""
+    return q.dtype == torch.float32 and rows <= 128
+
+
+def _attend_tiles(q, k, v, bias, scale: float, scores: torch.Tensor | None) -> torch.Tensor:
+    """Attention of tiles that share one key pattern: q [N, M, D] on k, v [N, K, D] with the additive mask bias
+    [1, 1, M, K] (None: every query sees every key; every row sees at least one key either way). scores: a buffer
+    of >= N * M * K elements for the logits where _products_for(q, M), else None (then SDPA's CPU flash kernel).
+    Returns [N, M, D]."""
+    if scores is None:
+        return _flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[0][:, 0]
+    N, M, K = q.shape[0], q.shape[1], k.shape[1]
+    logits = scores[: N * M * K].view(N, M, K)
+    if bias is None:
+        torch.bmm(q, k.transpose(1, 2), out=logits).mul_(scale)
+    else:
+        torch.baddbmm(bias[0].expand(N, M, K), q, k.transpose(1, 2), alpha=scale, out=logits)
+    return torch.bmm(torch.softmax(logits, dim=-1, out=logits), v)
+
+
 def _attend_before(q, k, v, idx, scale: float) -> torch.Tensor:
     """Attention of q [B, Hq, Lq, D] on the keys idx [B, Hs, K] (every slot used, every key before every query), read
     from k, v [B, Hkv, Lk, D]: one gather of K and one of V, one unmasked flash call. Returns [B, Hq, Lq, D]."""
@@ -162,6 +184,7 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     row = torch.arange(G * T, device=q.device) % T  # row r of a stacked tile is query r % T of the tile
     zero, minus_inf = (torch.tensor(x, dtype=q.dtype, device=q.device) for x in (0.0, float("-inf")))
     buffer = k.new_empty(group * B * Hs * K, 2 * D)
+    scores = q.new_empty(group * B * Hs * G * T * K) if _products_for(q, G * T) else None  # _attend_tiles' logits
     bias, t0 = None, 0
     while t0 < n_tiles:
         t1 = t0 + 1  # a run: tiles of one shared pattern, or tiles whose heads differ (each row its own mask)
@@ -182,7 +205,7 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
                 before = bool((pattern[t0] < 0).all())
                 visible = pattern[t0][None, :] <= row[:, None]  # [G*T, K]
                 bias = None if before else torch.where(visible, zero, minus_inf)[None, None]
-            o = _flash_with_lse(qq, kk, vv, attn_mask=bias, scale=scale)[0][:, 0]
+            o = _attend_tiles(qq[:, 0], kk[:, 0], vv[:, 0], bias, scale, scores)
         else:
             k_rows = torch.where(idx_t[t0:t1] >= 0, idx_t[t0:t1], after).reshape(N, K)
             q_pos = (q_start[t0:t1, None] + row[None, :]).repeat_interleave(B * Hs, 0)  # [N, G*T]
