@@ -131,18 +131,19 @@ def _attend_before(q, k, v, idx, scale: float) -> torch.Tensor:
 
 
 def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> torch.Tensor:
-    """sparse_attention on the CPU for sorted key lists, through SDPA's CPU flash kernel. q: [B, Hq, Lq, D];
+    """sparse_attention on the CPU for sorted key lists (_attend_tiles: products and a softmax for short fp32 tiles,
+    else SDPA's CPU flash kernel). q: [B, Hq, Lq, D];
     k, v: [B, Hkv, Lk, D]; idx: [B, Hs, n_tiles, K] (ascending per tile, -1 pads after every query). Returns
     [B, Hq, Lq, D].
 
     Which rows of a tile see which slot depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every
     row), 0 .. T-1 (inside it: causal), T (after it, or unused: no row). Where every head of a tile has the same
     pattern (DHSA's lists: sinks and chunks before the tile, then the tile's own keys), one [G*T, K] additive mask
-    broadcast over the heads makes the tile one flash call; consecutive tiles with one pattern share a call. K and
+    broadcast over the heads makes the tile one call; consecutive tiles with one pattern share a call. K and
     V are gathered into one buffer reused by every call (together, [K | V] rows, in a prefill): a fresh
     allocation of this size is a fresh mmap, and its page faults cost more than the copy. Tiles whose heads
-    differ run, a few at a time, on _attend_split (or fully masked). Everything per tile (indices, patterns) is
-    computed once for all tiles, so the loop is a gather and a flash call.
+    differ run, a few at a time, on _attend_split (or fully masked). The tiles' key patterns are computed first, a
+    cache-sized slab of tiles at a time; the loop then makes each run's gather indices, gathers and attends.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
