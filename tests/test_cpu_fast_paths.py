@@ -216,7 +216,37 @@ def test_rescore_window_ranks_the_chunks_once(monkeypatch, L, Hq, Hkv, Lq, extra
     budget, options = config.resolve_budget(L), config.dhsa_options()
     calls = record_results(monkeypatch, "_whole_chunk_split")
     got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
-    assert calls and (all(c is None for c in calls) if tie else all(c is not None for c in calls))
+    declined = [c is None or c is dhsa._TIED for c in calls]  # (tied groups are halved: the first tiles, which
+    assert calls and (dhsa._TIED in calls if tie else not any(declined))  # keep all they see, then split alone)
+    want = token_path_selection(monkeypatch, q, k, budget, ends, options)
+    if tie:  # the same keys up to swapping copies of one key (tied exactly; top-k breaks such ties either way)
+        copy_of = lambda key_index: torch.sort(torch.where(key_index >= 64, 64 + (key_index - 64) % 16, key_index),
+                                               -1).values  # noqa: E731
+        got, want = copy_of(got), copy_of(want)
+    assert torch.equal(got, want)
+
+
+def test_a_tie_in_one_tile_ranks_only_a_few_tiles_token_by_token(monkeypatch):
+    """Where chunk scores tie at a cut in one tile, its group is halved until at most _TIED_GROUP tiles rank tokens;
+    the other tiles keep the whole-chunk split, and the selection is the token path's."""
+    L, Lq = 4096, 4096
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(1, 4, Lq, 64, generator=g), torch.randn(1, 2, L, 64, generator=g)
+    config = SparseAttentionConfig(method="dhsa", density=0.0625, min_budget=1024, rescore_window=512)
+    ends = torch.arange(16, L + 16, 16)
+    budget, options = config.resolve_budget(L), config.dhsa_options()
+    split, sizes = dhsa._whole_chunk_split, []
+
+    def tied_at_tile_40(chunk_scores, ends, tile_end, *rest):  # pretend tile 40 (keys < 41 * 64) has a tie
+        sizes.append(tile_end.numel())
+        if bool((tile_end == 41 * 64).any()):
+            return dhsa._TIED
+        return split(chunk_scores, ends, tile_end, *rest)
+
+    monkeypatch.setattr(dhsa, "_whole_chunk_split", tied_at_tile_40)
+    got = dhsa_select(q, k, budget=budget, boundaries=[ends], options=options).key_index
+    assert min(sizes) <= dhsa._TIED_GROUP < max(sizes)  # halved down to a few tiles
+    monkeypatch.setattr(dhsa, "_whole_chunk_split", split)
     assert torch.equal(got, token_path_selection(monkeypatch, q, k, budget, ends, options))
 
 

@@ -255,7 +255,9 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
             q_b = dhsa_scores.bound_queries(q[b]) if bound else q[b]
             chunk_scores = max_pooled_chunk_scores(q_b, chunk_k, T, head_pooling, centring, starts, tile_end)
         chunk_of_key = None
-        for t0, t1 in _tile_groups(n_tiles, group, first_exact):
+        tile_ranges = _tile_groups(n_tiles, group, first_exact)
+        while tile_ranges:
+            t0, t1 = tile_ranges.pop(0)
             width = Lk if t0 >= first_exact else width_other
             end, s, l = tile_end[t0:t1, None], sink[t0:t1, None], local[t0:t1, None]
 
@@ -290,7 +292,10 @@ def _select_on_pytorch(q: torch.Tensor, k: torch.Tensor, budget: int, boundaries
                 if ranked_keys is None and _CHUNK_TOPK:  # one ranking of whole chunks, cut twice
                     split = _whole_chunk_split(chunk_scores[:, t0:t1], ends, tile_end[t0:t1], sink[t0:t1],
                                                local[t0:t1], keep_width, band_width)
-                if split is not None:
+                if split is _TIED and t1 - t0 > _TIED_GROUP:  # a tie at a cut: halve the group, so that only
+                    tile_ranges[:0] = [(t0, (t0 + t1) // 2), ((t0 + t1) // 2, t1)]  # the tied tiles rank tokens
+                    continue
+                if split is not None and split is not _TIED:
                     keep_idx, band = split
                 else:  # one token-level ranking, best first: its first keep_width keys kept, the rest the band
                     top, idx, _ = ranked(band_width, best_first=True)
@@ -550,13 +555,18 @@ def _whole_chunk_topk(out, scores, rows, lo, size: int, n: int, sinks, end, l: i
     return out
 
 
+_TIED = "tied"  # _whole_chunk_split: chunk scores tie at a cut (the caller ranks tokens, in smaller groups)
+_TIED_GROUP = 4  # tiles: a tied group larger than this is halved, and only the halves that tie rank tokens
+
+
 def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end: torch.Tensor, sink: torch.Tensor,
                        local: torch.Tensor, keep: int, wide: int):
     """rescore_window's two rankings from one: per tile the top-`keep` keys by chunk score (as _chunk_topk at
     budget `keep`) and the band, the keys the top-`wide` adds to them, in ascending key order with -1 pads
     ([H, g, keep], [H, g, wide - keep]). Only where every chunk between the sinks and the window is whole there
     (one size) and both cuts fall between whole chunks that score strictly apart, so that both sets are the unique
-    token-level top-k; otherwise None (the caller ranks the tokens). sink, local: [g], of the final budget."""
+    token-level top-k; otherwise None (the caller ranks the tokens), or _TIED where only a tie at a cut stands in
+    the way. sink, local: [g], of the final budget."""
     H, g, Nc = chunk_scores.shape
     device = chunk_scores.device
     slot = torch.arange(keep, device=device)
@@ -580,11 +590,11 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
     if bool(torch.isnan(top).any()) or top.shape[-1] <= n_keep:
         return None
     if n_keep and not bool((top[..., n_keep - 1] > top[..., n_keep]).all()):  # a tie at the kept keys' cut
-        return None
+        return _TIED
     if n_wide < top.shape[-1]:  # a tie at the band's cut matters only if the chunk after it is visible
         after = top[..., n_wide]
         if not bool(((top[..., n_wide - 1] > after) | (after == float("-inf"))).all()):
-            return None
+            return _TIED
     lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
 
     def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
