@@ -96,7 +96,7 @@ def _attend_split(q, k, v, k_pos, q_pos, scale):
 
 def _products_for(q: torch.Tensor, rows: int) -> bool:
     """Whether _attend_tiles computes tiles of `rows` query rows by products and a softmax (fp32, at most 128 rows:
-    there the CPU flash kernel splits a tile into 32-row blocks and ran 10-15% slower; README, Latency, CPU)."""
+    there the CPU flash kernel splits a tile into 32-row blocks and ran 9-18% slower; README, Latency, CPU)."""
     return q.dtype == torch.float32 and rows <= 128
 
 

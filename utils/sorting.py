@@ -53,4 +53,5 @@ def topk(x: torch.Tensor, k: int, best_first: bool = False) -> tuple[torch.Tenso
         picked, values = torch.gather(picked, -1, order), torch.gather(values, -1, order)
     return values, picked  # (a view of the partition: .contiguous() if you need one)
 
+
 __all__ = ["sort", "topk"]

@@ -595,12 +595,10 @@ def _whole_chunk_split(chunk_scores: torch.Tensor, ends: torch.Tensor, tile_end:
         after = top[..., n_wide]
         if not bool(((top[..., n_wide - 1] > after) | (after == float("-inf"))).all()):
             return _TIED
-    lo_pad = F.pad(lo, (0, 1))[None].expand(H, -1, -1)
+    lo_pad = F.pad(lo, (0, 1), value=-1 - size)[None].expand(H, -1, -1)  # chunk Nc ("none"): keys -1-size .. -2
 
     def keys_of(taken: torch.Tensor) -> torch.Tensor:  # chunks (Nc = none), sorted, as their keys in key order
-        chosen = sorting.sort(taken)
-        first = torch.where(chosen < Nc, lo_pad.gather(-1, chosen), -1 - size)  # "none": keys -1-size .. -2
-        return (first[..., None] + torch.arange(size, device=device)).flatten(-2).clamp_(min=-1)
+        return _chunk_keys(lo_pad, sorting.sort(taken), size).clamp_(min=-1)
 
     window = end[:, None] - l + torch.arange(l, device=device)[None, :]  # [r, l]
     keep_out[:, rows] = torch.cat([slot[:s].expand(H, rows.numel(), s), keys_of(top_chunk[..., :n_keep]),
