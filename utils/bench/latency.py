@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -24,10 +25,24 @@ COLUMNS = ("mode", "device", "shape", "dtype", "batch", "length", "density", "de
 
 
 def device_name(device: str) -> str:
-    """GPU name, or the CPU's, with underscores (it names the CSV file)."""
+    """GPU name, or the CPU's model name (/proc/cpuinfo on Linux, else the platform's), with underscores: it names
+    the CSV file, so that runs on different CPUs behind the same box never share one."""
     if device == "cuda":
-        return torch.cuda.get_device_name().replace(" ", "_")
-    return (platform.processor() or platform.machine() or "cpu").replace(" ", "_")
+        name = torch.cuda.get_device_name()
+    else:
+        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return re.sub(r"\(R\)|\(TM\)|\bCPU\b|@.*", "", line.split(":", 1)[1]).strip()
+    except OSError:
+        pass
+    return ""
 
 
 def measure(fn, device: str, warmup: int, repeats: int) -> dict:
