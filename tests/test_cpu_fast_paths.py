@@ -325,3 +325,18 @@ def test_dense_tail_without_a_mask_equals_masked_attention(monkeypatch, dtype):
     monkeypatch.setattr(attention, "_flash_with_lse", None)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fast, dense_attention(q, k, v), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("Hq, Hkv, Dv", [(14, 2, 64), (9, 3, 64), (4, 4, 64), (6, 2, 32)])
+def test_dense_decode_step_with_grouped_heads_equals_repeated_keys(Hq, Hkv, Dv):
+    """A dense decode step on the CPU stacks the query heads of a KV head as queries of it: the same output as
+    attention on K/V repeated per query head, with the softmax written out."""
+    g = torch.Generator().manual_seed(Hq + Hkv)
+    B, L, D = 2, 300, 64
+    q, k, v = torch.randn(B, Hq, 1, D, generator=g), torch.randn(B, Hkv, L, D, generator=g), \
+        torch.randn(B, Hkv, L, Dv, generator=g)
+    k_rep, v_rep = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    expected = torch.softmax(q @ k_rep.transpose(-1, -2) * 0.3, dim=-1) @ v_rep
+    got = dense_attention(q, k, v, scale=0.3)
+    assert got.shape == (B, Hq, 1, Dv)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -370,6 +370,12 @@ def dense_attention(
         if Lq == Lk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         if Lq == 1:
+            if not q.is_cuda and Hq != Hkv:
+                # a decode step on the CPU: the G query heads of a KV head as G queries of it (one query sees every
+                # key, so no mask), K/V read once per KV head; SDPA's enable_gqa took ~3x as long here (README,
+                # Latency, CPU)
+                out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, scale=scale)
+                return out.view(B, Hq, 1, v.shape[-1])
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
         if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype \
                 and Hq * Lq * Lq <= 1 << 24:  # the causal block's mask stays small (64 MB fp32 at most)
