@@ -372,7 +372,7 @@ def dense_attention(
         if Lq == 1:
             if not q.is_cuda and Hq != Hkv:
                 # a decode step on the CPU: the G query heads of a KV head as G queries of it (one query sees every
-                # key, so no mask), K/V read once per KV head; SDPA's enable_gqa took ~3x as long here (README,
+                # key, so no mask), K/V read once per KV head; SDPA's enable_gqa took 3-4.7x as long here (README,
                 # Latency, CPU)
                 out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, scale=scale)
                 return out.view(B, Hq, 1, v.shape[-1])

@@ -4,7 +4,8 @@ cache of L keys, dense attention against each registry method's sparse decode.
 Entries:
   * dense (one "total" row each):
       sdpa        utils.attention.dense_attention, what `run_method` runs for a decode step with decode="dense"
-                  (torch SDPA with GQA, backend as dispatched; applies soft-capping). speedup_vs_dense is against it;
+                  (torch SDPA, backend as dispatched; on the CPU the G query heads of a KV head as its G queries;
+                  applies soft-capping). speedup_vs_dense is against it;
       sdpa_flash, sdpa_cudnn
                   torch SDPA pinned to FlashAttention-2 / cuDNN (CUDA only). The G query heads of a GQA group are
                   passed as G queries of their KV head ([B, Hkv, G, D]: a decode query sees every key, so no mask
