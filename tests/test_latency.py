@@ -109,20 +109,19 @@ def test_cpu_mode_writes_the_csv(tmp_path):
     assert rows[3]["speedup_vs_dense"] and not rows[3]["speedup_vs_flash"]
 
 
-
 def test_csv_is_named_by_the_cpu_model(monkeypatch, tmp_path):
     """Runs on different CPUs behind one box never share a CSV: the file is named by /proc/cpuinfo's model name,
     made filename-safe; without one, by the platform's machine name."""
     import utils.bench.latency as latency
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz\n")
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(latency, "_CPUINFO", str(cpuinfo))
     assert latency.device_name("cpu") == "Intel_Xeon_Platinum_8488C"
     cpuinfo.write_text("processor\t: 0\n")
     monkeypatch.setattr(latency.platform, "processor", lambda: "")
     monkeypatch.setattr(latency.platform, "machine", lambda: "x86_64")
     assert latency.device_name("cpu") == "x86_64"
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "cpu", "--methods", "dhsa_block"], "dhsa_block need\\(s\\) a CUDA GPU"),

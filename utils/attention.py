@@ -342,6 +342,15 @@ def _dense_tail_cpu(q, k, v, scale):
     return out.to(q.dtype).view(B, Hq, Lq, D)
 
 
+def stacked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode query per head, q [B, Hq, 1, D], on every key of k, v [B, Hkv, Lk, D]: the G = Hq / Hkv query
+    heads of a KV head go in as G queries of it (one query sees every key, so no mask), so K/V are read once per KV
+    head and never repeated. SDPA as dispatched (a caller may pin its backend). Returns [B, Hq, 1, Dv]."""
+    B, Hq, _, D = q.shape
+    out = F.scaled_dot_product_attention(q.view(B, k.shape[1], Hq // k.shape[1], D), k, v, scale=scale)
+    return out.view(B, Hq, 1, v.shape[-1])
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -370,12 +379,8 @@ def dense_attention(
         if Lq == Lk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
         if Lq == 1:
-            if not q.is_cuda and Hq != Hkv:
-                # a decode step on the CPU: the G query heads of a KV head as G queries of it (one query sees every
-                # key, so no mask), K/V read once per KV head; SDPA's enable_gqa took 3-4.7x as long here (README,
-                # Latency, CPU)
-                out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, scale=scale)
-                return out.view(B, Hq, 1, v.shape[-1])
+            if not q.is_cuda and Hq != Hkv:  # SDPA's enable_gqa took 3-4.7x as long on the CPU (README, Latency, CPU)
+                return stacked_decode_attention(q, k, v, scale)
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != Hkv)
         if not q.is_cuda and _flash_with_lse is not None and v.shape[-1] == D and q.dtype == k.dtype \
                 and Hq * Lq * Lq <= 1 << 24:  # the causal block's mask stays small (64 MB fp32 at most)
@@ -435,4 +440,4 @@ def sliding_window_attention(
     return sparse_attention(q, k, v, selection, scale=scale, softcap=softcap)
 
 
-__all__ = ["sparse_attention", "dense_attention", "sliding_window_attention"]
+__all__ = ["sparse_attention", "dense_attention", "stacked_decode_attention", "sliding_window_attention"]

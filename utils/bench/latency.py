@@ -34,9 +34,13 @@ def device_name(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
 
 
+_CPUINFO = "/proc/cpuinfo"
+
+
 def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo without (R), (TM), "CPU" and the clock; "" where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(_CPUINFO) as f:
             for line in f:
                 if line.startswith("model name"):
                     return re.sub(r"\(R\)|\(TM\)|\bCPU\b|@.*", "", line.split(":", 1)[1]).strip()

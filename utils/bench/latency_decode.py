@@ -26,10 +26,9 @@ import sys
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.attention import dense_attention, sparse_attention
+from utils.attention import dense_attention, sparse_attention, stacked_decode_attention
 from utils.config import SparseAttentionConfig
 from utils.bench.latency import measure, rel_err, sdpa_backend
 from utils.bench.latency_methods import reference
@@ -43,11 +42,8 @@ def _sdpa(q, k, v, scale, softcap):
 
 def _pinned(backend: str) -> Callable:
     def attend(q, k, v, scale, softcap):
-        B, Hq, _, D = q.shape
-        Hkv = k.shape[1]
         with sdpa_backend(backend):  # the G heads of a group as G queries of their KV head
-            out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, scale=scale)
-        return out.view(B, Hq, 1, v.shape[-1])
+            return stacked_decode_attention(q, k, v, scale)
     return attend
 
 
