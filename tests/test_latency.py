@@ -117,6 +117,8 @@ def test_csv_is_named_by_the_cpu_model(monkeypatch, tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz\n")
     monkeypatch.setattr(latency, "_CPUINFO", str(cpuinfo))
     assert latency.device_name("cpu") == "Intel_Xeon_Platinum_8488C"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n")
+    assert latency.device_name("cpu") == "AMD_EPYC_f25m17"  # a name without a model number: family and model
     cpuinfo.write_text("processor\t: 0\n")
     monkeypatch.setattr(latency.platform, "processor", lambda: "")
     monkeypatch.setattr(latency.platform, "machine", lambda: "x86_64")

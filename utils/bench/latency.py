@@ -38,15 +38,25 @@ _CPUINFO = "/proc/cpuinfo"
 
 
 def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo without (R), (TM), "CPU" and the clock; "" where there is none."""
+    """The CPU's model name from /proc/cpuinfo without (R), (TM), "CPU" and the clock; "" where there is none. A
+    name without a model number (a VM's "AMD EPYC", which hid a Zen 3 and a Zen 4 host on this box) gets the CPU
+    family and model numbers, e.g. "AMD EPYC f25m17"."""
+    fields = {}
     try:
         with open(_CPUINFO) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return re.sub(r"\(R\)|\(TM\)|\bCPU\b|@.*", "", line.split(":", 1)[1]).strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:  # the first processor's block is enough
+                    break
     except OSError:
-        pass
-    return ""
+        return ""
+    name = re.sub(r"\(R\)|\(TM\)|\bCPU\b|@.*", "", fields.get("model name", "")).strip()
+    if name and not re.search(r"\d", name) and "cpu family" in fields and "model" in fields:
+        name += f" f{fields['cpu family']}m{fields['model']}"
+    return name
 
 
 def measure(fn, device: str, warmup: int, repeats: int) -> dict:
