@@ -148,6 +148,9 @@ def test_tile_products_equal_the_flash_kernel(masked):
     want = attention._flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=0.125)[0][:, 0]
     got = attention._attend_tiles(q, k, v, bias, 0.125, torch.empty(N * M * K))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if masked:  # the bias added only from the first column some row does not see (the tile's own keys)
+        got = attention._attend_tiles(q, k, v, bias, 0.125, torch.empty(N * M * K), masked_from=K - M + 1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention._attend_tiles(q, k, v, bias, 0.125, None), want, atol=0, rtol=0)
 
 

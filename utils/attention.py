@@ -100,19 +100,21 @@ def _products_for(q: torch.Tensor, rows: int) -> bool:
     return q.dtype == torch.float32 and rows <= 128
 
 
-def _attend_tiles(q, k, v, bias, scale: float, scores: torch.Tensor | None) -> torch.Tensor:
+def _attend_tiles(q, k, v, bias, scale: float, scores: torch.Tensor | None, masked_from: int = 0) -> torch.Tensor:
     """Attention of tiles that share one key pattern: q [N, M, D] on k, v [N, K, D] with the additive mask bias
     [1, 1, M, K] (None: every query sees every key; every row sees at least one key either way). scores: a buffer
     of >= N * M * K elements for the logits where _products_for(q, M), else None (then SDPA's CPU flash kernel).
-    Returns [N, M, D]."""
+    masked_from: the bias is 0 on the columns before it (keys before the tile: every row sees them), so the products
+    add it only from there on. Returns [N, M, D]."""
     if scores is None:
         return _flash_with_lse(q[:, None], k[:, None], v[:, None], attn_mask=bias, scale=scale)[0][:, 0]
     N, M, K = q.shape[0], q.shape[1], k.shape[1]
     logits = scores[: N * M * K].view(N, M, K)
-    if bias is None:
-        torch.bmm(q, k.transpose(1, 2), out=logits).mul_(scale)
-    else:
-        torch.baddbmm(bias[0].expand(N, M, K), q, k.transpose(1, 2), alpha=scale, out=logits)
+    # the scale on the [N, M, D] queries rather than the [N, M, K] logits (a pass over M x D, not M x K), and the
+    # mask added on its masked columns only (the tile's own keys): baddbmm with the whole bias read it N times
+    torch.bmm(q * scale, k.transpose(1, 2), out=logits)
+    if bias is not None and masked_from < K:
+        logits[:, :, masked_from:] += bias[0, :, :, masked_from:]
     return torch.bmm(torch.softmax(logits, dim=-1, out=logits), v)
 
 
@@ -130,11 +132,12 @@ def _attend_before(q, k, v, idx, scale: float) -> torch.Tensor:
     return _flash_with_lse(qq, kk, vv, scale=scale)[0].view(B, Hq, Lq, D)
 
 
-def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> torch.Tensor:
+def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float,
+                         total_rows: int | None = None) -> torch.Tensor:
     """sparse_attention on the CPU for sorted key lists (_attend_tiles: products and a softmax for short fp32 tiles,
     else SDPA's CPU flash kernel). q: [B, Hq, Lq, D];
     k, v: [B, Hkv, Lk, D]; idx: [B, Hs, n_tiles, K] (ascending per tile, -1 pads after every query). Returns
-    [B, Hq, Lq, D].
+    [B, Hq, Lq, D], or [B, Hq, total_rows, D] with the rows after Lq left for the caller to fill.
 
     Which rows of a tile see which slot depends only on clamp(k_pos - q_start, -1, T): -1 (before the tile: every
     row), 0 .. T-1 (inside it: causal), T (after it, or unused: no row). Where every head of a tile has the same
@@ -149,7 +152,7 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     Hkv, Lk = k.shape[1], k.shape[2]
     _, Hs, n_tiles, K = idx.shape
     G = Hq // Hs
-    if n_tiles == 1 and bool((idx >= 0).all()) and int(idx.amax()) <= q_offset:
+    if n_tiles == 1 and total_rows is None and bool((idx >= 0).all()) and int(idx.amax()) <= q_offset:
         # one tile whose slots are all used and all precede its first query (a decode step): no mask, no patterns
         return _attend_before(q, k, v, idx[:, :, 0], scale)
     pad = n_tiles * T - Lq
@@ -157,7 +160,8 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
     # tiles as [n_tiles, B, Hs, G, T, D], a view: each run copies its own tiles (in cache), and the output is
     # written in its final layout, so neither the queries nor the output make a pass over [n_tiles, ...] copies
     qt = qt.view(B, Hs, G, n_tiles, T, D).permute(3, 0, 1, 2, 4, 5)
-    out_full = torch.empty(B, Hs, G, n_tiles, T, D, dtype=q.dtype, device=q.device)
+    n_rows = n_tiles * T if total_rows is None else max(math.ceil(total_rows / T), n_tiles) * T
+    out_full = torch.empty(B, Hs, G, n_rows // T, T, D, dtype=q.dtype, device=q.device)
     out = out_full.permute(3, 0, 1, 2, 4, 5)
     # K and V gathered by one index_select of [K | V] rows where the tiles read more rows than the cache holds
     # (a prefill; the concatenation is then a small extra pass); a decode step gathers them apart (no copy of the cache)
@@ -206,7 +210,9 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
                 before = bool((pattern[t0] < 0).all())
                 visible = pattern[t0][None, :] <= row[:, None]  # [G*T, K]
                 bias = None if before else torch.where(visible, zero, minus_inf)[None, None]
-            o = _attend_tiles(qq[:, 0], kk[:, 0], vv[:, 0], bias, scale, scores)
+                seen_by_all = pattern[t0] <= 0  # before the tile, or its first key: every row sees the column
+                masked_from = K if bool(seen_by_all.all()) else int((~seen_by_all).to(torch.int8).argmax())
+            o = _attend_tiles(qq[:, 0], kk[:, 0], vv[:, 0], bias, scale, scores, masked_from)
         else:
             k_rows = torch.where(idx_t[t0:t1] >= 0, idx_t[t0:t1], after).reshape(N, K)
             q_pos = (q_start[t0:t1, None] + row[None, :]).repeat_interleave(B * Hs, 0)  # [N, G*T]
@@ -216,7 +222,14 @@ def _sparse_attention_cpu(q, k, v, idx, q_offset: int, T: int, scale: float) -> 
             bias = None
         out[t0:t1] = o.view(t1 - t0, B, Hs, G, T, D)
         t0 = t1
-    return out_full.view(B, Hq, n_tiles * T, D)[:, :, :Lq]
+    return out_full.view(B, Hq, n_rows, D)[:, :, :Lq if total_rows is None else total_rows]
+
+
+def _cpu_path(q, k, v, selection: Selection, softcap) -> bool:
+    """Whether sparse_attention runs on _sparse_attention_cpu: CPU tensors, no soft-capping, no rule beyond causality,
+    the flash kernel with its log-sum-exp there, one head size for q, k and v."""
+    return not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
+        and _flash_with_lse is not None and v.shape[-1] == q.shape[-1] and not getattr(selection, "block_size", None)
 
 
 def sparse_attention(
@@ -242,6 +255,15 @@ def sparse_attention(
                                v[:, :, :selection.q_offset + q.shape[2]], scale=scale, softcap=softcap)
         if s == 0:
             return tail
+        if _cpu_path(q, k, v, selection, softcap) and s % selection.query_chunk == 0 \
+                and _split_heads(q, k, selection.key_index.shape[1]):
+            # the tiles into an output with room for the tail: no concatenation (a fresh [B, Hq, Lq, D] tensor whose
+            # page faults cost ~3% of a 32K layer)
+            out = _sparse_attention_cpu(q[:, :, :s], k, v, selection.key_index[:, :, :s // selection.query_chunk],
+                                        selection.q_offset, selection.query_chunk,
+                                        q.shape[-1] ** -0.5 if scale is None else scale, total_rows=q.shape[2])
+            out[:, :, s:] = tail
+            return out
         head = sparse_attention(q[:, :, :s], k, v, selection.sparse_part(), scale=scale, softcap=softcap)
         return torch.cat([head, tail], dim=2)
     if q.is_cuda:  # Triton kernel that reads the selected keys in place (utils/kernels); None = not applicable
@@ -262,8 +284,7 @@ def sparse_attention(
         T = Lq  # one tile (a decode step): its Lq queries, not T rows padded with zero queries
     scale = D ** -0.5 if scale is None else scale
     Hkv = k.shape[1]
-    if not q.is_cuda and softcap is None and selection.keep is None and selection.window is None \
-            and _flash_with_lse is not None and v.shape[-1] == D:  # the flash kernel wants one head size for q, k, v
+    if _cpu_path(q, k, v, selection, softcap):
         return _sparse_attention_cpu(q, k, v, idx, selection.q_offset, T, scale)
 
     # Queries as [B, Hs, n_tiles, G*T, D]: the G query heads that share a key list are stacked per tile.
