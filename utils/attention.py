@@ -255,10 +255,10 @@ def sparse_attention(
                                v[:, :, :selection.q_offset + q.shape[2]], scale=scale, softcap=softcap)
         if s == 0:
             return tail
-        if _cpu_path(q, k, v, selection, softcap) and s % selection.query_chunk == 0 \
-                and _split_heads(q, k, selection.key_index.shape[1]):
-            # the tiles into an output with room for the tail: no concatenation (a fresh [B, Hq, Lq, D] tensor whose
-            # page faults cost ~3% of a 32K layer)
+        if _cpu_path(q, k, v, selection, softcap) and s % selection.query_chunk == 0:
+            # the tiles into an output with room for the tail: no concatenation (a second [B, Hq, Lq, D] tensor,
+            # freshly allocated and written once more)
+            _split_heads(q, k, selection.key_index.shape[1])
             out = _sparse_attention_cpu(q[:, :, :s], k, v, selection.key_index[:, :, :s // selection.query_chunk],
                                         selection.q_offset, selection.query_chunk,
                                         q.shape[-1] ** -0.5 if scale is None else scale, total_rows=q.shape[2])
