@@ -258,9 +258,9 @@ def sparse_attention(
         if _cpu_path(q, k, v, selection, softcap) and s % selection.query_chunk == 0:
             # the tiles into an output with room for the tail: no concatenation (a second [B, Hq, Lq, D] tensor,
             # freshly allocated and written once more)
-            _split_heads(q, k, selection.key_index.shape[1])
-            out = _sparse_attention_cpu(q[:, :, :s], k, v, selection.key_index[:, :, :s // selection.query_chunk],
-                                        selection.q_offset, selection.query_chunk,
+            head = selection.sparse_part()
+            _split_heads(q, k, head.key_index.shape[1])
+            out = _sparse_attention_cpu(q[:, :, :s], k, v, head.key_index, head.q_offset, head.query_chunk,
                                         q.shape[-1] ** -0.5 if scale is None else scale, total_rows=q.shape[2])
             out[:, :, s:] = tail
             return out
